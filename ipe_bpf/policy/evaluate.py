@@ -1,0 +1,88 @@
+"""The reference evaluator: IPE's decision semantics (spec section 2), in plain Python.
+
+This is the definition the compiled kernel tables are proven against.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .model import (
+    Action,
+    BoolKey,
+    BoolProperty,
+    DigestKey,
+    FileAttributes,
+    Op,
+    Policy,
+    Property,
+    Rule,
+)
+
+
+class Source(enum.Enum):
+    """What made a decision."""
+
+    RULE = "rule"
+    OP_DEFAULT = "op_default"
+    GLOBAL_DEFAULT = "global_default"
+    NO_POLICY_DEFAULT = "none"  # UNKNOWN op and no global default: allow
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    source: Source
+    rule: Rule | None = None
+    op: Op = Op.EXECUTE
+
+    @property
+    def rule_text(self) -> str:
+        """The `rule="..."` text of an IPE 1420 audit record."""
+        if self.rule is not None:
+            return str(self.rule)
+        if self.source is Source.OP_DEFAULT:
+            return f"DEFAULT op={self.op.name} action={self.action.name}"
+        return f"DEFAULT action={self.action.name}"
+
+
+def _bool_attribute(key: BoolKey, attrs: FileAttributes) -> bool:
+    if key is BoolKey.BOOT_VERIFIED:
+        return attrs.boot_verified
+    if key is BoolKey.DMVERITY_SIGNATURE:
+        return attrs.dmverity_signature
+    return attrs.fsverity_signature
+
+
+def property_holds(prop: Property, attrs: FileAttributes) -> bool:
+    """Whether one property is true of the file (spec section 2)."""
+    attrs = attrs.normalised()
+    if isinstance(prop, BoolProperty):
+        return _bool_attribute(prop.key, attrs) == prop.value
+    found = attrs.dmverity_roothash if prop.key is DigestKey.DMVERITY_ROOTHASH else attrs.fsverity_digest
+    return found is not None and found == prop.digest
+
+
+def first_failing_property(rule: Rule, attrs: FileAttributes) -> Property | None:
+    """The first property of `rule` that is false of the file, or None if it matches."""
+    for prop in rule.properties:
+        if not property_holds(prop, attrs):
+            return prop
+    return None
+
+
+def evaluate(policy: Policy, op: Op, attrs: FileAttributes) -> Decision:
+    """Decide an event: first matching rule of the op, else the op default, else the global one."""
+    if op is Op.UNKNOWN:
+        if policy.global_default is None:
+            return Decision(Action.ALLOW, Source.NO_POLICY_DEFAULT, op=op)
+        return Decision(policy.global_default, Source.GLOBAL_DEFAULT, op=op)
+    for rule in policy.rules_for(op):
+        if first_failing_property(rule, attrs) is None:
+            return Decision(rule.action, Source.RULE, rule, op=op)
+    op_default = policy.op_default(op)
+    if op_default is not None:
+        return Decision(op_default, Source.OP_DEFAULT, op=op)
+    assert policy.global_default is not None, "the parser guarantees a default"
+    return Decision(policy.global_default, Source.GLOBAL_DEFAULT, op=op)

@@ -1,0 +1,147 @@
+"""The policy model: what a parsed IPE policy says, as frozen values.
+
+Names and digest algorithm names are kept as the exact bytes of the policy text
+(IPE compares them byte-exactly and accepts any byte >= 0x80); `text()` renders
+them for humans.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Op(enum.IntEnum):
+    """Operations a rule can govern; the value is the op number in the BPF maps."""
+
+    EXECUTE = 0
+    FIRMWARE = 1
+    KMODULE = 2
+    KEXEC_IMAGE = 3
+    KEXEC_INITRAMFS = 4
+    POLICY = 5
+    X509_CERT = 6
+    UNKNOWN = 7  # an unmapped kernel read/load id; never written in a policy
+
+
+POLICY_OPS: tuple[Op, ...] = tuple(op for op in Op if op is not Op.UNKNOWN)
+
+
+class Action(enum.IntEnum):
+    ALLOW = 0
+    DENY = 1
+
+
+class BoolKey(enum.Enum):
+    """Boolean properties, written `key=TRUE` or `key=FALSE`."""
+
+    BOOT_VERIFIED = "boot_verified"
+    DMVERITY_SIGNATURE = "dmverity_signature"
+    FSVERITY_SIGNATURE = "fsverity_signature"
+
+
+class DigestKey(enum.Enum):
+    """Digest properties, written `key=<alg>:<hex>`."""
+
+    DMVERITY_ROOTHASH = "dmverity_roothash"
+    FSVERITY_DIGEST = "fsverity_digest"
+
+
+def text(raw: bytes) -> str:
+    """Render policy bytes (a name, an algorithm) for display."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class Digest:
+    """An algorithm name (verbatim bytes) and the digest bytes."""
+
+    alg: bytes
+    value: bytes
+
+    def __str__(self) -> str:
+        return f"{text(self.alg)}:{self.value.hex()}"
+
+
+@dataclass(frozen=True)
+class BoolProperty:
+    key: BoolKey
+    value: bool
+
+    def __str__(self) -> str:
+        return f"{self.key.value}={'TRUE' if self.value else 'FALSE'}"
+
+
+@dataclass(frozen=True)
+class DigestProperty:
+    key: DigestKey
+    digest: Digest
+
+    def __str__(self) -> str:
+        return f"{self.key.value}={self.digest}"
+
+
+Property = BoolProperty | DigestProperty
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`op=<OP> <props...> action=<ACT>`; `line` is where it stood (not compared)."""
+
+    op: Op
+    properties: tuple[Property, ...]
+    action: Action
+    line: int = field(default=0, compare=False)
+
+    def __str__(self) -> str:
+        parts = [f"op={self.op.name}", *map(str, self.properties), f"action={self.action.name}"]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A whole policy: header, defaults and every rule in file order."""
+
+    name: bytes
+    version: tuple[int, int, int]
+    global_default: Action | None
+    op_defaults: tuple[tuple[Op, Action], ...]  # sorted by op
+    rules: tuple[Rule, ...]
+
+    @property
+    def version_text(self) -> str:
+        return "%d.%d.%d" % self.version
+
+    @property
+    def version_key(self) -> int:
+        """The kernel's ordering key: (major << 32) | (minor << 16) | patch."""
+        a, b, c = self.version
+        return (a << 32) | (b << 16) | c
+
+    def op_default(self, op: Op) -> Action | None:
+        return dict(self.op_defaults).get(op)
+
+    def rules_for(self, op: Op) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.op is op)
+
+
+@dataclass(frozen=True)
+class FileAttributes:
+    """What the kernel knows about the file behind an event.
+
+    `has_file=False` is an event with no file (anonymous memory, kernel_load_data):
+    every positive property is then false, whatever the other fields say.
+    """
+
+    has_file: bool = True
+    boot_verified: bool = False
+    dmverity_roothash: Digest | None = None
+    dmverity_signature: bool = False
+    fsverity_digest: Digest | None = None
+    fsverity_signature: bool = False
+
+    def normalised(self) -> "FileAttributes":
+        return self if self.has_file else NO_FILE
+
+
+NO_FILE = FileAttributes(has_file=False)
