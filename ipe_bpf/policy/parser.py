@@ -1,0 +1,257 @@
+"""IPE policy text parser: the grammar of Linux 6.12's security/ipe/policy_parser.c.
+
+Every rule of spec section 1 is reproduced, including its errno classes: syntax errors
+are EBADMSG, a non-numeric version component or bad digest hex is EINVAL, a version
+component above 65535 is ERANGE. The first failing line wins; the coverage check
+(a global DEFAULT, or a DEFAULT for every op) runs last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..errors import PolicyError
+from .model import (
+    POLICY_OPS,
+    Action,
+    BoolKey,
+    BoolProperty,
+    Digest,
+    DigestKey,
+    DigestProperty,
+    Op,
+    Policy,
+    Property,
+    Rule,
+)
+
+_KERNEL_ISSPACE = frozenset(b"\t\n\v\f\r \xa0")
+_TOKEN_SEPARATORS = b" \t"
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_U16_MAX = 0xFFFF
+_U64_MAX = (1 << 64) - 1
+
+_OPS = {f"op={op.name}".encode(): op for op in POLICY_OPS}
+_ACTIONS = {f"action={act.name}".encode(): act for act in Action}
+_BOOL_PROPERTIES = {
+    f"{key.value}={word}".encode(): BoolProperty(key, word == "TRUE")
+    for key in BoolKey
+    for word in ("TRUE", "FALSE")
+}
+_DIGEST_PREFIXES = {f"{key.value}=".encode(): key for key in DigestKey}
+
+
+def _fail(errno_name: str, line: int, message: str) -> PolicyError:
+    return PolicyError(errno_name, message, line=line)
+
+
+def _show(token: bytes) -> str:
+    """A token quoted for an error message, unprintable bytes escaped."""
+    return repr(token.decode("latin-1"))
+
+
+def _lines(text: bytes) -> Iterator[tuple[int, bytes]]:
+    """Yield (editor line number, line) for every line the kernel parses.
+
+    The kernel splits on each CR and each LF; a CRLF pair counts as one line here so
+    that numbers match what an editor shows.
+    """
+    number = 1
+    start = 0
+    for index, byte in enumerate(text):
+        if byte not in b"\r\n":
+            continue
+        yield number, text[start:index]
+        start = index + 1
+        crlf_second_half = byte == 0x0A and index > 0 and text[index - 1] == 0x0D
+        if not crlf_second_half:
+            number += 1
+    yield number, text[start:]
+
+
+def _clean(line: bytes) -> bytes:
+    """Drop a comment, then trailing bytes for which the kernel's isspace() holds."""
+    line = line.split(b"#", 1)[0]
+    end = len(line)
+    while end > 0 and line[end - 1] in _KERNEL_ISSPACE:
+        end -= 1
+    return line[:end]
+
+
+def _tokens(line: bytes) -> list[bytes]:
+    """Split on space and tab only; empty pieces (runs of separators) are dropped."""
+    return [t for t in line.replace(b"\t", b" ").split(b" ") if t]
+
+
+def _parse_u16(component: bytes, line: int) -> int:
+    """kstrtou16(s, 10): one optional '+', decimal digits only, value <= 65535.
+
+    Like the kernel, a digit run that overflows 64 bits is ERANGE even when junk
+    follows it; otherwise junk is EINVAL before the 16-bit range is checked.
+    """
+    digits = component[1:] if component.startswith(b"+") else component
+    run = len(digits) - len(digits.lstrip(b"0123456789"))
+    value = int(digits[:run]) if run else 0
+    if value > _U64_MAX:
+        raise _fail("ERANGE", line, f"version component {_show(component)} is out of range")
+    if run == 0 or run != len(digits):
+        raise _fail("EINVAL", line, f"version component {_show(component)} is not a decimal number")
+    if value > _U16_MAX:
+        raise _fail("ERANGE", line, f"version component {_show(component)} exceeds 65535")
+    return value
+
+
+def _parse_version(value: bytes, line: int) -> tuple[int, int, int]:
+    parts: list[int] = []
+    for component in value.split(b"."):
+        if len(parts) == 3:
+            raise _fail("EBADMSG", line, f"policy_version {_show(value)} has more than 3 components")
+        parts.append(_parse_u16(component, line))
+    if len(parts) != 3:
+        raise _fail("EBADMSG", line, f"policy_version {_show(value)} needs 3 components")
+    return parts[0], parts[1], parts[2]
+
+
+def _parse_header(line: bytes, number: int) -> tuple[bytes, tuple[int, int, int]]:
+    """`policy_name=<NAME> policy_version=<A>.<B>.<C>`, exactly, in this order."""
+    expected = (b"policy_name=", b"policy_version=")
+    name = b""
+    version = (0, 0, 0)
+    tokens = _tokens(line)
+    for index, token in enumerate(tokens):
+        if index >= len(expected):
+            raise _fail("EBADMSG", number, f"unexpected token {_show(token)} after the policy header")
+        prefix = expected[index]
+        if not token.startswith(prefix) or len(token) == len(prefix):
+            want = "policy_name=<name>" if index == 0 else "policy_version=<a>.<b>.<c>"
+            raise _fail("EBADMSG", number, f"expected {want}, found {_show(token)}")
+        if index == 0:
+            name = token[len(prefix):]
+        else:
+            version = _parse_version(token[len(prefix):], number)
+    if len(tokens) != len(expected):
+        raise _fail("EBADMSG", number, "the header needs policy_name=<name> policy_version=<a>.<b>.<c>")
+    return name, version
+
+
+def _parse_digest(value: bytes, token: bytes, number: int) -> Digest:
+    alg, colon, hex_text = value.partition(b":")
+    if not colon:
+        raise _fail("EBADMSG", number, f"digest {_show(token)} is not <alg>:<hex>")
+    if len(hex_text) % 2 or not _HEX_DIGITS.issuperset(hex_text):
+        raise _fail("EINVAL", number, f"digest {_show(token)} has invalid hex")
+    return Digest(alg, bytes.fromhex(hex_text.decode("ascii")))
+
+
+def _parse_property(token: bytes, number: int) -> Property:
+    if token in _BOOL_PROPERTIES:
+        return _BOOL_PROPERTIES[token]
+    for prefix, key in _DIGEST_PREFIXES.items():
+        if token.startswith(prefix) and len(token) > len(prefix):
+            return DigestProperty(key, _parse_digest(token[len(prefix):], token, number))
+    raise _fail("EBADMSG", number, f"unknown property {_show(token)}")
+
+
+class _Builder:
+    """Accumulates rules and defaults line by line, enforcing one default per slot."""
+
+    def __init__(self) -> None:
+        self.global_default: Action | None = None
+        self.op_defaults: dict[Op, Action] = {}
+        self.rules: list[Rule] = []
+
+    def add_line(self, line: bytes, number: int) -> None:
+        tokens = _tokens(line)
+        *body, last = tokens
+        is_default = bool(body) and body[0] == b"DEFAULT"
+        if is_default:
+            body = body[1:]
+        op: Op | None = None
+        properties: list[Property] = []
+        for token in body:
+            if op is None:
+                if token not in _OPS:
+                    want = "op=<OP>" if is_default or token is not tokens[0] else "DEFAULT or op=<OP>"
+                    raise _fail("EBADMSG", number, f"expected {want}, found {_show(token)}")
+                op = _OPS[token]
+            elif token in _ACTIONS:
+                raise _fail("EBADMSG", number, f"{_show(token)} must be the last token of the line")
+            else:
+                properties.append(_parse_property(token, number))
+        if last not in _ACTIONS:
+            raise _fail("EBADMSG", number, f"a line must end in action=ALLOW or action=DENY, found {_show(last)}")
+        action = _ACTIONS[last]
+        if is_default:
+            self._add_default(op, action, properties, number)
+        elif op is None:
+            raise _fail("EBADMSG", number, "a rule must start with op=<OP>")
+        else:
+            self.rules.append(Rule(op, tuple(properties), action, number))
+
+    def _add_default(self, op: Op | None, action: Action, properties: list[Property], number: int) -> None:
+        if properties:
+            raise _fail("EBADMSG", number, f"DEFAULT takes no properties, found {str(properties[0])!r}")
+        if op is None:
+            if self.global_default is not None:
+                raise _fail("EBADMSG", number, "a second global DEFAULT")
+            self.global_default = action
+        else:
+            if op in self.op_defaults:
+                raise _fail("EBADMSG", number, f"a second DEFAULT for op={op.name}")
+            self.op_defaults[op] = action
+
+    def covers_every_op(self) -> bool:
+        return self.global_default is not None or all(op in self.op_defaults for op in POLICY_OPS)
+
+
+def parse_policy(data: bytes) -> Policy:
+    """Parse policy text (the signed payload or a plain file) into a Policy.
+
+    Raises PolicyError with the errno name and the 1-based line of the first failure.
+    """
+    if not data:
+        raise PolicyError("EBADMSG", "the policy is empty")
+    text = data.split(b"\0", 1)[0]
+    header: tuple[bytes, tuple[int, int, int]] | None = None
+    builder = _Builder()
+    for number, raw in _lines(text):
+        line = _clean(raw)
+        if not line:
+            continue
+        if header is None:
+            header = _parse_header(line, number)
+        else:
+            builder.add_line(line, number)
+    if header is None:
+        raise PolicyError("EBADMSG", "no policy header (policy_name=<name> policy_version=<a>.<b>.<c>)")
+    if not builder.covers_every_op():
+        raise PolicyError("EBADMSG", "no global DEFAULT and not every op has a DEFAULT")
+    return Policy(
+        name=header[0],
+        version=header[1],
+        global_default=builder.global_default,
+        op_defaults=tuple(sorted(builder.op_defaults.items())),
+        rules=tuple(builder.rules),
+    )
+
+
+def format_policy(policy: Policy) -> bytes:
+    """The canonical text of a policy: header, defaults, then rules in file order."""
+    lines = [b"policy_name=" + policy.name + b" policy_version=" + policy.version_text.encode()]
+    if policy.global_default is not None:
+        lines.append(f"DEFAULT action={policy.global_default.name}".encode())
+    for op, action in policy.op_defaults:
+        lines.append(f"DEFAULT op={op.name} action={action.name}".encode())
+    lines.extend(_format_rule(rule) for rule in policy.rules)
+    return b"\n".join(lines) + b"\n"
+
+
+def _format_rule(rule: Rule) -> bytes:
+    parts = [f"op={rule.op.name}".encode()]
+    for prop in rule.properties:
+        if isinstance(prop, BoolProperty):
+            parts.append(str(prop).encode())
+        else:
+            parts.append(f"{prop.key.value}=".encode() + prop.digest.alg + b":" + prop.digest.value.hex().encode())
+    parts.append(f"action={rule.action.name}".encode())
+    return b" ".join(parts)
