@@ -145,3 +145,19 @@ class FileAttributes:
 
 
 NO_FILE = FileAttributes(has_file=False)
+
+
+def policy_to_dict(policy: Policy) -> dict[str, object]:
+    """A JSON-ready view of a policy (names as text, digests as alg:hex)."""
+    return {
+        "name": text(policy.name),
+        "version": policy.version_text,
+        "global_default": policy.global_default.name if policy.global_default is not None else None,
+        "op_defaults": {op.name: action.name for op, action in policy.op_defaults},
+        "rules_per_op": {op.name: len(policy.rules_for(op)) for op in POLICY_OPS},
+        "rules": [
+            {"line": rule.line, "op": rule.op.name, "action": rule.action.name,
+             "properties": [str(p) for p in rule.properties], "text": str(rule)}
+            for rule in policy.rules
+        ],
+    }
