@@ -1,0 +1,382 @@
+"""PKCS#7 signing and verification of IPE policies.
+
+Kernel IPE takes a policy as an *attached* PKCS#7 SignedData in DER, the shape of
+``openssl smime -sign -binary -nodetach -noattr -nosmimecap -outform der``.  `sign_policy`
+makes exactly that with cryptography (for RSA keys the bytes equal openssl's);
+`verify_policy` checks one in-process, with the DER taken apart by
+:mod:`ipe_bpf.policy.pkcs7` and the signature checked with the signer's public key.
+
+Verification, in the kernel's order and with its errno names:
+
+1. the envelope parses as SignedData with the policy inside (``EBADMSG``; a detached
+   signature is ``EBADMSG`` too: there is no policy to load);
+2. every signer's certificate is found (embedded in the envelope, or among the trusted
+   certificates, as the kernel finds keys in its keyring) and every signature verifies over
+   the content, or over the signed attributes whose messageDigest matches the content
+   (``ENOKEY`` if a signer's certificate is nowhere, ``EKEYREJECTED`` if a signature fails);
+3. at least one signer is trusted: its certificate *is* one of the trusted certificates, or
+   was issued and signed *directly* by one of them (no longer chains; a trusted certificate
+   whose BasicConstraints say it is not a CA issues nothing) (``ENOKEY``);
+4. that signer's certificate, and the trusted issuer's, are valid at ``now``
+   (``EKEYREJECTED``).  Kernel IPE does not check validity periods; ipe-bpf does.
+
+Digests: SHA-256/384/512.  Signatures: RSA PKCS#1 v1.5 and ECDSA.  Unsupported
+algorithms are ``ENOPKG``, like the kernel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7 as crypto_pkcs7
+
+from ipe_bpf.errors import SignatureError
+from ipe_bpf.policy import pkcs7
+
+DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+_DIGEST_OIDS = {
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+}
+# Signature algorithm OID -> (key family, digest it implies or None for "the signer's digest").
+_SIGNATURE_OIDS: dict[str, tuple[str, str | None]] = {
+    "1.2.840.113549.1.1.1": ("rsa", None),  # rsaEncryption (what openssl writes)
+    "1.2.840.113549.1.1.11": ("rsa", "sha256"),
+    "1.2.840.113549.1.1.12": ("rsa", "sha384"),
+    "1.2.840.113549.1.1.13": ("rsa", "sha512"),
+    "1.2.840.10045.2.1": ("ecdsa", None),  # id-ecPublicKey
+    "1.2.840.10045.4.3.2": ("ecdsa", "sha256"),
+    "1.2.840.10045.4.3.3": ("ecdsa", "sha384"),
+    "1.2.840.10045.4.3.4": ("ecdsa", "sha512"),
+}
+SIGNING_CURVES = ("secp256r1", "secp384r1")  # what kernel IPE's keyrings verify
+TRUST_SUFFIXES = (".pem", ".crt", ".der")
+
+
+@dataclass(frozen=True)
+class VerifiedPolicy:
+    """A policy whose signature verified, with the certificate that signed it."""
+
+    content: bytes
+    signer: x509.Certificate
+    digest: str
+
+    @property
+    def signer_subject(self) -> str:
+        return self.signer.subject.rfc4514_string()
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def _load_private_key(key_pem: bytes) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    loader = serialization.load_pem_private_key if b"-----BEGIN" in key_pem else (
+        serialization.load_der_private_key)
+    try:
+        key = loader(key_pem, password=None)
+    except TypeError as exc:  # encrypted key, no password
+        raise SignatureError("EINVAL", f"cannot use the private key: {exc}") from None
+    except ValueError as exc:
+        raise SignatureError("EINVAL", f"not a private key in PEM or DER: {exc}") from None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in SIGNING_CURVES:
+        raise SignatureError("EINVAL", f"EC curve {key.curve.name} is not supported "
+                                       f"(use P-256 or P-384)")
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise SignatureError("EINVAL", f"{type(key).__name__} keys cannot sign IPE policies "
+                                       f"(use RSA or ECDSA)")
+    return key
+
+
+def load_certificate(data: bytes, what: str = "certificate") -> x509.Certificate:
+    """One certificate, PEM or DER; EINVAL if it is neither."""
+    certs = _parse_certificates(data)
+    if len(certs) != 1:
+        raise SignatureError("EINVAL", f"expected one {what}, found {len(certs)}")
+    return certs[0]
+
+
+def _public_der(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def sign_policy(content: bytes, key_pem: bytes, cert_pem: bytes, *,
+                digest: str = "sha256") -> bytes:
+    """Sign ``content`` as kernel IPE wants it: attached PKCS#7, DER, no signed attributes.
+
+    ``key_pem`` must be an unencrypted RSA or EC (P-256/P-384) private key that belongs to
+    ``cert_pem``.  Raises SignatureError(EINVAL) for unusable keys or certificates.
+    """
+    if digest not in DIGESTS:
+        raise SignatureError("EINVAL", f"unsupported digest {digest!r} "
+                                       f"(choose from {', '.join(DIGESTS)})")
+    key = _load_private_key(key_pem)
+    cert = load_certificate(cert_pem, "signing certificate")
+    if _public_der(cert.public_key()) != _public_der(key.public_key()):
+        raise SignatureError("EINVAL", "the private key does not belong to the certificate")
+    options = [crypto_pkcs7.PKCS7Options.Binary, crypto_pkcs7.PKCS7Options.NoAttributes]
+    builder = (crypto_pkcs7.PKCS7SignatureBuilder().set_data(content)
+               .add_signer(cert, key, DIGESTS[digest]()))
+    return builder.sign(serialization.Encoding.DER, options)
+
+
+# ---------------------------------------------------------------------- verification
+
+
+def looks_like_pkcs7(data: bytes) -> bool:
+    """True if ``data`` is (or starts like) a DER PKCS#7 SignedData rather than policy text."""
+    return pkcs7.looks_like_signed_data(data)
+
+
+def extract_content(blob: bytes) -> bytes:
+    """The policy inside an attached PKCS#7, without checking the signature."""
+    return _content_of(pkcs7.parse_signed_data(blob))
+
+
+def _content_of(signed: pkcs7.SignedData) -> bytes:
+    if signed.content is None:
+        raise SignatureError("EBADMSG", "detached signature: the envelope does not contain the "
+                                        "policy (sign with -nodetach)")
+    if signed.content_type != pkcs7.OID_DATA:
+        raise SignatureError("EBADMSG", f"envelope content type {signed.content_type} is not "
+                                        f"pkcs7-data")
+    return signed.content
+
+
+def _embedded_certificates(signed: pkcs7.SignedData) -> list[x509.Certificate]:
+    certs = []
+    for der in signed.certificates:
+        try:
+            certs.append(x509.load_der_x509_certificate(der))
+        except ValueError as exc:
+            raise SignatureError("EBADMSG", f"malformed certificate in the envelope: {exc}") from None
+    return certs
+
+
+def _subject_key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _names_signer(cert: x509.Certificate, signer: pkcs7.SignerInfo) -> bool:
+    if signer.subject_key_id is not None:
+        return _subject_key_id(cert) == signer.subject_key_id
+    try:
+        issuer, serial = pkcs7.tbs_issuer_and_serial(cert.tbs_certificate_bytes)
+    except SignatureError:
+        return False
+    return issuer == signer.issuer_der and serial == signer.serial
+
+
+def _find_signer_certificate(signer: pkcs7.SignerInfo,
+                             candidates: Sequence[x509.Certificate]) -> x509.Certificate:
+    for cert in candidates:
+        if _names_signer(cert, signer):
+            return cert
+    raise SignatureError("ENOKEY", f"the certificate of signer ({signer.describe()}) is neither "
+                                   f"in the envelope nor trusted")
+
+
+def _signature_algorithms(signer: pkcs7.SignerInfo) -> tuple[str, str]:
+    """(digest name, key family) of a signer, ENOPKG if ipe-bpf cannot verify them."""
+    digest = _DIGEST_OIDS.get(signer.digest_oid)
+    if digest is None:
+        raise SignatureError("ENOPKG", f"unsupported digest algorithm {signer.digest_oid} "
+                                       f"(sha256, sha384, sha512 are)")
+    family_and_digest = _SIGNATURE_OIDS.get(signer.signature_oid)
+    if family_and_digest is None:
+        raise SignatureError("ENOPKG", f"unsupported signature algorithm {signer.signature_oid} "
+                                       f"(RSA PKCS#1 v1.5 and ECDSA are)")
+    family, implied = family_and_digest
+    if implied is not None and implied != digest:
+        raise SignatureError("EBADMSG", f"signature algorithm uses {implied} but the signer's "
+                                        f"digest algorithm is {digest}")
+    return digest, family
+
+
+def _signed_bytes(signer: pkcs7.SignerInfo, content: bytes, digest: str) -> bytes:
+    """What the signature covers: the content, or the signed attributes (after checking them)."""
+    if signer.signed_attrs is None:
+        return content
+    assert signer.signed_attrs_der is not None
+    attrs = {a.oid: a.values for a in signer.signed_attrs}
+    values = attrs.get(pkcs7.OID_MESSAGE_DIGEST)
+    if not values or len(values) != 1 or values[0].tag != pkcs7.OCTET_STRING:
+        raise SignatureError("EBADMSG", "signed attributes lack a single messageDigest")
+    if values[0].value != hashlib.new(digest, content).digest():
+        raise SignatureError("EKEYREJECTED", "content digest does not match the signed "
+                                             "messageDigest: the policy was modified")
+    types = attrs.get(pkcs7.OID_CONTENT_TYPE)
+    if types is not None and [pkcs7.decode_oid(t) for t in types] != [pkcs7.OID_DATA]:
+        raise SignatureError("EBADMSG", "signed contentType attribute is not pkcs7-data")
+    return signer.signed_attrs_der
+
+
+def _check_signature(signer: pkcs7.SignerInfo, cert: x509.Certificate, content: bytes) -> str:
+    """Verify one signer's signature with its certificate's key; return the digest name."""
+    digest, family = _signature_algorithms(signer)
+    data = _signed_bytes(signer, content, digest)
+    key = cert.public_key()
+    algorithm = DIGESTS[digest]()
+    try:
+        if family == "rsa" and isinstance(key, rsa.RSAPublicKey):
+            key.verify(signer.signature, data, padding.PKCS1v15(), algorithm)
+        elif family == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signer.signature, data, ec.ECDSA(algorithm))
+        else:
+            raise SignatureError("EKEYREJECTED", f"{family} signature but the signer's key is "
+                                                 f"{type(key).__name__}")
+    except InvalidSignature:
+        raise SignatureError("EKEYREJECTED", f"signature of {_subject(cert)} does not verify: "
+                                             f"the policy or the signature was modified") from None
+    return digest
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return repr(cert.subject.rfc4514_string())
+
+
+def _may_issue(issuer: x509.Certificate) -> bool:
+    try:
+        return bool(issuer.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return True
+
+
+def _trust_anchor(cert: x509.Certificate,
+                  trusted: Sequence[x509.Certificate]) -> x509.Certificate | None:
+    """The trusted certificate that is ``cert`` or directly issued it, if any."""
+    for anchor in trusted:
+        if anchor == cert:
+            return anchor
+    for anchor in trusted:
+        if anchor.subject != cert.issuer or not _may_issue(anchor):
+            continue
+        try:
+            cert.verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return anchor
+    return None
+
+
+def _check_validity(cert: x509.Certificate, now: dt.datetime) -> None:
+    if now < cert.not_valid_before_utc:
+        raise SignatureError("EKEYREJECTED", f"certificate {_subject(cert)} is not valid before "
+                                             f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")
+    if now > cert.not_valid_after_utc:
+        raise SignatureError("EKEYREJECTED", f"certificate {_subject(cert)} expired on "
+                                             f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
+
+
+def _check_trust(cert: x509.Certificate, trusted: Sequence[x509.Certificate],
+                 now: dt.datetime) -> None:
+    anchor = _trust_anchor(cert, trusted)
+    if anchor is None:
+        raise SignatureError("ENOKEY", f"signer {_subject(cert)} is not trusted: it is not one of "
+                                       f"the {len(trusted)} trusted certificate(s) nor directly "
+                                       f"issued by one")
+    _check_validity(cert, now)
+    if anchor != cert:
+        _check_validity(anchor, now)
+
+
+def _utc(now: dt.datetime | None) -> dt.datetime:
+    if now is None:
+        return dt.datetime.now(dt.timezone.utc)
+    return now if now.tzinfo is not None else now.replace(tzinfo=dt.timezone.utc)
+
+
+def verify_policy(blob: bytes, trusted: Sequence[x509.Certificate], *,
+                  now: dt.datetime | None = None) -> VerifiedPolicy:
+    """Verify a signed policy against ``trusted`` certificates; return the policy and signer.
+
+    Raises SignatureError: EBADMSG (malformed, detached), ENOKEY (no trusted signer),
+    EKEYREJECTED (bad signature, modified content, certificate outside its validity),
+    ENOPKG (unsupported algorithm).
+    """
+    signed = pkcs7.parse_signed_data(blob)
+    content = _content_of(signed)
+    if not signed.signers:
+        raise SignatureError("EBADMSG", "the envelope has no signer")
+    candidates = [*_embedded_certificates(signed), *trusted]
+    verified = []
+    for signer in signed.signers:  # like the kernel: every signature must verify
+        cert = _find_signer_certificate(signer, candidates)
+        verified.append((cert, _check_signature(signer, cert, content)))
+    moment = _utc(now)
+    failure: SignatureError | None = None
+    for cert, digest in verified:  # ... and at least one signer must be trusted
+        try:
+            _check_trust(cert, trusted, moment)
+        except SignatureError as exc:
+            failure = failure or exc
+            continue
+        return VerifiedPolicy(content, cert, digest)
+    assert failure is not None
+    raise failure
+
+
+# ------------------------------------------------------------------------------ trust
+
+
+def _parse_certificates(data: bytes) -> list[x509.Certificate]:
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise SignatureError("EINVAL", f"not a PEM or DER certificate: {exc}") from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "EIO")
+        raise SignatureError(name, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _trust_files(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir()
+                      if p.suffix.lower() in TRUST_SUFFIXES and p.is_file())
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "EIO")
+        raise SignatureError(name, f"cannot list {path}: {exc.strerror}") from None
+
+
+def load_trust(path: Path) -> list[x509.Certificate]:
+    """Trusted certificates from a PEM/DER file, a PEM bundle, or a directory of them.
+
+    A directory contributes its *.pem, *.crt and *.der files.  No certificate at all is an
+    error (ENOKEY); so is an unreadable path (its errno) or a file that is not a certificate
+    (EINVAL, naming the file).
+    """
+    path = Path(path)
+    files = _trust_files(path) if path.is_dir() else [path]
+    certs: list[x509.Certificate] = []
+    for file in files:
+        try:
+            certs.extend(_parse_certificates(_read(file)))
+        except SignatureError as exc:
+            raise exc.located(str(file)) from None
+    if not certs:
+        raise SignatureError("ENOKEY", f"no trusted certificate in {path}")
+    return certs
