@@ -29,12 +29,14 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7 as crypto_pkcs7
@@ -63,6 +65,10 @@ _SIGNATURE_OIDS: dict[str, tuple[str, str | None]] = {
     "1.2.840.10045.4.3.3": ("ecdsa", "sha384"),
     "1.2.840.10045.4.3.4": ("ecdsa", "sha512"),
 }
+# What cryptography raises, lazily, for the parts of a certificate it could not decode.  Its
+# decoder also lets the odd KeyError through for garbled names, found by fuzzing.
+_MALFORMED_CERTIFICATE = (ValueError, KeyError, x509.InvalidVersion, x509.DuplicateExtension,
+                          x509.UnsupportedGeneralNameType)
 SIGNING_CURVES = ("secp256r1", "secp384r1")  # what kernel IPE's keyrings verify
 TRUST_SUFFIXES = (".pem", ".crt", ".der")
 
@@ -157,14 +163,27 @@ def _content_of(signed: pkcs7.SignedData) -> bytes:
     return signed.content
 
 
+def _decoded(cert: x509.Certificate) -> x509.Certificate:
+    """``cert`` after forcing cryptography to decode every part verification uses."""
+    cert.public_key()
+    _ = cert.extensions, cert.subject, cert.issuer, cert.version, _validity(cert)
+    return cert
+
+
+def _certificate_from_der(der: bytes) -> x509.Certificate:
+    """A certificate from the envelope: EBADMSG if malformed, ENOPKG if its key is unknown."""
+    try:
+        with warnings.catch_warnings():  # e.g. a negative serial: we judge the cert ourselves
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return _decoded(x509.load_der_x509_certificate(der))
+    except _MALFORMED_CERTIFICATE as exc:
+        raise SignatureError("EBADMSG", f"malformed certificate in the envelope: {exc}") from None
+    except UnsupportedAlgorithm as exc:
+        raise SignatureError("ENOPKG", f"certificate in the envelope: {exc}") from None
+
+
 def _embedded_certificates(signed: pkcs7.SignedData) -> list[x509.Certificate]:
-    certs = []
-    for der in signed.certificates:
-        try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
-            raise SignatureError("EBADMSG", f"malformed certificate in the envelope: {exc}") from None
-    return certs
+    return [_certificate_from_der(der) for der in signed.certificates]
 
 
 def _subject_key_id(cert: x509.Certificate) -> bytes | None:
@@ -270,19 +289,28 @@ def _trust_anchor(cert: x509.Certificate,
             continue
         try:
             cert.verify_directly_issued_by(anchor)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             continue
         return anchor
     return None
 
 
+def _validity(cert: x509.Certificate) -> tuple[dt.datetime, dt.datetime]:
+    """(not before, not after) as aware UTC datetimes, on old and new cryptography alike."""
+    if hasattr(cert, "not_valid_before_utc"):  # cryptography >= 42
+        return cert.not_valid_before_utc, cert.not_valid_after_utc
+    utc = dt.timezone.utc
+    return cert.not_valid_before.replace(tzinfo=utc), cert.not_valid_after.replace(tzinfo=utc)
+
+
 def _check_validity(cert: x509.Certificate, now: dt.datetime) -> None:
-    if now < cert.not_valid_before_utc:
+    not_before, not_after = _validity(cert)
+    if now < not_before:
         raise SignatureError("EKEYREJECTED", f"certificate {_subject(cert)} is not valid before "
-                                             f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")
-    if now > cert.not_valid_after_utc:
+                                             f"{not_before:%Y-%m-%d %H:%M:%SZ}")
+    if now > not_after:
         raise SignatureError("EKEYREJECTED", f"certificate {_subject(cert)} expired on "
-                                             f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
+                                             f"{not_after:%Y-%m-%d %H:%M:%SZ}")
 
 
 def _check_trust(cert: x509.Certificate, trusted: Sequence[x509.Certificate],
@@ -339,9 +367,9 @@ def verify_policy(blob: bytes, trusted: Sequence[x509.Certificate], *,
 def _parse_certificates(data: bytes) -> list[x509.Certificate]:
     try:
         if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+            return [_decoded(c) for c in x509.load_pem_x509_certificates(data)]
+        return [_decoded(x509.load_der_x509_certificate(data))]
+    except (*_MALFORMED_CERTIFICATE, UnsupportedAlgorithm) as exc:
         raise SignatureError("EINVAL", f"not a PEM or DER certificate: {exc}") from None
 
 
