@@ -1,0 +1,97 @@
+"""`ipe-bpf policy sign` and `ipe-bpf policy verify`: PKCS#7 envelopes for kernel IPE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.markup import escape
+
+from ..errors import IpeBpfError
+from ..policy import signing
+from ..policy.model import Policy, text
+from .common import console, fail, print_json, read_bytes, reported_errors
+
+
+def _parse(content: bytes) -> Policy:
+    from ..policy.parser import parse_policy  # the parser is only needed once a file is read
+
+    return parse_policy(content)
+
+
+def _policy_json(policy: Policy) -> dict[str, str]:
+    return {"name": text(policy.name), "version": policy.version_text}
+
+
+def sign(
+    policy_file: Annotated[Path, typer.Argument(metavar="POLICY", help="Policy text to sign.")],
+    key: Annotated[Path, typer.Option("--key", help="Private key (PEM or DER, RSA or EC P-256/P-384).")],
+    cert: Annotated[Path, typer.Option("--cert", help="The key's certificate (PEM or DER).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the signed .p7s.")],
+    digest: Annotated[str, typer.Option("--digest", help="sha256, sha384 or sha512.")] = "sha256",
+    no_check: Annotated[bool, typer.Option("--no-check", help="Sign even if the policy does not parse.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Sign a policy as kernel IPE takes it: attached PKCS#7, DER, no signed attributes."""
+    content = read_bytes(policy_file)
+    policy = None
+    if not no_check:
+        with reported_errors(str(policy_file)):
+            policy = _parse(content)
+    key_pem, cert_pem = read_bytes(key), read_bytes(cert)
+    with reported_errors(str(policy_file)):
+        blob = signing.sign_policy(content, key_pem, cert_pem, digest=digest)
+        signer = signing.load_certificate(cert_pem).subject.rfc4514_string()
+    with reported_errors(str(output)):
+        output.write_bytes(blob)
+    if as_json:
+        print_json({"output": str(output), "bytes": len(blob), "signer": signer, "digest": digest,
+                    "policy": _policy_json(policy) if policy else None})
+        return
+    what = f" {escape(text(policy.name))} {policy.version_text}" if policy else ""
+    console.print(f"[green]signed[/]{what} → {escape(str(output))} ({len(blob)} bytes, "
+                  f"{digest}, signer {escape(signer)})", soft_wrap=True)
+
+
+def _verify_failed(err: IpeBpfError, file: Path, as_json: bool) -> NoReturn:
+    if err.path is None:
+        err.located(str(file))
+    if as_json:
+        print_json({"verified": False, "errno": err.errno_name, "line": err.line,
+                    "message": err.message, "signer": None, "policy": None})
+        raise typer.Exit(1)
+    fail(str(err))
+
+
+def verify(
+    file: Annotated[Path, typer.Argument(metavar="FILE.p7s", help="Signed policy (DER PKCS#7).")],
+    trust: Annotated[Path, typer.Option("--trust", help="Trusted certificate(s): a PEM/DER file, "
+                                                          "a PEM bundle or a directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Verify a signed policy in-process and show who signed it and what it is."""
+    blob = read_bytes(file)
+    try:
+        trusted = signing.load_trust(trust)
+        verified = signing.verify_policy(blob, trusted)
+        policy = _parse(verified.content)
+    except IpeBpfError as err:
+        _verify_failed(err, file, as_json)
+    signer = verified.signer
+    if as_json:
+        print_json({"verified": True, "errno": None, "line": None, "message": "verified",
+                    "signer": verified.signer_subject, "issuer": signer.issuer.rfc4514_string(),
+                    "digest": verified.digest, "policy": _policy_json(policy)})
+        return
+    rows = [("signer", verified.signer_subject), ("issuer", signer.issuer.rfc4514_string()),
+            ("digest", verified.digest), ("policy", f"{text(policy.name)} {policy.version_text}")]
+    console.print(f"[green]verified[/]: {escape(str(file))}", soft_wrap=True)
+    for label, value in rows:
+        console.print(f"  {label:<7} {escape(value)}", soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `sign` and `verify` to the `policy` sub-app."""
+    app.command("sign")(sign)
+    app.command("verify")(verify)
