@@ -1,0 +1,493 @@
+"""The policy lifecycle: deploy, activate, update, delete, list, enforce, success_audit.
+
+Each operation follows kernel IPE's securityfs behaviour (spec section 4), with the same errno
+names, in the same order:
+
+- ``deploy``: signature (``ENOKEY``, ``EKEYREJECTED``, ``EBADMSG``, ...; plain text only when
+  unsigned policies are explicitly allowed) -> parse (``EBADMSG``/``EINVAL``/``ERANGE``) ->
+  ``EEXIST`` if a policy of that name is deployed.  Beyond IPE: ``ESTALE`` if the version is
+  lower than the highest ever seen for that name, or equal to it with a different policy text
+  (re-deploying the very same text is fine).  Deploying never activates.  Emits 1422.
+- ``activate``: ``ENOENT`` if not deployed; no-op if already active; ``EINVAL`` if the active
+  policy (of any name) has a greater version; else installs it and emits 1421.
+- ``update``: ``ENOENT`` -> signature/parse errors -> ``EINVAL`` if the name differs ->
+  ``ESTALE`` if the version is not greater.  Emits 1422; if the old one was active the new one is
+  installed at once and 1421 is emitted too.
+- ``delete``: ``ENOENT`` if absent, ``EPERM`` if active.  There is no way back to "no policy".
+- ``set_enforce`` emits 1404 when the value changes; ``set_success_audit`` emits nothing.
+
+The kernel is reached only through a :class:`PolicyTarget` (the pinned BPF maps in production,
+a fake in tests), or not at all when enforcement is not loaded: then every choice is recorded in
+the store and :meth:`Lifecycle.apply_active` pushes it to the kernel when ``ipe-bpf load`` runs.
+Nothing is half-changed: the kernel is changed before the store; if the kernel refuses, the
+store is untouched, and if the store cannot be written, the kernel is put back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from cryptography import x509
+
+from ..audit.policy_records import (
+    AUDIT_IPE_CONFIG_CHANGE,
+    AUDIT_IPE_POLICY_LOAD,
+    AUDIT_MAC_STATUS,
+    AuditIdentity,
+    AuditLog,
+    PolicyRef,
+    Record,
+    config_change,
+    mac_status,
+    policy_load,
+)
+from ..errors import IpeBpfError, KernelError, LifecycleError, SignatureError
+from ..policy import signing
+from ..policy.compiler import CompiledPolicy, compile_policy
+from ..policy.model import Policy, text
+from ..policy.parser import parse_policy
+from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_text
+
+Trust = Path | Sequence[x509.Certificate]
+
+
+@runtime_checkable
+class PolicyTarget(Protocol):
+    """What the lifecycle needs from the kernel side (PinnedPolicyMaps, or a fake)."""
+
+    def install(self, compiled: CompiledPolicy, generation: int) -> None:
+        """Write ``compiled`` into the inactive slot, then flip to it atomically."""
+
+    def set_enforce(self, enforce: bool) -> None: ...
+
+    def set_success_audit(self, enabled: bool) -> None: ...
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """A deployed policy as `list` shows it."""
+
+    name: bytes
+    version: tuple[int, int, int]
+    digest: str  # sha256 hex of the submitted blob
+    generation: int
+    active: bool
+    signed: bool
+    signer: str | None
+    deployed_at: str
+
+    @property
+    def name_text(self) -> str:
+        return text(self.name)
+
+    @property
+    def version_text(self) -> str:
+        return version_text(self.version)
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name_text, "version": self.version_text,
+                "digest": "sha256:" + self.digest.upper(), "generation": self.generation,
+                "active": self.active, "signed": self.signed, "signer": self.signer,
+                "deployed_at": self.deployed_at}
+
+    @classmethod
+    def of(cls, policy: StoredPolicy, state: StoreState) -> "PolicyInfo":
+        return cls(policy.name, policy.version, policy.digest, policy.generation,
+                   policy.name == state.active, policy.signed, policy.signer, policy.deployed_at)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an operation did.
+
+    ``policy`` is the policy acted on; ``changed`` is False for a no-op; ``applied`` says the
+    kernel was changed (False when enforcement is not loaded, or nothing needed the kernel);
+    ``records`` are the audit lines written; ``warnings`` are problems after the change was made
+    (e.g. the audit log could not be written).
+    """
+
+    policy: PolicyInfo | None
+    changed: bool
+    applied: bool
+    records: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Listing:
+    policies: tuple[PolicyInfo, ...]
+    active: PolicyInfo | None
+    enforce: bool
+    success_audit: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {"active": self.active.name_text if self.active else None,
+                "enforce": self.enforce, "success_audit": self.success_audit,
+                "policies": [p.to_json() for p in self.policies]}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submitted blob, its signature checked, its policy parsed and compiled."""
+
+    blob: bytes
+    content: bytes
+    policy: Policy
+    compiled: CompiledPolicy
+    signer: str | None  # None: unsigned (allowed explicitly)
+
+    @property
+    def signed(self) -> bool:
+        return self.signer is not None
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _quote(name: bytes) -> str:
+    return f'"{text(name)}"'
+
+
+def _ref(policy: StoredPolicy) -> PolicyRef:
+    return PolicyRef(policy.name, policy.version, bytes.fromhex(policy.digest))
+
+
+def _version_key(version: tuple[int, int, int]) -> int:
+    a, b, c = version
+    return (a << 32) | (b << 16) | c
+
+
+def _resolve_trust(trust: Trust) -> Sequence[x509.Certificate]:
+    if isinstance(trust, (str, Path)):
+        return signing.load_trust(Path(trust))
+    return trust
+
+
+def open_submission(blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
+                    now: dt.datetime | None = None) -> Submission:
+    """Check the signature (kernel order: before parsing), then parse and compile.
+
+    A PKCS#7 blob is always verified against ``trust`` (loaded only then).  Plain text is
+    ``EBADMSG`` unless ``allow_unsigned``.
+    """
+    if signing.looks_like_pkcs7(blob):
+        verified = signing.verify_policy(blob, _resolve_trust(trust), now=now)
+        content, signer = verified.content, verified.signer_subject
+    elif allow_unsigned:
+        content, signer = blob, None
+    else:
+        raise SignatureError("EBADMSG", "not a PKCS#7 signed policy (sign it with `ipe-bpf policy "
+                             "sign`; plain text needs --unsigned, for test machines only)")
+    policy = parse_policy(content)
+    return Submission(blob, content, policy, compile_policy(policy), signer)
+
+
+def _stored_content(policy: StoredPolicy, blob: bytes) -> bytes:
+    return signing.extract_content(blob) if policy.signed else blob
+
+
+def _check_rollback(state: StoreState, sub: Submission) -> None:
+    """Beyond IPE: never go below the highest version ever seen, nor change a version's text."""
+    known = state.highest.get(sub.policy.name)
+    if known is None:
+        return
+    name, version = _quote(sub.policy.name), sub.policy.version_text
+    if _version_key(sub.policy.version) < _version_key(known.version):
+        raise LifecycleError("ESTALE", f"policy {name} version {version} is older than "
+                             f"{version_text(known.version)}, the highest ever deployed "
+                             f"(rollback protection)")
+    if sub.policy.version == known.version and sha256_hex(sub.content) != known.content_digest:
+        raise LifecycleError("ESTALE", f"policy {name} version {version} was deployed before "
+                             f"with different content (raise the version)")
+
+
+# -------------------------------------------------------------------------- lifecycle
+
+
+class Lifecycle:
+    """Policy lifecycle over a store and, if enforcement is loaded, a kernel target."""
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        target: PolicyTarget | None = None,
+        *,
+        identity: AuditIdentity | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.store = store
+        self.target = target
+        self._identity = identity
+        self._clock_ns = clock_ns
+        self._rule_texts: dict[int, tuple[str, ...]] = {}
+
+    @property
+    def identity(self) -> AuditIdentity:
+        if self._identity is None:
+            self._identity = AuditIdentity.from_proc()
+        return self._identity
+
+    @property
+    def loaded(self) -> bool:
+        return self.target is not None
+
+    # ------------------------------------------------------------------- queries
+
+    def state(self) -> StoreState:
+        with self.store.locked(shared=True):
+            return self.store.load()
+
+    def list(self) -> Listing:
+        state = self.state()
+        infos = tuple(PolicyInfo.of(p, state) for p in state.policies)
+        active = next((info for info in infos if info.active), None)
+        return Listing(infos, active, state.enforce, state.success_audit)
+
+    def rule_texts(self, generation: int) -> tuple[str, ...] | None:
+        """Rule index -> rule text of the policy installed as ``generation`` (None if unknown).
+
+        Covers deployed policies and the last few replaced or deleted ones, so records still in
+        the ring buffer after an update decode with the rules they were decided by.
+        """
+        cached = self._rule_texts.get(generation)
+        if cached is not None:
+            return cached
+        with self.store.locked(shared=True):
+            policy = self.store.load().by_generation(generation)
+            if policy is None:
+                return None
+            texts = self._compile_stored(policy).rule_texts
+        self._rule_texts[generation] = texts
+        return texts
+
+    # ------------------------------------------------------------------- operations
+
+    def deploy(self, blob: bytes, trust: Trust, *, allow_unsigned: bool = False) -> Outcome:
+        """Store a new policy (never activates it)."""
+        sub = open_submission(blob, trust, allow_unsigned=allow_unsigned)
+        with self.store.locked():
+            state = self.store.load()
+            if state.find(sub.policy.name) is not None:
+                raise LifecycleError("EEXIST", f"policy {_quote(sub.policy.name)} is already "
+                                     f"deployed (delete it or use update)")
+            _check_rollback(state, sub)
+            stored = self._new_record(state, sub)
+            records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
+            new_state = state.with_deployed(stored)
+            return self._commit(state, new_state, records, stored, applied=False,
+                                blobs={stored.blob_name: sub.blob})
+
+    def activate(self, name: bytes) -> Outcome:
+        """Make ``name`` the active policy (installed now if loaded, else at `load`)."""
+        with self.store.locked():
+            state = self.store.load()
+            policy = state.find(name)
+            if policy is None:
+                raise LifecycleError("ENOENT", f"policy {_quote(name)} is not deployed")
+            if state.active == name:
+                return Outcome(PolicyInfo.of(policy, state), changed=False, applied=False)
+            old = state.active_policy()
+            if old is not None and _version_key(old.version) > _version_key(policy.version):
+                raise LifecycleError("EINVAL", f"the active policy {_quote(old.name)} has version "
+                                     f"{version_text(old.version)}, greater than "
+                                     f"{version_text(policy.version)} of {_quote(name)}")
+            records = [Record(AUDIT_IPE_CONFIG_CHANGE,
+                              config_change(_ref(old) if old else None, _ref(policy), self.identity))]
+            applied = self._install(self._compile_stored(policy), policy.generation)
+            return self._commit(state, replace(state, active=name), records, policy,
+                                applied=applied, rollback=old)
+
+    def update(self, name: bytes, blob: bytes, trust: Trust, *,
+               allow_unsigned: bool = False) -> Outcome:
+        """Replace deployed policy ``name`` with a strictly newer version of itself."""
+        with self.store.locked():
+            state = self.store.load()
+            old = state.find(name)
+            if old is None:
+                raise LifecycleError("ENOENT", f"policy {_quote(name)} is not deployed")
+            sub = open_submission(blob, trust, allow_unsigned=allow_unsigned)
+            if sub.policy.name != name:
+                raise LifecycleError("EINVAL", f"the new policy is named {_quote(sub.policy.name)},"
+                                     f" not {_quote(name)}")
+            if _version_key(sub.policy.version) <= _version_key(old.version):
+                raise LifecycleError("ESTALE", f"version {sub.policy.version_text} is not greater "
+                                     f"than {version_text(old.version)}, the deployed version of "
+                                     f"{_quote(name)}")
+            _check_rollback(state, sub)
+            stored = self._new_record(state, sub)
+            records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
+            applied = False
+            was_active = state.active == name
+            if was_active:
+                records.append(Record(AUDIT_IPE_CONFIG_CHANGE,
+                                      config_change(_ref(old), _ref(stored), self.identity)))
+                applied = self._install(sub.compiled, stored.generation)
+            return self._commit(state, state.with_deployed(stored), records, stored,
+                                applied=applied, blobs={stored.blob_name: sub.blob},
+                                rollback=old if was_active else None)
+
+    def delete(self, name: bytes) -> Outcome:
+        """Remove a deployed policy that is not active."""
+        with self.store.locked():
+            state = self.store.load()
+            policy = state.find(name)
+            if policy is None:
+                raise LifecycleError("ENOENT", f"policy {_quote(name)} is not deployed")
+            if state.active == name:
+                raise LifecycleError("EPERM", f"policy {_quote(name)} is active (activate another "
+                                     f"policy first; there is no way back to no policy)")
+            info = PolicyInfo.of(policy, state)
+            self._commit(state, state.without(name), [], policy, applied=False)
+            return Outcome(info, changed=True, applied=False)
+
+    def set_enforce(self, enforce: bool) -> Outcome:
+        """Enforcing (True) or permissive (False); 1404 only if the value changes."""
+        with self.store.locked():
+            state = self.store.load()
+            applied = self._push(lambda t: t.set_enforce(enforce))
+            if state.enforce == enforce:
+                return Outcome(None, changed=False, applied=applied)
+            records = [Record(AUDIT_MAC_STATUS, mac_status(enforce, state.enforce, self.identity))]
+            try:
+                return self._commit(state, replace(state, enforce=enforce), records, None,
+                                    applied=applied)
+            except IpeBpfError:
+                self._push(lambda t: t.set_enforce(state.enforce), quiet=True)
+                raise
+
+    def set_success_audit(self, enabled: bool) -> Outcome:
+        """Audit allowed events too (True) or only denials (False); no audit record."""
+        with self.store.locked():
+            state = self.store.load()
+            applied = self._push(lambda t: t.set_success_audit(enabled))
+            if state.success_audit == enabled:
+                return Outcome(None, changed=False, applied=applied)
+            try:
+                return self._commit(state, replace(state, success_audit=enabled), [], None,
+                                    applied=applied)
+            except IpeBpfError:
+                self._push(lambda t: t.set_success_audit(state.success_audit), quiet=True)
+                raise
+
+    def apply_active(self, target: PolicyTarget) -> PolicyInfo | None:
+        """Push the recorded settings and active policy into a freshly loaded kernel.
+
+        For the loader to call right after `load` attaches: sets enforce and success_audit
+        first (so the first decision is already in the right mode), then installs the active
+        policy under its generation.  Emits no audit record (nothing changes: the store already
+        said so).  Returns the installed policy, or None if none is active.
+        """
+        with self.store.locked():
+            state = self.store.load()
+            _call_target(lambda: target.set_enforce(state.enforce))
+            _call_target(lambda: target.set_success_audit(state.success_audit))
+            policy = state.active_policy()
+            if policy is None:
+                return None
+            _call_target(lambda: target.install(self._compile_stored(policy), policy.generation))
+            return PolicyInfo.of(policy, state)
+
+    # ------------------------------------------------------------------- internals
+
+    def _new_record(self, state: StoreState, sub: Submission) -> StoredPolicy:
+        return StoredPolicy(
+            name=sub.policy.name,
+            version=sub.policy.version,
+            digest=sha256_hex(sub.blob),
+            content_digest=sha256_hex(sub.content),
+            generation=state.next_generation,
+            signed=sub.signed,
+            signer=sub.signer,
+            deployed_at=self._now_iso(),
+        )
+
+    def _now_iso(self) -> str:
+        moment = dt.datetime.fromtimestamp(self._clock_ns() / 1e9, dt.timezone.utc)
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def _compile_stored(self, policy: StoredPolicy) -> CompiledPolicy:
+        content = _stored_content(policy, self.store.blob(policy))
+        return compile_policy(parse_policy(content))
+
+    def _install(self, compiled: CompiledPolicy, generation: int) -> bool:
+        return self._push(lambda t: t.install(compiled, generation))
+
+    def _push(self, action: Callable[[PolicyTarget], None], *, quiet: bool = False) -> bool:
+        """Run ``action`` on the target if loaded; True if it ran."""
+        if self.target is None:
+            return False
+        target = self.target
+        try:
+            _call_target(lambda: action(target))
+        except IpeBpfError:
+            if not quiet:
+                raise
+        return True
+
+    def _commit(
+        self,
+        state: StoreState,
+        new_state: StoreState,
+        records: Sequence[Record],
+        policy: StoredPolicy | None,
+        *,
+        applied: bool,
+        blobs: dict[str, bytes] | None = None,
+        rollback: StoredPolicy | None = None,
+    ) -> Outcome:
+        """Commit ``new_state`` with its audit serials, then append the records.
+
+        If the commit fails after the kernel was changed, the kernel gets ``rollback`` back.
+        """
+        serial = state.audit_serial
+        now = self._clock_ns()
+        lines = tuple(record.line(now, serial + i + 1) for i, record in enumerate(records))
+        final = replace(new_state, audit_serial=serial + len(records))
+        try:
+            self.store.commit(final, blobs)
+        except IpeBpfError:
+            if applied and rollback is not None:
+                self._restore(rollback)
+            raise
+        warnings = self._append_audit(lines)
+        info = PolicyInfo.of(policy, final) if policy is not None else None
+        return Outcome(info, changed=True, applied=applied, records=lines, warnings=warnings)
+
+    def _restore(self, policy: StoredPolicy) -> None:
+        try:
+            self._install(self._compile_stored(policy), policy.generation)
+        except IpeBpfError:
+            pass  # the original error is the one to report
+
+    def _append_audit(self, lines: Sequence[str]) -> tuple[str, ...]:
+        try:
+            AuditLog(self.store.audit_log_path).append(lines)
+        except OSError as exc:
+            return (f"audit records not written to {self.store.audit_log_path}: {exc.strerror}",)
+        return ()
+
+
+def _call_target(call: Callable[[], None]) -> None:
+    """Run a kernel call; OSError becomes KernelError with its errno name."""
+    try:
+        call()
+    except IpeBpfError:
+        raise
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "EIO")
+        raise KernelError(name, f"the kernel refused the change: {exc.strerror or exc}") from None
+
+
+def policy_name(name: str) -> bytes:
+    """A policy name from the command line as the raw bytes the policy text holds."""
+    return os.fsencode(name)
