@@ -65,4 +65,85 @@ struct ipe_policy_defaults {
 	__u64 generation;		/* which deployed policy fills this slot */
 };
 
+/* ------------------------------------------------------------------------------------
+ * Runtime state of the loaded program (ipe_bpf/kernel/ reads and writes these maps).
+ * Every zero-filled struct below is a safe initial state: no policy, enforcing.
+ */
+
+#define IPE_NR_HOOKS 5
+#define IPE_HOOK_BPRM_CHECK 0
+#define IPE_HOOK_MMAP 1
+#define IPE_HOOK_MPROTECT 2
+#define IPE_HOOK_KERNEL_READ 3
+#define IPE_HOOK_KERNEL_LOAD 4
+
+#define IPE_SOURCE_RULE 0	/* a rule matched: ipe_event.rule_index is its index */
+#define IPE_SOURCE_OP_DEFAULT 1
+#define IPE_SOURCE_GLOBAL_DEFAULT 2
+#define IPE_SOURCE_NONE 3	/* UNKNOWN op and no global default: allowed */
+
+#define IPE_ACTIVE_NONE 0	/* ipe_config.active: no policy (allow, no audit) */
+
+/* config map (array, one entry, key 0). */
+struct ipe_config {
+	__u8 active;		/* IPE_ACTIVE_NONE, or 1 + the slot whose tables are live */
+	__u8 permissive;	/* 1: DENY is audited but not enforced (IPE enforce=0) */
+	__u8 success_audit;	/* 1: ALLOW decisions are audited too */
+	__u8 pad[5];
+	__u64 flips;		/* how many times `active` changed (for status) */
+};
+
+#define IPE_COMM_LEN 16
+#define IPE_SID_LEN 32
+#define IPE_PATH_MAX 512
+
+#define IPE_PATH_NONE 0		/* no file: path=? dev=? ino=? */
+#define IPE_PATH_FULL 1		/* path holds the d_path() of the file */
+#define IPE_PATH_NAME 2		/* path holds only the dentry name (d_path not possible) */
+
+/* ring buffer record: one audited decision (IPE's 1420 AUDIT_IPE_ACCESS). */
+struct ipe_event {
+	__u64 boot_ns;		/* bpf_ktime_get_boot_ns() */
+	__u64 generation;	/* defaults[slot].generation of the policy that decided */
+	__u64 ino;
+	__u32 pid;		/* tgid */
+	__u32 rule_index;	/* valid when source is IPE_SOURCE_RULE */
+	__u8 op;		/* 0..6, IPE_OP_UNKNOWN */
+	__u8 hook;		/* IPE_HOOK_* */
+	__u8 enforcing;
+	__u8 action;		/* IPE_ACTION_* */
+	__u8 source;		/* IPE_SOURCE_* */
+	__u8 path_kind;		/* IPE_PATH_* */
+	__u16 path_len;		/* bytes of path used, without a NUL */
+	char comm[IPE_COMM_LEN];
+	char dev[IPE_SID_LEN];	/* superblock s_id */
+	char path[IPE_PATH_MAX];
+};
+
+/* counters map (per-CPU array, one entry): decisions per op, and ring buffer drops. */
+struct ipe_counters {
+	__u64 allow[IPE_NR_OPS];
+	__u64 deny[IPE_NR_OPS];
+	__u64 audited;
+	__u64 dropped;		/* ring buffer full: the event was lost, the decision was not */
+};
+
+/* devices map (hash, key: kernel dev_t as __u32 = major << 20 | minor): dm-verity state. */
+struct ipe_bdev_state {
+	__u8 has_roothash;
+	__u8 sig_valid;		/* LSM_INT_DMVERITY_SIG_VALID with a non-empty value */
+	__u8 seeded;		/* written from userspace for a device set up before load */
+	__u8 alg_len;		/* strlen of the algorithm name (may exceed IPE_ALG_MAX) */
+	__u8 digest_len;
+	__u8 pad[3];
+	char alg[IPE_ALG_MAX];
+	__u8 digest[IPE_DIGEST_MAX];
+};
+
+/* inode storage: fs-verity built-in signature verified (LSM_INT_FSVERITY_BUILTINSIG_VALID). */
+struct ipe_inode_state {
+	__u8 fsv_sig_valid;
+	__u8 pad[7];
+};
+
 #endif /* IPE_BPF_H */

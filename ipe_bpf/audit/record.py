@@ -1,0 +1,128 @@
+"""Decode one ring-buffer record (struct ipe_event of bpf/ipe_bpf.h) into an AccessRecord."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..policy.layout import Header, load_header
+from ..policy.model import Action, Op, Rule
+
+HOOK_NAMES = ("BPRM_CHECK", "MMAP", "MPROTECT", "KERNEL_READ", "KERNEL_LOAD")
+SOURCE_NAMES = ("rule", "op_default", "global_default", "none")
+
+PATH_NONE, PATH_FULL, PATH_NAME = 0, 1, 2
+
+RuleLookup = Callable[[int, int], "Rule | str | None"]
+"""(generation, rule index) -> the rule (or its text), or None if unknown."""
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """One audited decision: the fields of IPE's 1420 AUDIT_IPE_ACCESS record and more."""
+
+    timestamp: float  # wall clock seconds
+    op: str
+    hook: str
+    enforcing: bool
+    action: str
+    source: str
+    rule_index: int | None
+    generation: int
+    pid: int
+    comm: bytes
+    path: bytes | None  # None: no file
+    path_is_name_only: bool
+    dev: bytes | None
+    ino: int | None
+    rule: str  # the rule="..." text
+
+
+@lru_cache(maxsize=1)
+def _header() -> Header:
+    return load_header()
+
+
+def event_size() -> int:
+    return _header().struct("ipe_event").size
+
+
+def _cstr(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]
+
+
+def _boot_to_wall(boot_ns: int) -> float:
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - boot_ns / 1e9)
+
+
+def default_rule_text(op: str, action: str, source: str, index: int | None, found: "Rule | str | None") -> str:
+    if source == "op_default":
+        return f"DEFAULT op={op} action={action}"
+    if source in ("global_default", "none"):
+        return f"DEFAULT action={action}"
+    if isinstance(found, str):
+        return found
+    if found is not None:
+        from .render import rule_audit_text
+
+        return rule_audit_text(found)
+    return f"rule#{index}"
+
+
+def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
+    """Decode a ring-buffer record; `rules` gives rule texts (else `rule#N`)."""
+    layout = _header().struct("ipe_event")
+    e = layout.unpack(bytes(raw[: layout.size]))
+    op_num = int(e["op"])  # type: ignore[arg-type]
+    op = Op(op_num).name if op_num < len(Op) else f"OP{op_num}"
+    hook_num = int(e["hook"])  # type: ignore[arg-type]
+    hook = HOOK_NAMES[hook_num] if hook_num < len(HOOK_NAMES) else f"HOOK{hook_num}"
+    action = Action(int(e["action"])).name  # type: ignore[arg-type]
+    src_num = int(e["source"])  # type: ignore[arg-type]
+    source = SOURCE_NAMES[src_num] if src_num < len(SOURCE_NAMES) else "none"
+    index = int(e["rule_index"]) if source == "rule" else None  # type: ignore[arg-type]
+    generation = int(e["generation"])  # type: ignore[arg-type]
+    kind = int(e["path_kind"])  # type: ignore[arg-type]
+    path = dev = None
+    ino = None
+    if kind != PATH_NONE:
+        path = bytes(e["path"])[: int(e["path_len"])]  # type: ignore[arg-type]
+        dev = _cstr(bytes(e["dev"]))  # type: ignore[arg-type]
+        ino = int(e["ino"])  # type: ignore[arg-type]
+    found = rules(generation, index) if (rules is not None and index is not None) else None
+    return AccessRecord(
+        timestamp=_boot_to_wall(int(e["boot_ns"])),  # type: ignore[arg-type]
+        op=op,
+        hook=hook,
+        enforcing=bool(e["enforcing"]),
+        action=action,
+        source=source,
+        rule_index=index,
+        generation=generation,
+        pid=int(e["pid"]),  # type: ignore[arg-type]
+        comm=_cstr(bytes(e["comm"])),  # type: ignore[arg-type]
+        path=path,
+        path_is_name_only=kind == PATH_NAME,
+        dev=dev,
+        ino=ino,
+        rule=default_rule_text(op, action, source, index, found),
+    )
+
+
+def rules_from_policies(policies: dict[int, object]) -> RuleLookup:
+    """A RuleLookup over {generation: Policy or CompiledPolicy}."""
+
+    def find(generation: int, index: int) -> "Rule | str | None":
+        p = policies.get(generation)
+        if p is None:
+            return None
+        rules = getattr(p, "rules", None)
+        if rules is None:
+            rules = getattr(getattr(p, "policy", None), "rules", None)
+        if rules is None or not isinstance(index, int) or not 0 <= index < len(rules):
+            return None
+        return rules[index]
+
+    return find

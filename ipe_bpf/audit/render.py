@@ -1,0 +1,78 @@
+"""Render AccessRecords as IPE's 1420 text (spec section 5) or as JSON lines."""
+
+from __future__ import annotations
+
+import json
+
+from ..policy.model import BoolProperty, Rule
+from .record import AccessRecord
+
+AUDIT_IPE_ACCESS = 1420
+
+
+def untrusted(value: bytes) -> str:
+    """The kernel's audit_log_untrustedstring(): quoted, or uppercase hex if it needs escaping."""
+    if any(b == 0x22 or b < 0x21 or b > 0x7E for b in value):
+        return value.hex().upper()
+    return '"' + value.decode("ascii") + '"'
+
+
+def rule_audit_text(rule: Rule) -> str:
+    """A rule as IPE's audit reprints it: booleans key=TRUE|FALSE, digests key=<alg u>:<HEX>."""
+    parts = [f"op={rule.op.name}"]
+    for prop in rule.properties:
+        if isinstance(prop, BoolProperty):
+            parts.append(str(prop))
+        else:
+            parts.append(f"{prop.key.value}={untrusted(prop.digest.alg)}:{prop.digest.value.hex().upper()}")
+    parts.append(f"action={rule.action.name}")
+    return " ".join(parts)
+
+
+def ipe_fields(r: AccessRecord) -> str:
+    """The body of a 1420 record, fields in the spec's exact order."""
+    if r.path is None:
+        where = "path=? dev=? ino=?"
+    else:
+        dev = "?" if r.dev is None else untrusted(r.dev)
+        where = f"path={untrusted(r.path)} dev={dev} ino={r.ino}"
+    return (
+        f"ipe_op={r.op} ipe_hook={r.hook} enforcing={1 if r.enforcing else 0} pid={r.pid} "
+        f"comm={untrusted(r.comm)} {where} rule=\"{r.rule}\""
+    )
+
+
+def ipe_text(r: AccessRecord, serial: int) -> str:
+    """A full audit line: `type=1420 audit(<sec>.<msec>:<serial>): <fields>`."""
+    sec = int(r.timestamp)
+    msec = int((r.timestamp - sec) * 1000)
+    return f"type={AUDIT_IPE_ACCESS} audit({sec}.{msec:03d}:{serial}): {ipe_fields(r)}"
+
+
+def _text(b: bytes | None) -> str | None:
+    return None if b is None else b.decode("utf-8", "backslashreplace")
+
+
+def json_line(r: AccessRecord, serial: int) -> str:
+    return json.dumps(
+        {
+            "type": AUDIT_IPE_ACCESS,
+            "serial": serial,
+            "time": round(r.timestamp, 6),
+            "ipe_op": r.op,
+            "ipe_hook": r.hook,
+            "enforcing": 1 if r.enforcing else 0,
+            "pid": r.pid,
+            "comm": _text(r.comm),
+            "path": _text(r.path),
+            "path_is_name_only": r.path_is_name_only,
+            "dev": _text(r.dev),
+            "ino": r.ino,
+            "rule": r.rule,
+            "action": r.action,
+            "source": r.source,
+            "rule_index": r.rule_index,
+            "generation": r.generation,
+        },
+        sort_keys=False,
+    )

@@ -1,0 +1,56 @@
+"""`audit tail [--follow] [--json]`: read audited decisions and print them."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ..kernel.pins import PIN_ROOT
+from .record import AccessRecord, RuleLookup, decode
+from .render import ipe_text, json_line
+from .ringbuf import RingBuffer
+
+
+def records(
+    follow: bool = False,
+    rules: RuleLookup | None = None,
+    root: Path = PIN_ROOT,
+    idle_exit: float | None = None,
+) -> Iterator[AccessRecord]:
+    """Decoded records: what is buffered now, then (follow) new ones as they come.
+
+    With follow and idle_exit, stop after idle_exit seconds without a record.
+    """
+    with RingBuffer(root) as rb:
+        last = time.monotonic()
+        while True:
+            got = False
+            for raw in rb.drain():
+                got = True
+                yield decode(raw, rules)
+            if got:
+                last = time.monotonic()
+            if not follow:
+                return
+            if idle_exit is not None and time.monotonic() - last > idle_exit:
+                return
+            rb.wait(0.5)
+
+
+def tail(
+    emit: Callable[[str], None],
+    follow: bool = False,
+    as_json: bool = False,
+    rules: RuleLookup | None = None,
+    root: Path = PIN_ROOT,
+) -> int:
+    """Print records through `emit`; returns how many."""
+    count = 0
+    serial = itertools.count(1)
+    for r in records(follow, rules, root):
+        n = next(serial)
+        emit(json_line(r, n) if as_json else ipe_text(r, n))
+        count += 1
+    return count

@@ -1,0 +1,275 @@
+"""The few bpf(2) commands the control plane needs, through ctypes (no BCC needed).
+
+Used to pin objects, open pinned maps and links from a fresh process, read and write
+map elements (single and batched), and ask for link information.  Every failure is a
+`KernelError` carrying the errno name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+from dataclasses import dataclass
+
+from ..errors import KernelError
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
+BPF_LINK_GET_FD_BY_ID = 30
+
+BPF_ANY = 0
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _nr() -> int:
+    try:
+        return _SYS_BPF[platform.machine()]
+    except KeyError:
+        raise KernelError("ENOSYS", f"bpf(2) syscall number unknown for {platform.machine()}") from None
+
+
+def _fail(what: str, err: int) -> KernelError:
+    name = errno.errorcode.get(err, f"E{err}")
+    return KernelError(name, f"{what}: {os.strerror(err)}")
+
+
+def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char] | ctypes.Structure, what: str) -> int:
+    """Run one bpf(2) command; returns its result, raises KernelError on failure."""
+    ret = _libc.syscall(_nr(), ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+    if ret < 0:
+        raise _fail(what, ctypes.get_errno())
+    return int(ret)
+
+
+def bpf_errno(cmd: int, attr: ctypes.Array[ctypes.c_char] | ctypes.Structure) -> tuple[int, int]:
+    """Like bpf() but returns (result, errno) instead of raising."""
+    ret = _libc.syscall(_nr(), ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+    return int(ret), (ctypes.get_errno() if ret < 0 else 0)
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+        ("path_fd", ctypes.c_int32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("_rest", ctypes.c_uint8 * 128),
+    ]
+
+
+class _LinkInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 124),
+    ]
+
+
+def obj_pin(fd: int, path: str) -> None:
+    buf = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjAttr(pathname=ctypes.addressof(buf), bpf_fd=fd)
+    bpf(BPF_OBJ_PIN, attr, f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; the caller owns the returned fd."""
+    buf = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjAttr(pathname=ctypes.addressof(buf))
+    return bpf(BPF_OBJ_GET, attr, f"open {path}")
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "map info")
+    return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
+                   info.map_flags, info.name.decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = _LinkInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "link info")
+    return LinkInfo(info.type, info.id, info.prog_id)
+
+
+def link_exists(link_id: int) -> bool:
+    """Whether a bpf_link with this id still exists in the kernel."""
+    attr = _IdAttr(id=link_id)
+    fd, err = bpf_errno(BPF_LINK_GET_FD_BY_ID, attr)
+    if fd >= 0:
+        os.close(fd)
+        return True
+    if err == errno.ENOENT:
+        return False
+    raise _fail(f"look up link {link_id}", err)
+
+
+def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(k), value=ctypes.addressof(v))
+    ret, err = bpf_errno(BPF_MAP_LOOKUP_ELEM, attr)
+    if ret < 0:
+        if err == errno.ENOENT:
+            return None
+        raise _fail("map lookup", err)
+    return v.raw
+
+
+def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(k), value=ctypes.addressof(v), flags=flags)
+    bpf(BPF_MAP_UPDATE_ELEM, attr, "map update")
+
+
+def delete(fd: int, key: bytes) -> bool:
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(k))
+    ret, err = bpf_errno(BPF_MAP_DELETE_ELEM, attr)
+    if ret < 0:
+        if err == errno.ENOENT:
+            return False
+        raise _fail("map delete", err)
+    return True
+
+
+def keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash map (snapshot by GET_NEXT_KEY iteration)."""
+    out: list[bytes] = []
+    nxt = ctypes.create_string_buffer(key_size)
+    attr = _ElemAttr(map_fd=fd, key=0, value=ctypes.addressof(nxt))
+    ret, err = bpf_errno(BPF_MAP_GET_NEXT_KEY, attr)
+    cur = ctypes.create_string_buffer(key_size)
+    while ret >= 0:
+        out.append(nxt.raw)
+        ctypes.memmove(cur, nxt, key_size)
+        attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(cur), value=ctypes.addressof(nxt))
+        ret, err = bpf_errno(BPF_MAP_GET_NEXT_KEY, attr)
+    if err != errno.ENOENT:
+        raise _fail("map iteration", err)
+    return out
+
+
+_BATCH = 4096
+
+
+def update_many(fd: int, items: list[tuple[bytes, bytes]], key_size: int, value_size: int) -> None:
+    """Write many elements: BPF_MAP_UPDATE_BATCH where the kernel has it, else one by one."""
+    at = 0
+    while at < len(items):
+        chunk = items[at : at + _BATCH]
+        kbuf = ctypes.create_string_buffer(b"".join(k for k, _ in chunk), key_size * len(chunk))
+        vbuf = ctypes.create_string_buffer(b"".join(v for _, v in chunk), value_size * len(chunk))
+        attr = _BatchAttr(keys=ctypes.addressof(kbuf), values=ctypes.addressof(vbuf),
+                          count=len(chunk), map_fd=fd)
+        ret, err = bpf_errno(BPF_MAP_UPDATE_BATCH, attr)
+        if ret < 0:
+            if err in (errno.EINVAL, 524) and attr.count == 0:  # 524: ENOTSUPP
+                for k, v in chunk:
+                    update(fd, k, v)
+            else:
+                raise _fail(f"map batch update ({attr.count} of {len(chunk)} written)", err)
+        at += len(chunk)
+
+
+def delete_many(fd: int, keys_: list[bytes]) -> None:
+    for k in keys_:
+        delete(fd, k)
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs (per-CPU map values have one slot each)."""
+    text = open("/sys/devices/system/cpu/possible", encoding="ascii").read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count

@@ -1,0 +1,75 @@
+"""Where the loaded program lives in bpffs, and the names of what is pinned there.
+
+    /sys/fs/bpf/ipe_bpf/maps/<map name>     every map of bpf/bcc_compat.h
+    /sys/fs/bpf/ipe_bpf/links/<lsm hook>    one bpf_link per attached LSM program
+
+The links keep the programs attached after the loading process is gone; removing them
+detaches (asynchronously).  The maps let a fresh process read and write policy state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "ipe_bpf"
+LOCK_FILE = Path("/run/ipe-bpf.lock")
+
+MAP_NAMES: tuple[str, ...] = (
+    "ipe_config",
+    "ipe_defaults",
+    "ipe_digests",
+    "ipe_rules",
+    "ipe_devices",
+    "ipe_counters",
+    "ipe_events",
+    "ipe_inodes",
+)
+
+HOOKS: tuple[str, ...] = (
+    "bprm_check_security",
+    "mmap_file",
+    "file_mprotect",
+    "kernel_read_file",
+    "kernel_load_data",
+    "bdev_setintegrity",
+    "bdev_free_security",
+    "inode_setintegrity",
+)
+
+
+def maps_dir(root: Path = PIN_ROOT) -> Path:
+    return root / "maps"
+
+
+def links_dir(root: Path = PIN_ROOT) -> Path:
+    return root / "links"
+
+
+def map_path(name: str, root: Path = PIN_ROOT) -> Path:
+    return maps_dir(root) / name
+
+
+def link_paths(root: Path = PIN_ROOT) -> list[Path]:
+    d = links_dir(root)
+    return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def is_loaded(root: Path = PIN_ROOT) -> bool:
+    return bool(link_paths(root))
+
+
+@contextmanager
+def control_lock(lock_file: Path = LOCK_FILE) -> Iterator[None]:
+    """Serialise control-plane writers (load/unload/install/config) on this machine."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
