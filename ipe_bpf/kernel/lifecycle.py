@@ -174,22 +174,29 @@ def _resolve_trust(trust: Trust) -> Sequence[x509.Certificate]:
 
 
 def open_submission(blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
-                    now: dt.datetime | None = None) -> Submission:
+                    source: str | None = None, now: dt.datetime | None = None) -> Submission:
     """Check the signature (kernel order: before parsing), then parse and compile.
 
     A PKCS#7 blob is always verified against ``trust`` (loaded only then).  Plain text is
-    ``EBADMSG`` unless ``allow_unsigned``.
+    ``EBADMSG`` unless ``allow_unsigned``.  Errors about the blob name ``source`` as their file.
     """
-    if signing.looks_like_pkcs7(blob):
-        verified = signing.verify_policy(blob, _resolve_trust(trust), now=now)
-        content, signer = verified.content, verified.signer_subject
-    elif allow_unsigned:
-        content, signer = blob, None
-    else:
-        raise SignatureError("EBADMSG", "not a PKCS#7 signed policy (sign it with `ipe-bpf policy "
-                             "sign`; plain text needs --unsigned, for test machines only)")
-    policy = parse_policy(content)
-    return Submission(blob, content, policy, compile_policy(policy), signer)
+    signed = signing.looks_like_pkcs7(blob)
+    trusted = _resolve_trust(trust) if signed else ()
+    try:
+        if signed:
+            verified = signing.verify_policy(blob, trusted, now=now)
+            content, signer = verified.content, verified.signer_subject
+        elif allow_unsigned:
+            content, signer = blob, None
+        else:
+            raise SignatureError("EBADMSG", "not a PKCS#7 signed policy (sign it with `ipe-bpf "
+                                 "policy sign`; plain text needs --unsigned, for test machines only)")
+        policy = parse_policy(content)
+        return Submission(blob, content, policy, compile_policy(policy), signer)
+    except IpeBpfError as err:
+        if source is not None and err.path is None:
+            err.located(source)
+        raise
 
 
 def _stored_content(policy: StoredPolicy, blob: bytes) -> bytes:
@@ -272,9 +279,10 @@ class Lifecycle:
 
     # ------------------------------------------------------------------- operations
 
-    def deploy(self, blob: bytes, trust: Trust, *, allow_unsigned: bool = False) -> Outcome:
-        """Store a new policy (never activates it)."""
-        sub = open_submission(blob, trust, allow_unsigned=allow_unsigned)
+    def deploy(self, blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
+               source: str | None = None) -> Outcome:
+        """Store a new policy (never activates it).  ``source`` names the blob in errors."""
+        sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
         with self.store.locked():
             state = self.store.load()
             if state.find(sub.policy.name) is not None:
@@ -308,14 +316,14 @@ class Lifecycle:
                                 applied=applied, rollback=old)
 
     def update(self, name: bytes, blob: bytes, trust: Trust, *,
-               allow_unsigned: bool = False) -> Outcome:
+               allow_unsigned: bool = False, source: str | None = None) -> Outcome:
         """Replace deployed policy ``name`` with a strictly newer version of itself."""
         with self.store.locked():
             state = self.store.load()
             old = state.find(name)
             if old is None:
                 raise LifecycleError("ENOENT", f"policy {_quote(name)} is not deployed")
-            sub = open_submission(blob, trust, allow_unsigned=allow_unsigned)
+            sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
             if sub.policy.name != name:
                 raise LifecycleError("EINVAL", f"the new policy is named {_quote(sub.policy.name)},"
                                      f" not {_quote(name)}")
