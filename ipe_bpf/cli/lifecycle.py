@@ -1,0 +1,238 @@
+"""`ipe-bpf policy deploy|activate|update|delete|list`: the policy lifecycle.
+
+`register(policy_app)` adds the commands to the `policy` sub-app.  The store lives in
+/var/lib/ipe-bpf (or $IPE_BPF_STATE_DIR).  The kernel is reached through the pinned maps only
+if ipe-bpf is loaded; otherwise deploy/update/delete/list work on the store alone and activate
+records the choice, which `ipe-bpf load` applies (Lifecycle.apply_active).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import IpeBpfError
+from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget, policy_name
+from ..kernel.store import PolicyStore
+from .common import console, err_console, fail, print_json
+
+DEFAULT_TRUST = Path("/etc/ipe-bpf/")
+NOT_LOADED = "enforcement is not loaded"
+
+TrustOption = Annotated[Path, typer.Option(
+    "--trust", metavar="CERT_OR_DIR",
+    help="Trusted certificate(s): a PEM/DER file, a bundle, or a directory of them.")]
+UnsignedOption = Annotated[bool, typer.Option(
+    "--unsigned", help="Also accept a plain-text (unsigned) policy. For test machines only.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+@contextlib.contextmanager
+def kernel_target() -> Iterator[PolicyTarget | None]:
+    """The pinned maps of a loaded ipe-bpf, or None if the kernel side is absent or not loaded."""
+    try:
+        from ..kernel.maps import PinnedPolicyMaps
+        from ..kernel.pins import is_loaded
+    except ImportError:
+        yield None
+        return
+    if not is_loaded():
+        yield None
+        return
+    with PinnedPolicyMaps() as maps:
+        yield maps
+
+
+@contextlib.contextmanager
+def _lifecycle(command: str) -> Iterator[Lifecycle]:
+    """A Lifecycle over the default store and the kernel (if loaded); errors become one line."""
+    try:
+        with kernel_target() as target:
+            yield Lifecycle(PolicyStore.default(), target)
+    except IpeBpfError as err:
+        fail(f"{command}: {err}")
+    except OSError as err:
+        name = errno.errorcode.get(err.errno or 0, "EIO")
+        where = f"{err.filename}: " if err.filename else ""
+        fail(f"{command}: {name}: {where}{err.strerror}")
+
+
+def _read(command: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        fail(f"{command}: {errno.errorcode.get(err.errno or 0, 'EIO')}: {path}: {err.strerror}")
+
+
+def _say(message: str) -> None:
+    typer.echo(message)
+
+
+def _warn_unsigned(unsigned: bool, outcome: Outcome) -> None:
+    if unsigned and outcome.policy is not None and not outcome.policy.signed:
+        err_console.print("WARNING: --unsigned: accepted a policy WITHOUT A SIGNATURE. Anyone who "
+                          "can write it controls what runs. For test machines only.",
+                          markup=False, style="bold red")
+
+
+def _warnings(outcome: Outcome) -> None:
+    for warning in outcome.warnings:
+        err_console.print(f"warning: {warning}", markup=False)
+
+
+def _describe(outcome: Outcome) -> str:
+    assert outcome.policy is not None
+    return f'policy "{outcome.policy.name_text}" {outcome.policy.version_text}'
+
+
+def _outcome_json(outcome: Outcome, loaded: bool) -> dict[str, object]:
+    return {"policy": outcome.policy.to_json() if outcome.policy else None,
+            "changed": outcome.changed, "applied": outcome.applied, "loaded": loaded,
+            "records": list(outcome.records)}
+
+
+def _kernel_note(outcome: Outcome, loaded: bool) -> str:
+    if outcome.applied:
+        return "enforced now"
+    return f"{NOT_LOADED}: recorded, applied at `ipe-bpf load`" if not loaded else ""
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def deploy(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Signed policy (.p7s), or text with --unsigned.")],
+    trust: TrustOption = DEFAULT_TRUST,
+    unsigned: UnsignedOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Deploy a signed policy (kernel IPE's new_policy). It is not activated."""
+    blob = _read("deploy", file)
+    with _lifecycle("deploy") as life:
+        outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file))
+    _warn_unsigned(unsigned, outcome)
+    _warnings(outcome)
+    if as_json:
+        print_json(_outcome_json(outcome, life.loaded))
+        return
+    assert outcome.policy is not None
+    digest = outcome.policy.digest.upper()
+    _say(f"deployed {_describe(outcome)} (sha256:{digest[:16]}…, generation "
+         f"{outcome.policy.generation}); activate it with `ipe-bpf policy activate "
+         f"{outcome.policy.name_text}`")
+    if not life.loaded:
+        _say(f"note: {NOT_LOADED}")
+
+
+def activate(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    as_json: JsonOption = False,
+) -> None:
+    """Make a deployed policy the active one."""
+    with _lifecycle("activate") as life:
+        outcome = life.activate(policy_name(name))
+    _warnings(outcome)
+    if as_json:
+        print_json(_outcome_json(outcome, life.loaded))
+        return
+    if not outcome.changed:
+        _say(f"{_describe(outcome)} is already active")
+        return
+    note = _kernel_note(outcome, life.loaded)
+    _say(f"activated {_describe(outcome)}" + (f" ({note})" if note else ""))
+
+
+def update(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Signed replacement (.p7s), or text with --unsigned.")],
+    trust: TrustOption = DEFAULT_TRUST,
+    unsigned: UnsignedOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Replace a deployed policy with a higher version of itself (active stays active)."""
+    blob = _read("update", file)
+    with _lifecycle("update") as life:
+        outcome = life.update(policy_name(name), blob, trust, allow_unsigned=unsigned,
+                              source=str(file))
+    _warn_unsigned(unsigned, outcome)
+    _warnings(outcome)
+    if as_json:
+        print_json(_outcome_json(outcome, life.loaded))
+        return
+    assert outcome.policy is not None
+    active = outcome.policy.active
+    note = _kernel_note(outcome, life.loaded) if active else ""
+    _say(f"updated {_describe(outcome)} (generation {outcome.policy.generation})"
+         + (", active" if active else "") + (f" ({note})" if note else ""))
+
+
+def delete(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    as_json: JsonOption = False,
+) -> None:
+    """Delete a deployed policy that is not active."""
+    with _lifecycle("delete") as life:
+        outcome = life.delete(policy_name(name))
+    if as_json:
+        print_json(_outcome_json(outcome, life.loaded))
+        return
+    _say(f"deleted {_describe(outcome)}")
+
+
+def _kernel_generation(target: PolicyTarget | None) -> int | None:
+    state = getattr(target, "state", None)
+    if state is None:
+        return None
+    try:
+        return state().generation
+    except (IpeBpfError, OSError, AttributeError):
+        return None
+
+
+def _listing_table(listing: Listing) -> Table:
+    table = Table(show_lines=False)
+    for column in ("name", "version", "active", "signed", "generation", "digest", "deployed"):
+        table.add_column(column)
+    for p in listing.policies:
+        table.add_row(p.name_text, p.version_text, "yes" if p.active else "",
+                      "yes" if p.signed else "UNSIGNED", str(p.generation),
+                      "sha256:" + p.digest.upper()[:16] + "…", p.deployed_at)
+    return table
+
+
+def list_command(as_json: JsonOption = False) -> None:
+    """List deployed policies, the active one, and the enforce settings."""
+    with _lifecycle("list") as life:
+        listing = life.list()
+        kernel_generation = _kernel_generation(life.target)
+    if as_json:
+        print_json({**listing.to_json(), "loaded": life.loaded,
+                    "kernel_generation": kernel_generation})
+        return
+    mode = "enforce" if listing.enforce else "permissive"
+    audit = "on" if listing.success_audit else "off"
+    loaded = "loaded" if life.loaded else NOT_LOADED
+    _say(f"{loaded}; mode: {mode}; success_audit: {audit}")
+    if not listing.policies:
+        _say("no policy deployed")
+        return
+    console.print(_listing_table(listing))
+    active = listing.active
+    if life.loaded and active is not None and kernel_generation != active.generation:
+        err_console.print(f"warning: the kernel runs generation {kernel_generation}, the store's "
+                          f"active policy is generation {active.generation}", markup=False)
+
+
+def register(policy_app: typer.Typer) -> None:
+    """Add deploy, activate, update, delete and list to the `policy` sub-app."""
+    policy_app.command("deploy")(deploy)
+    policy_app.command("activate")(activate)
+    policy_app.command("update")(update)
+    policy_app.command("delete")(delete)
+    policy_app.command("list")(list_command)
