@@ -35,6 +35,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.syscall.restype = ctypes.c_long
 
 
+def libc() -> ctypes.CDLL:
+    """The C library handle (opened once: find_library forks ldconfig)."""
+    return _libc
+
+
 def _nr() -> int:
     try:
         return _SYS_BPF[platform.machine()]

@@ -25,8 +25,6 @@ ipe_bpf.policy.layout: nothing here restates a struct.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import struct
 import time
@@ -47,8 +45,7 @@ _SYS_MEMBARRIER = 324  # x86_64
 
 def _grace_period() -> None:
     """Wait until every BPF program that may have seen the old slot has finished."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    ret = libc.syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0)
+    ret = bpfsys.libc().syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0)
     if ret != 0 or os.cpu_count() == 1:
         time.sleep(0.05)  # membarrier unavailable (nohz_full) or a single CPU: be generous
 

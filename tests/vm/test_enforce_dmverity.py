@@ -1,0 +1,58 @@
+"""dmverity_roothash / dmverity_signature on real dm-verity volumes (real kernel)."""
+
+from __future__ import annotations
+
+from .kernel_fixtures import Kernel, get_kernel, ipe, kernel, policy  # noqa: F401
+
+EACCES = 13
+
+
+def test_hook_captured_root_hash_of_a_volume_opened_after_load(ipe: Kernel) -> None:
+    vol = ipe.hooked_volume
+    with ipe.maps() as maps:
+        dev = {d.dev: d for d in maps.devices()}
+    assert vol.dev in dev, dev
+    d = dev[vol.dev]
+    assert (d.alg, d.roothash, d.seeded, d.signature_valid) == ("sha256", vol.roothash, False, False)
+
+
+def test_volume_opened_before_load_is_seeded(ipe: Kernel) -> None:
+    vol = ipe.seeded_volume
+    with ipe.maps() as maps:
+        dev = {d.dev: d for d in maps.devices()}
+    assert vol.dev in dev
+    assert (dev[vol.dev].roothash, dev[vol.dev].seeded) == (vol.roothash, True)
+
+
+def test_exec_by_roothash(ipe: Kernel) -> None:
+    for vol in (ipe.hooked_volume, ipe.seeded_volume):
+        prog = vol.mount / "prog"
+        ipe.activate(policy(f"op=EXECUTE {vol.property} action=DENY"))
+        assert ipe.exec_status(prog) == EACCES, vol.name
+        assert ipe.exec_status(ipe.good) == 0
+
+
+def test_static_binary_on_volume_allowed_by_roothash_under_strict_policy(ipe: Kernel) -> None:
+    for vol in (ipe.hooked_volume, ipe.seeded_volume):
+        ipe.activate(policy(
+            f"op=EXECUTE {vol.property} action=ALLOW",
+            f"op=EXECUTE fsverity_digest={ipe.attack_digest} action=ALLOW",
+            extra_defaults="DEFAULT op=EXECUTE action=DENY",
+        ))
+        try:
+            status = ipe.exec_status(vol.mount / "other")
+            plain = ipe.exec_status(ipe.plain)
+        finally:
+            ipe.activate(policy())
+        assert (status, plain) == (0, EACCES), vol.name
+
+
+def test_dmverity_signature_false(ipe: Kernel) -> None:
+    vol = ipe.hooked_volume
+    prog = vol.mount / "prog"
+    ipe.activate(policy(f"op=EXECUTE {vol.property} dmverity_signature=TRUE action=DENY"))
+    assert ipe.exec_status(prog) == 0  # unsigned volume: the rule does not match
+    ipe.activate(policy(f"op=EXECUTE {vol.property} dmverity_signature=FALSE action=DENY"))
+    assert ipe.exec_status(prog) == EACCES
+    ipe.activate(policy(f"op=EXECUTE dmverity_signature=FALSE fsverity_digest={ipe.bad_digest} action=DENY"))
+    assert ipe.exec_status(ipe.bad) == EACCES  # no dm-verity at all: signature is FALSE

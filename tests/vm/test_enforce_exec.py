@@ -1,0 +1,141 @@
+"""Exec decisions by fs-verity digest, modes, audit records and counters (real kernel)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+from ipe_bpf.audit.render import ipe_fields, ipe_text
+from ipe_bpf.kernel import pins
+
+from .kernel_fixtures import Kernel, get_kernel, ipe, kernel, policy  # noqa: F401
+
+EACCES = 13
+
+
+def test_loaded_and_loader_process_gone(kernel: Kernel) -> None:
+    # The loader was SIGKILLed after pinning: the links must still be there.
+    assert pins.is_loaded()
+    assert sorted(p.name for p in pins.link_paths()) == sorted(pins.HOOKS)
+
+
+def test_no_policy_allows_everything_and_audits_nothing(ipe: Kernel) -> None:
+    with ipe.maps() as maps:
+        maps.set_success_audit(True)
+    assert ipe.exec_status(ipe.bad) == 0
+    assert ipe.drain() == []
+
+
+def test_exec_denied_by_fsverity_digest_and_modified_copy_differs(ipe: Kernel) -> None:
+    assert ipe.good_digest != ipe.bad_digest
+    gen = ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    assert ipe.exec_status(ipe.good) == 0
+    assert ipe.exec_status(ipe.bad) == EACCES
+    assert ipe.exec_status(ipe.plain) == 0
+    recs = ipe.audit_for(ipe.bad)
+    assert recs, "a DENY must be audited"
+    r = recs[0]
+    assert (r.op, r.hook, r.action, r.source, r.rule_index, r.generation, r.enforcing) == (
+        "EXECUTE", "BPRM_CHECK", "DENY", "rule", 0, gen, True)
+    assert r.path == str(ipe.bad).encode() and not r.path_is_name_only
+    assert r.dev == b"loop0" or r.dev.startswith(b"loop")
+    assert r.ino == ipe.bad.stat().st_ino
+
+
+def test_exec_allowed_by_fsverity_digest_under_default_deny_for_execute(ipe: Kernel) -> None:
+    # Only EXECUTE of things the helper runs is affected; the helper itself is allowed too.
+    ipe.activate(policy(
+        f"op=EXECUTE fsverity_digest={ipe.attack_digest} action=ALLOW",
+        f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW",
+        f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY",
+    ))
+    assert ipe.exec_status(ipe.good) == 0
+    assert ipe.exec_status(ipe.bad) == EACCES
+
+
+def test_same_file_flips_with_the_policy(ipe: Kernel) -> None:
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.good_digest} action=DENY"))
+    assert ipe.exec_status(ipe.good) == EACCES
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW"))
+    assert ipe.exec_status(ipe.good) == 0
+
+
+def test_op_default_and_global_default_sources(ipe: Kernel) -> None:
+    ipe.activate(policy(
+        f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW",
+        extra_defaults="DEFAULT op=KMODULE action=DENY",
+    ))
+    with ipe.maps() as maps:
+        maps.set_success_audit(True)
+    assert ipe.exec_status(ipe.good) == 0
+    bprm = [r for r in ipe.audit_for(ipe.good) if r.hook == "BPRM_CHECK"]
+    assert bprm and bprm[0].source == "rule" and bprm[0].action == "ALLOW"
+    assert bprm[0].rule == f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW"
+    assert ipe.exec_status(ipe.plain) == 0
+    plain = [r for r in ipe.audit_for(ipe.plain) if r.hook == "BPRM_CHECK"]
+    assert plain and plain[0].source == "global_default" and plain[0].rule == "DEFAULT action=ALLOW"
+
+
+def test_permissive_allows_but_audits_with_enforcing_0(ipe: Kernel) -> None:
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    with ipe.maps() as maps:
+        maps.set_enforce(False)
+        assert not maps.state().enforcing
+    assert ipe.exec_status(ipe.bad) == 0
+    recs = [r for r in ipe.audit_for(ipe.bad) if r.hook == "BPRM_CHECK"]
+    assert recs and recs[0].action == "DENY" and not recs[0].enforcing
+    assert " enforcing=0 " in ipe_fields(recs[0])
+
+
+def test_success_audit_records_allows(ipe: Kernel) -> None:
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    assert ipe.exec_status(ipe.good) == 0
+    assert ipe.audit_for(ipe.good) == []
+    with ipe.maps() as maps:
+        maps.set_success_audit(True)
+    assert ipe.exec_status(ipe.good) == 0
+    recs = ipe.audit_for(ipe.good)
+    hooks = {r.hook for r in recs}
+    assert "BPRM_CHECK" in hooks and "MMAP" in hooks  # the ELF loader maps the binary's code
+    assert all(r.action == "ALLOW" for r in recs)
+
+
+_FIELDS = re.compile(
+    r'^type=1420 audit\(\d+\.\d{3}:\d+\): ipe_op=EXECUTE ipe_hook=BPRM_CHECK enforcing=1 pid=\d+ '
+    r'comm="attack" path="(?P<path>[^"]+)" dev="(?P<dev>[^"]+)" ino=(?P<ino>\d+) '
+    r'rule="op=EXECUTE fsverity_digest=sha256:[0-9a-f]+ action=DENY"$'
+)
+
+
+def test_audit_record_format_matches_spec(ipe: Kernel) -> None:
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    assert ipe.exec_status(ipe.bad) == EACCES
+    recs = [r for r in ipe.audit_for(ipe.bad) if r.hook == "BPRM_CHECK"]
+    line = ipe_text(recs[0], 1)
+    m = _FIELDS.match(line)
+    assert m, line
+    assert m["path"] == str(ipe.bad) and int(m["ino"]) == ipe.bad.stat().st_ino
+
+
+def test_cli_status_and_audit_tail_json(ipe: Kernel) -> None:
+    gen = ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    assert ipe.exec_status(ipe.bad) == EACCES
+    out = subprocess.run(["python3", "-m", "ipe_bpf.cli.kernel", "audit", "tail", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert any(d["path"] == str(ipe.bad) and d["ipe_hook"] == "BPRM_CHECK" and d["generation"] == gen
+               for d in docs)
+    status = json.loads(subprocess.run(["python3", "-m", "ipe_bpf.cli.kernel", "status", "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert status["loaded"] and status["generation"] == gen and status["enforcing"]
+    assert status["counters"]["deny"]["EXECUTE"] >= 1
+    assert status["counters"]["dropped"] == 0
+
+
+def test_enforce_and_success_audit_cli(ipe: Kernel) -> None:
+    for args in (["enforce", "off"], ["success-audit", "on"]):
+        subprocess.run(["python3", "-m", "ipe_bpf.cli.kernel", *args], check=True)
+    with ipe.maps() as maps:
+        st = maps.state()
+    assert not st.enforcing and st.success_audit
