@@ -387,23 +387,36 @@ class Lifecycle:
                 self._push(lambda t: t.set_success_audit(state.success_audit), quiet=True)
                 raise
 
-    def apply_active(self, target: PolicyTarget) -> PolicyInfo | None:
+    def apply_active(self, target: PolicyTarget, *, enforce: bool | None = None) -> PolicyInfo | None:
         """Push the recorded settings and active policy into a freshly loaded kernel.
 
-        For the loader to call right after `load` attaches: sets enforce and success_audit
-        first (so the first decision is already in the right mode), then installs the active
-        policy under its generation.  Emits no audit record (nothing changes: the store already
-        said so).  Returns the installed policy, or None if none is active.
+        For the loader to call once the maps exist (``ipe-bpf load``): sets enforce and
+        success_audit first (so the first decision is already in the right mode), then installs
+        the active policy under its generation.  ``enforce``, if given, is the boot-time mode
+        (``load --permissive`` passes False, a plain ``load`` True, like ``ipe.enforce=``): it
+        is recorded without a 1404 record, as the kernel logs none for the command line.
+        Otherwise the recorded mode is used.  Emits no audit record.  Returns the installed
+        policy, or None if none is active (then everything stays allowed, as in IPE).
         """
         with self.store.locked():
             state = self.store.load()
-            _call_target(lambda: target.set_enforce(state.enforce))
+            mode = state.enforce if enforce is None else enforce
+            _call_target(lambda: target.set_enforce(mode))
             _call_target(lambda: target.set_success_audit(state.success_audit))
+            if mode != state.enforce:
+                self.store.commit(replace(state, enforce=mode))
             policy = state.active_policy()
             if policy is None:
                 return None
             _call_target(lambda: target.install(self._compile_stored(policy), policy.generation))
             return PolicyInfo.of(policy, state)
+
+    def rule_text(self, generation: int, index: int) -> str | None:
+        """The text of rule ``index`` of policy ``generation``: an audit.record.RuleLookup."""
+        texts = self.rule_texts(generation)
+        if texts is None or not 0 <= index < len(texts):
+            return None
+        return texts[index]
 
     # ------------------------------------------------------------------- internals
 

@@ -526,3 +526,26 @@ def test_raw_byte_names_work_end_to_end(life: Lifecycle, target: FakeTarget) -> 
 
 def test_fake_target_satisfies_protocol() -> None:
     assert isinstance(FakeTarget(), PolicyTarget)
+
+
+def test_apply_active_boot_mode_is_recorded_without_1404(tmp_path: Path, signer: Signer, trust) -> None:
+    life = life_at(tmp_path)
+    life.deploy(signer.sign(policy_text("prod")), trust)
+    life.activate(b"prod")
+    target = FakeTarget()
+    life.apply_active(target, enforce=False)  # `load --permissive`
+    assert target.enforce is False and life.list().enforce is False
+    assert "type=1404" not in audit_types(life)
+    again = FakeTarget()
+    life_at(tmp_path).apply_active(again, enforce=True)  # a plain `load` enforces again
+    assert again.enforce is True and life.list().enforce is True
+    assert again.calls[-1] == f"install {life.list().active.generation}"  # type: ignore[union-attr]
+
+
+def test_rule_text_is_a_rule_lookup(life: Lifecycle, signer: Signer, trust) -> None:
+    info = life.deploy(signer.sign(policy_text("prod")), trust).policy
+    assert info is not None
+    assert life.rule_text(info.generation, 0) == "op=EXECUTE boot_verified=TRUE action=ALLOW"
+    assert life.rule_text(info.generation, 1) is None
+    assert life.rule_text(info.generation, -1) is None
+    assert life.rule_text(info.generation + 100, 0) is None
