@@ -278,3 +278,21 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         count += (int(hi) if hi else int(lo)) - int(lo) + 1
     return count
+
+
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_RAW_TRACEPOINT_OPEN = 17
+
+
+class _RawTpAttr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """Open a loaded program by id (the caller owns the fd)."""
+    return bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id), f"open program {prog_id}")
+
+
+def attach_lsm(prog_fd: int) -> int:
+    """Attach an LSM program (what BCC's bpf_attach_lsm does); returns the link fd."""
+    return bpf(BPF_RAW_TRACEPOINT_OPEN, _RawTpAttr(name=0, prog_fd=prog_fd), "attach LSM program")

@@ -16,6 +16,8 @@
  *   attack finit PATH FLAGS          finit_module(open(PATH), "", FLAGS)
  *   attack init PATH                 init_module(contents of PATH, "")
  *   attack delmod NAME               delete_module(NAME, O_NONBLOCK)
+ *   attack bench-exec PATH N         fork+execve(PATH true)+wait N times; prints total ns
+ *   attack bench-mmap PATH N         mmap(PROT_READ|PROT_EXEC)+munmap N times; prints total ns
  */
 
 #define SYS_read 0
@@ -26,6 +28,10 @@
 #define SYS_lseek 8
 #define SYS_mmap 9
 #define SYS_mprotect 10
+#define SYS_munmap 11
+#define SYS_fork 57
+#define SYS_wait4 61
+#define SYS_clock_gettime 228
 #define SYS_execve 59
 #define SYS_exit 60
 #define SYS_init_module 175
@@ -129,6 +135,69 @@ static long read_all(const char *path, char **buf, long *size)
 	return 0;
 }
 
+static long now_ns(void)
+{
+	long ts[2];
+
+	sys3(SYS_clock_gettime, 1, ts, 0);
+	return ts[0] * 1000000000L + ts[1];
+}
+
+static void print_long(long v)
+{
+	char buf[24];
+	int i = 23;
+
+	buf[i--] = '\n';
+	if (v == 0)
+		buf[i--] = '0';
+	while (v > 0 && i >= 0) {
+		buf[i--] = '0' + v % 10;
+		v /= 10;
+	}
+	sys3(SYS_write, 1, buf + i + 1, 23 - i);
+}
+
+static int bench_exec(char *path, long n, char **envp)
+{
+	char *args[3] = {path, "true", 0};
+	long start = now_ns(), pid;
+	int status, i;
+
+	for (i = 0; i < n; i++) {
+		pid = sys3(SYS_fork, 0, 0, 0);
+		if (pid == 0) {
+			sys3(SYS_execve, path, args, envp);
+			sys3(SYS_exit, 127, 0, 0);
+		}
+		if (pid < 0)
+			return 100;
+		sys6(SYS_wait4, pid, (long)&status, 0, 0, 0, 0);
+		if (status != 0)
+			return 101;
+	}
+	print_long(now_ns() - start);
+	return 0;
+}
+
+static int bench_mmap(const char *path, long n)
+{
+	long fd = sys3(SYS_open, path, 0, 0), start, addr;
+	int i;
+
+	if (fd < 0)
+		return 100;
+	start = now_ns();
+	for (i = 0; i < n; i++) {
+		addr = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0);
+		if (addr < 0 && addr > -4096)
+			return err(addr);
+		sys3(SYS_munmap, addr, 4096, 0);
+	}
+	print_long(now_ns() - start);
+	return 0;
+}
+
 int cmain(long *sp)
 {
 	int argc = (int)sp[0];
@@ -189,6 +258,10 @@ int cmain(long *sp)
 			return 100;
 		return err(sys3(SYS_init_module, buf, size, ""));
 	}
+	if (streq(cmd, "bench-exec") && argc > 3)
+		return bench_exec(argv[2], parse(argv[3]), envp);
+	if (streq(cmd, "bench-mmap") && argc > 3)
+		return bench_mmap(argv[2], parse(argv[3]));
 	if (streq(cmd, "delmod"))
 		return err(sys3(SYS_delete_module, argv[2], O_NONBLOCK, 0));
 	return 22;

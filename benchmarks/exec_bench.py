@@ -1,0 +1,160 @@
+"""Exec and mmap latency with and without ipe-bpf attached (a benchmark, not a test).
+
+Run inside the test VM, ideally with deterministic time:
+
+    ipe-bpf vm run --icount -- python3 benchmarks/exec_bench.py [--rules 10,100000]
+
+It loads ipe-bpf (if not loaded), then for each policy size installs a policy of N
+fs-verity digest rules (N-1 random digests plus one matching the target), and measures
+in interleaved ABBA rounds: A = programs detached, B = attached.  Each block is one run
+of the freestanding helper (tests/vm/attacks/attack.c) doing `bench-exec` (fork + execve
++ wait of a tiny static binary) or `bench-mmap` (mmap PROT_EXEC + munmap of a file).
+Reported: per-operation ns (median over blocks) and the ratio attached / detached, for a
+fs-verity target (digest lookups + rule lookups) and a plain one (no digest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ipe_bpf.kernel import bpfsys, loader, pins  # noqa: E402
+from ipe_bpf.kernel.maps import PinnedPolicyMaps  # noqa: E402
+from ipe_bpf.policy.compiler import compile_policy  # noqa: E402
+from ipe_bpf.policy.parser import parse_policy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path("/run/ipe-bench")
+FSV = Path("/mnt/ipe-bench")
+
+
+def sh(*args: object) -> str:
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True).stdout
+
+
+def prepare() -> tuple[Path, Path, Path, str]:
+    """(helper, fs-verity target, plain target, target digest) on a verity-capable scratch fs."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    helper = WORK / "attack"
+    sh("gcc", "-static", "-no-pie", "-nostdlib", "-fno-stack-protector", "-fno-builtin", "-O1",
+       "-o", helper, ROOT / "tests/vm/attacks/attack.c")
+    if not os.path.ismount(FSV):
+        sh("modprobe", "loop")
+        img = WORK / "fsv.img"
+        sh("truncate", "-s", "64M", img)
+        sh("mke2fs", "-q", "-t", "ext4", "-b", "4096", "-O", "verity", img)
+        FSV.mkdir(parents=True, exist_ok=True)
+        sh("mount", "-o", "loop", img, FSV)
+    verity, plain = FSV / "target-verity", FSV / "target-plain"
+    for p in (verity, plain):
+        if p.exists():
+            p.unlink()
+        p.write_bytes(helper.read_bytes())
+        p.chmod(0o755)
+    sh("fsverity", "enable", verity)
+    digest = sh("fsverity", "measure", verity).split()[0]
+    return helper, verity, plain, digest
+
+
+class Attachment:
+    """Toggle the loaded programs on and off without recompiling."""
+
+    def __init__(self) -> None:
+        if not pins.is_loaded():
+            r = loader.load()
+            print(f"# loaded (compile {r.compile_seconds:.1f} s)", file=sys.stderr)
+        self.prog_fds = []
+        for path in pins.link_paths():
+            fd = bpfsys.obj_get(str(path))
+            self.prog_fds.append(bpfsys.prog_fd_by_id(bpfsys.link_info(fd).prog_id))
+            os.close(fd)
+        self._pinned = True
+        self.links: list[int] = []
+
+    def _wait_gone(self, ids: list[int]) -> None:
+        while any(bpfsys.link_exists(i) for i in ids):
+            time.sleep(0.005)
+
+    def off(self) -> None:
+        if self._pinned:  # hand the attachment from the pins to this process
+            ids = list(loader.attached_link_ids().values())
+            for path in pins.link_paths():
+                path.unlink()
+            self._wait_gone(ids)
+            self._pinned = False
+        ids = [bpfsys.link_info(fd).id for fd in self.links]
+        for fd in self.links:
+            os.close(fd)
+        self.links = []
+        self._wait_gone(ids)
+
+    def on(self) -> None:
+        if not self.links:
+            self.links = [bpfsys.attach_lsm(fd) for fd in self.prog_fds]
+
+
+def policy_text(n: int, digest: str, rng: random.Random) -> str:
+    lines = ["policy_name=bench policy_version=0.0.1", "DEFAULT action=ALLOW"]
+    lines += [f"op=EXECUTE fsverity_digest=sha256:{rng.getrandbits(256):064x} action=DENY" for _ in range(n - 1)]
+    lines.append(f"op=EXECUTE fsverity_digest={digest} action=ALLOW")
+    return "\n".join(lines) + "\n"
+
+
+def block(helper: Path, kind: str, target: Path, n: int) -> float:
+    out = sh(helper, f"bench-{kind}", target, n)
+    return int(out.strip()) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rules", default="10,100000")
+    ap.add_argument("--rounds", type=int, default=6, help="ABBA rounds (4 blocks each)")
+    ap.add_argument("--execs", type=int, default=200)
+    ap.add_argument("--mmaps", type=int, default=2000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    helper, verity, plain, digest = prepare()
+    att = Attachment()
+    rng = random.Random(1)
+    results = []
+    for n in (int(x) for x in args.rules.split(",")):
+        t0 = time.monotonic()
+        compiled = compile_policy(parse_policy(policy_text(n, digest, rng).encode()))
+        t1 = time.monotonic()
+        with PinnedPolicyMaps() as maps:
+            maps.install(compiled, generation=n)
+        t2 = time.monotonic()
+        for kind, count in (("exec", args.execs), ("mmap", args.mmaps)):
+            for label, target in (("fsverity", verity), ("plain", plain)):
+                samples: dict[str, list[float]] = {"off": [], "on": []}
+                for _ in range(args.rounds):
+                    for state in ("off", "on", "on", "off"):
+                        att.on() if state == "on" else att.off()
+                        samples[state].append(block(helper, kind, target, count))
+                off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
+                row = {"rules": n, "op": kind, "target": label, "off_ns": round(off), "on_ns": round(on),
+                       "ratio": round(on / off, 4),
+                       "spread_off": round((max(samples["off"]) - min(samples["off"])) / off, 4),
+                       "spread_on": round((max(samples["on"]) - min(samples["on"])) / on, 4),
+                       "compile_s": round(t1 - t0, 2), "install_s": round(t2 - t1, 2)}
+                results.append(row)
+                if not args.json:
+                    print(f"rules={n:>6} {kind:4} {label:8} detached {off:>10.0f} ns  attached {on:>10.0f} ns  "
+                          f"ratio {on / off:.3f}  (install {t2 - t1:.1f} s)", flush=True)
+    att.on()  # leave enforcement attached (held by this process until it exits)
+    if args.json:
+        print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
