@@ -313,7 +313,7 @@ class Lifecycle:
                               config_change(_ref(old) if old else None, _ref(policy), self.identity))]
             applied = self._install(self._compile_stored(policy), policy.generation)
             return self._commit(state, replace(state, active=name), records, policy,
-                                applied=applied, rollback=old)
+                                applied=applied, undo=lambda: self._restore(old))
 
     def update(self, name: bytes, blob: bytes, trust: Trust, *,
                allow_unsigned: bool = False, source: str | None = None) -> Outcome:
@@ -342,7 +342,7 @@ class Lifecycle:
                 applied = self._install(sub.compiled, stored.generation)
             return self._commit(state, state.with_deployed(stored), records, stored,
                                 applied=applied, blobs={stored.blob_name: sub.blob},
-                                rollback=old if was_active else None)
+                                undo=lambda: self._restore(old))
 
     def delete(self, name: bytes) -> Outcome:
         """Remove a deployed policy that is not active."""
@@ -366,12 +366,9 @@ class Lifecycle:
             if state.enforce == enforce:
                 return Outcome(None, changed=False, applied=applied)
             records = [Record(AUDIT_MAC_STATUS, mac_status(enforce, state.enforce, self.identity))]
-            try:
-                return self._commit(state, replace(state, enforce=enforce), records, None,
-                                    applied=applied)
-            except IpeBpfError:
-                self._push(lambda t: t.set_enforce(state.enforce), quiet=True)
-                raise
+            return self._commit(state, replace(state, enforce=enforce), records, None,
+                                applied=applied,
+                                undo=lambda: self._push(lambda t: t.set_enforce(state.enforce), quiet=True))
 
     def set_success_audit(self, enabled: bool) -> Outcome:
         """Audit allowed events too (True) or only denials (False); no audit record."""
@@ -380,12 +377,9 @@ class Lifecycle:
             applied = self._push(lambda t: t.set_success_audit(enabled))
             if state.success_audit == enabled:
                 return Outcome(None, changed=False, applied=applied)
-            try:
-                return self._commit(state, replace(state, success_audit=enabled), [], None,
-                                    applied=applied)
-            except IpeBpfError:
-                self._push(lambda t: t.set_success_audit(state.success_audit), quiet=True)
-                raise
+            return self._commit(state, replace(state, success_audit=enabled), [], None,
+                                applied=applied, undo=lambda: self._push(
+                                    lambda t: t.set_success_audit(state.success_audit), quiet=True))
 
     def apply_active(self, target: PolicyTarget, *, enforce: bool | None = None) -> PolicyInfo | None:
         """Push the recorded settings and active policy into a freshly loaded kernel.
@@ -464,11 +458,12 @@ class Lifecycle:
         *,
         applied: bool,
         blobs: dict[str, bytes] | None = None,
-        rollback: StoredPolicy | None = None,
+        undo: Callable[[], object] | None = None,
     ) -> Outcome:
         """Commit ``new_state`` with its audit serials, then append the records.
 
-        If the commit fails after the kernel was changed, the kernel gets ``rollback`` back.
+        If the commit fails after the kernel was changed (``applied``), ``undo`` puts the kernel
+        back as it was.
         """
         serial = state.audit_serial
         now = self._clock_ns()
@@ -477,16 +472,20 @@ class Lifecycle:
         try:
             self.store.commit(final, blobs)
         except IpeBpfError:
-            if applied and rollback is not None:
-                self._restore(rollback)
+            if applied and undo is not None:
+                undo()
             raise
         warnings = self._append_audit(lines)
         info = PolicyInfo.of(policy, final) if policy is not None else None
         return Outcome(info, changed=True, applied=applied, records=lines, warnings=warnings)
 
-    def _restore(self, policy: StoredPolicy) -> None:
+    def _restore(self, policy: StoredPolicy | None) -> None:
+        """Put the kernel back on ``policy`` (None: no policy, if the target can do that)."""
         try:
-            self._install(self._compile_stored(policy), policy.generation)
+            if policy is not None:
+                self._install(self._compile_stored(policy), policy.generation)
+            elif self.target is not None and hasattr(self.target, "deactivate"):
+                _call_target(self.target.deactivate)
         except IpeBpfError:
             pass  # the original error is the one to report
 

@@ -549,3 +549,35 @@ def test_rule_text_is_a_rule_lookup(life: Lifecycle, signer: Signer, trust) -> N
     assert life.rule_text(info.generation, 1) is None
     assert life.rule_text(info.generation, -1) is None
     assert life.rule_text(info.generation + 100, 0) is None
+
+
+class Deactivatable(FakeTarget):
+    def deactivate(self) -> None:
+        self.calls.append("deactivate")
+        self.installs.clear()
+
+
+@pytest.mark.parametrize("operation", ["activate", "enforce", "success_audit"])
+def test_failing_commit_undoes_exactly_the_kernel_change(tmp_path: Path, signer: Signer, trust,
+                                                        monkeypatch: pytest.MonkeyPatch, operation: str) -> None:
+    target = Deactivatable()
+    life = life_at(tmp_path, target)
+    life.deploy(signer.sign(policy_text("prod")), trust)
+
+    def broken_commit(*args: object, **kwargs: object) -> None:
+        raise LifecycleError("EROFS", "read-only file system")
+
+    monkeypatch.setattr(life.store, "commit", broken_commit)
+    with pytest.raises(LifecycleError):
+        if operation == "activate":
+            life.activate(b"prod")  # the first activation: back to no policy
+        elif operation == "enforce":
+            life.set_enforce(False)
+        else:
+            life.set_success_audit(True)
+    expected = {
+        "activate": ["install 1", "deactivate"],
+        "enforce": ["enforce 0", "enforce 1"],
+        "success_audit": ["success_audit 1", "success_audit 0"],
+    }[operation]
+    assert target.calls == expected and target.installs == []
