@@ -25,7 +25,6 @@
 #include <linux/blk_types.h>
 #include <linux/kernel_read_file.h>
 #include <linux/security.h>
-#include <linux/dm-verity.h>
 #include <linux/errno.h>
 
 #include "ipe_bpf.h"
@@ -302,7 +301,7 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 
 	if (!cfg)
 		return 0;
-	active = READ_ONCE(cfg->active);
+	active = *(volatile __u8 *)&cfg->active;
 	if (active == IPE_ACTIVE_NONE || active > IPE_SLOTS)
 		return 0;
 	slot = active - 1;
