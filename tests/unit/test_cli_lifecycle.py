@@ -248,3 +248,15 @@ def test_state_dir_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     path.write_bytes(policy_text())
     line = one_line_error(runner.invoke(APP, ["policy", "deploy", "--unsigned", str(path)]))
     assert line.startswith("deploy: ENOTDIR: cannot create the state directory")
+
+
+def test_kernel_target_is_none_unless_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipe_bpf.kernel import pins
+    from ipe_bpf.kernel.maps import PinnedPolicyMaps
+
+    monkeypatch.setattr(pins, "is_loaded", lambda root=pins.PIN_ROOT: False)
+    with cli_lifecycle.kernel_target() as target:
+        assert target is None
+    monkeypatch.setattr(pins, "is_loaded", lambda root=pins.PIN_ROOT: True)
+    with cli_lifecycle.kernel_target() as target:  # opens maps lazily: no kernel access yet
+        assert isinstance(target, PinnedPolicyMaps) and isinstance(target, PolicyTarget)
