@@ -1,0 +1,49 @@
+"""What every CLI command shares: one-line errors, exit codes, file reading, output."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from ..errors import IpeBpfError
+
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one line to stderr and exit."""
+    err_console.print(message, markup=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def reported_errors(path: str | None = None) -> Iterator[None]:
+    """Turn library errors into `[FILE:[LINE:]] ERRNO: message` and exit status 1."""
+    try:
+        yield
+    except IpeBpfError as err:
+        if path is not None and err.path is None:
+            err.located(path)
+        fail(str(err))
+    except OSError as err:
+        name = errno.errorcode.get(err.errno or 0, "EIO")
+        where = err.filename if err.filename is not None else path
+        fail(f"{where}: {name}: {err.strerror}")
+
+
+def read_bytes(path: Path) -> bytes:
+    with reported_errors(str(path)):
+        return path.read_bytes()
+
+
+def print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")

@@ -1,0 +1,132 @@
+"""`ipe-bpf policy ...`: check, explain and format policies (no kernel, no root)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import IpeBpfError, PolicyError
+from ..policy import signing
+from ..policy.evaluate import evaluate, first_failing_property
+from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
+from ..policy.parser import format_policy, parse_policy
+from . import lifecycle, sign
+from .common import console, fail, print_json, read_bytes, reported_errors
+
+app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
+
+
+def policy_text(data: bytes) -> bytes:
+    """The policy text of a file: the payload of an attached PKCS#7, else the bytes."""
+    return signing.extract_content(data) if signing.looks_like_pkcs7(data) else data
+
+
+def load_policy(path: Path) -> Policy:
+    data = read_bytes(path)
+    with reported_errors(str(path)):
+        return parse_policy(policy_text(data))
+
+
+def _summary(policy: Policy) -> Table:
+    table = Table(title=f"{text(policy.name)} {policy.version_text}", show_lines=False)
+    table.add_column("op")
+    table.add_column("rules", justify="right")
+    table.add_column("default")
+    for op in POLICY_OPS:
+        default = policy.op_default(op) or policy.global_default
+        origin = "op" if policy.op_default(op) else "global"
+        table.add_row(op.name, str(len(policy.rules_for(op))), f"{default.name} ({origin})" if default else "-")
+    return table
+
+
+@app.command()
+def check(
+    file: Path,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Parse a policy (text or signed .p7s; use `verify` for the signature)."""
+    data = read_bytes(file)
+    try:
+        policy = parse_policy(policy_text(data))
+    except IpeBpfError as err:
+        err.located(str(file))
+        if as_json:
+            print_json({"valid": False, "errno": err.errno_name, "line": err.line, "message": err.message, "policy": None})
+            raise typer.Exit(1)
+        fail(str(err))
+    if as_json:
+        print_json({"valid": True, "errno": None, "line": None, "message": "valid", "policy": policy_to_dict(policy)})
+        return
+    console.print(_summary(policy))
+    console.print(f"[green]valid[/]: {len(policy.rules)} rules")
+
+
+def _digest_option(value: Optional[str], option: str) -> Optional[Digest]:
+    if value is None:
+        return None
+    alg, colon, hex_text = value.partition(":")
+    try:
+        if not colon or not hex_text:
+            raise ValueError
+        return Digest(alg.encode(), bytes.fromhex(hex_text))
+    except ValueError:
+        fail(f"{option}: EINVAL: expected ALG:HEX, got {value!r}", code=2)
+
+
+@app.command()
+def explain(
+    file: Path,
+    op: Annotated[str, typer.Option(help="EXECUTE, FIRMWARE, KMODULE, KEXEC_IMAGE, KEXEC_INITRAMFS, POLICY, X509_CERT or UNKNOWN.")],
+    no_file: Annotated[bool, typer.Option("--no-file", help="An event with no file (anonymous memory, kernel_load_data).")] = False,
+    boot_verified: Annotated[bool, typer.Option("--boot-verified")] = False,
+    dmverity_roothash: Annotated[Optional[str], typer.Option("--dmverity-roothash", metavar="ALG:HEX")] = None,
+    dmverity_signature: Annotated[bool, typer.Option("--dmverity-signature")] = False,
+    fsverity_digest: Annotated[Optional[str], typer.Option("--fsverity-digest", metavar="ALG:HEX")] = None,
+    fsverity_signature: Annotated[bool, typer.Option("--fsverity-signature")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show what the policy decides for an event, and why each earlier rule did not match."""
+    if op.upper() not in Op.__members__ or op != op.upper():
+        fail(f"--op: EINVAL: unknown op {op!r}", code=2)
+    attrs = FileAttributes(
+        has_file=not no_file,
+        boot_verified=boot_verified,
+        dmverity_roothash=_digest_option(dmverity_roothash, "--dmverity-roothash"),
+        dmverity_signature=dmverity_signature,
+        fsverity_digest=_digest_option(fsverity_digest, "--fsverity-digest"),
+        fsverity_signature=fsverity_signature,
+    )
+    policy = load_policy(file)
+    decision = evaluate(policy, Op[op], attrs)
+    rules = policy.rules_for(Op[op])
+    earlier = rules[: rules.index(decision.rule)] if decision.rule is not None else rules
+    misses = [(rule, first_failing_property(rule, attrs)) for rule in earlier]
+    if as_json:
+        print_json({
+            "action": decision.action.name,
+            "source": decision.source.value,
+            "rule": decision.rule_text,
+            "line": decision.rule.line if decision.rule else None,
+            "skipped": [{"line": r.line, "rule": str(r), "failed": str(p)} for r, p in misses],
+        })
+        return
+    for rule, prop in misses:
+        console.print(f"  line {rule.line}: {rule}  [dim](no: {prop})[/]", markup=True, highlight=False)
+    colour = "green" if decision.action.name == "ALLOW" else "red"
+    where = f" (line {decision.rule.line})" if decision.rule else ""
+    console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: {decision.rule_text}{where}", highlight=False)
+
+
+@app.command("format")
+def format_command(file: Path) -> None:
+    """Print the canonical text of a policy."""
+    policy = load_policy(file)
+    sys.stdout.buffer.write(format_policy(policy))
+
+
+lifecycle.register(app)
+sign.register(app)

@@ -1,0 +1,125 @@
+"""`ipe-bpf policy check|explain|format` and the top-level CLI contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ipe_bpf import __version__
+from ipe_bpf.cli import app
+
+runner = CliRunner()
+
+GOOD = b"""policy_name=demo policy_version=1.2.3
+DEFAULT action=ALLOW
+DEFAULT op=EXECUTE action=DENY
+op=EXECUTE boot_verified=TRUE fsverity_signature=TRUE action=ALLOW
+op=EXECUTE fsverity_digest=sha256:abcd action=ALLOW
+op=KMODULE dmverity_signature=FALSE action=DENY
+"""
+
+
+@pytest.fixture()
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "good.pol"
+    path.write_bytes(GOOD)
+    return path
+
+
+def write(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "p.pol"
+    path.write_bytes(data)
+    return path
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+def test_check_valid_summary(good: Path) -> None:
+    result = runner.invoke(app, ["policy", "check", str(good)])
+    assert result.exit_code == 0, result.output
+    assert "demo 1.2.3" in result.stdout and "valid" in result.stdout
+
+
+def test_check_invalid_one_line_on_stderr(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace(b"sha256:abcd", b"sha256:abc"))
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"{path}:5: EINVAL: digest 'fsverity_digest=sha256:abc' has invalid hex"
+    assert result.stdout == ""
+
+
+def test_check_json_contract(good: Path, tmp_path: Path) -> None:
+    ok = runner.invoke(app, ["policy", "check", "--json", str(good)])
+    assert ok.exit_code == 0
+    body = json.loads(ok.stdout)
+    assert set(body) == {"valid", "errno", "line", "message", "policy"}
+    assert body["valid"] is True and body["errno"] is None and body["line"] is None
+    assert body["policy"]["name"] == "demo" and body["policy"]["rules_per_op"]["EXECUTE"] == 2
+    bad = runner.invoke(app, ["policy", "check", "--json", str(write(tmp_path, b"policy_name=x policy_version=1.0.70000\n"))])
+    assert bad.exit_code == 1
+    body = json.loads(bad.stdout)
+    assert (body["valid"], body["errno"], body["line"], body["policy"]) == (False, "ERANGE", 1, None)
+    assert "70000" in body["message"]
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["policy", "check", str(tmp_path / "nope.pol")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"{tmp_path / 'nope.pol'}: ENOENT: No such file or directory"
+
+
+def test_explain_rule_and_misses(good: Path) -> None:
+    result = runner.invoke(
+        app, ["policy", "explain", str(good), "--op", "EXECUTE", "--fsverity-digest", "sha256:ABCD", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["action"] == "ALLOW" and body["source"] == "rule" and body["line"] == 5
+    assert body["skipped"] == [
+        {"line": 4, "rule": "op=EXECUTE boot_verified=TRUE fsverity_signature=TRUE action=ALLOW", "failed": "boot_verified=TRUE"}
+    ]
+
+
+def test_explain_default_and_no_file(good: Path) -> None:
+    denied = json.loads(runner.invoke(app, ["policy", "explain", str(good), "--op", "EXECUTE", "--boot-verified", "--json"]).stdout)
+    assert (denied["action"], denied["source"], denied["rule"]) == ("DENY", "op_default", "DEFAULT op=EXECUTE action=DENY")
+    assert denied["skipped"][0]["failed"] == "fsverity_signature=TRUE"
+    anon = json.loads(runner.invoke(app, ["policy", "explain", str(good), "--op", "KMODULE", "--no-file", "--json"]).stdout)
+    assert (anon["action"], anon["line"]) == ("DENY", 6)
+    unknown = json.loads(runner.invoke(app, ["policy", "explain", str(good), "--op", "UNKNOWN", "--json"]).stdout)
+    assert (unknown["action"], unknown["rule"]) == ("ALLOW", "DEFAULT action=ALLOW")
+
+
+def test_explain_human_output(good: Path) -> None:
+    result = runner.invoke(app, ["policy", "explain", str(good), "--op", "EXECUTE"])
+    assert result.exit_code == 0
+    assert "DENY" in result.stdout and "no: boot_verified=TRUE" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--op", "execute"], ["--op", "EXECUTE", "--fsverity-digest", "zz"], []])
+def test_explain_usage_errors_exit_2(good: Path, args: list[str]) -> None:
+    result = runner.invoke(app, ["policy", "explain", str(good), *args])
+    assert result.exit_code == 2
+
+
+def test_format_prints_canonical_text(good: Path) -> None:
+    result = runner.invoke(app, ["policy", "format", str(good)])
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[1:3] == ["DEFAULT action=ALLOW", "DEFAULT op=EXECUTE action=DENY"]
+
+
+def test_unknown_command_is_usage_error() -> None:
+    assert runner.invoke(app, ["policy", "frobnicate"]).exit_code == 2
+
+
+def test_console_script_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "ipe_bpf", "policy", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "check" in result.stdout
