@@ -25,6 +25,7 @@ from .pins import HOOKS, MAP_NAMES, PIN_ROOT, control_lock, link_paths, links_di
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOURCE = BPF_DIR / "ipe_bpf.bpf.c"
+COMPAT = BPF_DIR / "bcc_compat.h"
 
 DEFAULT_RULE_ENTRIES = 1 << 21  # both slots; a rule makes up to 8 entries
 DEFAULT_DIGEST_ENTRIES = 1 << 19
@@ -57,6 +58,19 @@ def cflags(options: LoadOptions, offsets: btf.FsverityOffsets) -> list[str]:
         f"-DIPE_RINGBUF_PAGES={options.ringbuf_pages}",
         *offsets.defines(),
     ]
+
+
+def program_text() -> str:
+    """The program source with bcc_compat.h inlined.
+
+    BCC rewrites map method calls (map.lookup(), ringbuf_reserve(), ...) only in the main
+    source buffer, not in included files, so the compatibility header is spliced in.
+    """
+    source = SOURCE.read_text()
+    include = '#include "bcc_compat.h"'
+    if include not in source:
+        raise KernelError("EINVAL", f"{SOURCE} does not include bcc_compat.h")
+    return source.replace(include, COMPAT.read_text(), 1)
 
 
 def _bcc_error(exc: BaseException) -> KernelError:
@@ -94,7 +108,7 @@ def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT) -> LoadRes
 
         started = time.monotonic()
         try:
-            b = BPF(src_file=str(SOURCE).encode(), cflags=cflags(options, offsets))
+            b = BPF(text=program_text().encode(), cflags=cflags(options, offsets))
         except Exception as exc:  # BCC raises plain Exception for compile/load/attach errors
             raise _bcc_error(exc) from None
         compile_seconds = time.monotonic() - started
