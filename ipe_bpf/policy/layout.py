@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -155,23 +155,39 @@ class StructLayout:
     def packer(self, *names: str) -> Callable[..., bytes]:
         """A fast packer taking the values of `names` positionally; other fields are zero.
 
-        Values are range-checked (bytes too long for their array raise ValueError).
+        Values are range-checked: a bytes value too long for its array, an int out of
+        range for its type or a value of the wrong kind raises ValueError.
         """
-        fields = [self.field(n) for n in names]
         if len(set(names)) != len(names):
             raise ValueError("duplicate field names")
+        fields = [self.field(n) for n in names]
         codec = struct.Struct(self.format)
-        position = {f.name: i for i, f in enumerate(self.fields)}
-        template = [f.zero() for f in self.fields]
-        slots = [position[f.name] for f in fields]
+        starts: dict[str, int] = {}
+        template: list[int | bytes] = []
+        for f in self.fields:
+            starts[f.name] = len(template)
+            zero = f.zero()
+            template.extend(zero if isinstance(zero, tuple) else (zero,))
+        scalars = [(i, starts[f.name]) for i, f in enumerate(fields) if not isinstance(f.zero(), tuple)]
+        arrays = [(i, starts[f.name], f) for i, f in enumerate(fields) if isinstance(f.zero(), tuple)]
+        limits = [(i, f.size, f.name) for i, f in enumerate(fields) if f.is_bytes]
 
         def pack(*values: FieldValue) -> bytes:
             if len(values) != len(fields):
                 raise TypeError(f"expected {len(fields)} values, got {len(values)}")
-            args = list(template)
-            for slot, f, value in zip(slots, fields, values):
-                args[slot] = f.check(value)
-            return codec.pack(*_flatten(args))
+            for i, size, name in limits:
+                value = values[i]
+                if not isinstance(value, bytes | bytearray) or len(value) > size:
+                    raise ValueError(f"{self.name}.{name}: expected at most {size} bytes, got {value!r:.40}")
+            args = template.copy()
+            for i, at in scalars:
+                args[at] = values[i]  # type: ignore[assignment]
+            for i, at, f in arrays:
+                args[at : at + (f.count or 0)] = f.check(values[i])  # type: ignore[assignment]
+            try:
+                return codec.pack(*args)
+            except (struct.error, TypeError) as exc:
+                raise ValueError(f"struct {self.name}: {exc}") from None
 
         return pack
 
@@ -205,14 +221,6 @@ class StructLayout:
         if self.size > at:
             members.append((f"_pad_at_{at}", ctypes.c_uint8 * (self.size - at)))
         return type(self.name, (ctypes.Structure,), {"_pack_": 1, "_fields_": members})
-
-
-def _flatten(values: Sequence[FieldValue]) -> Iterator[int | bytes]:
-    for value in values:
-        if isinstance(value, tuple):
-            yield from value
-        else:
-            yield value
 
 
 @dataclass(frozen=True)
