@@ -1,0 +1,116 @@
+"""`ipe-bpf vm build|run|setup`: the bundled test VM (Debian trixie, Linux 6.12, QEMU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import VmError
+from ..vm.config import VmConfig
+from ..vm.image import build_image, image_summary
+from ..vm.progress import RichReporter
+from ..vm.run import NO_REPORT, RunRequest, run_vm
+from ..vm.setup import apply_setup, plan_setup
+from .common import fail
+
+app = typer.Typer(
+    help="The test VM: a Debian trixie guest whose kernel has BPF LSM and IPE, under QEMU.",
+    no_args_is_help=True,
+)
+
+
+def _config(mirror: str | None = None) -> VmConfig:
+    return VmConfig.from_env(mirror=mirror)
+
+
+@app.command()
+def build(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cached image is current.")] = False,
+    mirror: Annotated[
+        Optional[str], typer.Option(help="Debian mirror URL (default: $IPE_BPF_MIRROR, else this host's apt sources).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the image's manifest as JSON.")] = False,
+) -> None:
+    """Build the guest image (as root) unless the cached one matches its inputs."""
+    reporter = RichReporter()
+    try:
+        image = build_image(_config(mirror), force=force, reporter=reporter)
+    except VmError as err:
+        fail(f"ipe-bpf vm build: {err}")
+    except KeyboardInterrupt:
+        fail("ipe-bpf vm build: interrupted (nothing half-built is kept)", 130)
+    summary = image_summary(image)
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        reporter.note(
+            f"VM image {summary['key']} (Linux {summary['kernel_release']}, built {summary['built_at']} "
+            f"in {summary['build_seconds']} s) in {summary['directory']}"
+        )
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str], typer.Argument(help="The command to run as root in /work (after --).")],
+    project: Annotated[Path, typer.Option(help="Directory mounted at /work.", show_default="current directory")] = Path(
+        "."
+    ),
+    results: Annotated[
+        Optional[Path], typer.Option(help="Where the guest's /results is copied to.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before a silent guest is killed (0: never).")] = 3600.0,
+    initramfs: Annotated[
+        bool, typer.Option("--initramfs", help="Boot from an initramfs (/ is the kernel's rootfs).")
+    ] = False,
+    icount: Annotated[
+        bool, typer.Option("--icount", help="Deterministic guest time (-icount shift=0,sleep=off) for benchmarks.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not stream the guest console.")] = False,
+) -> None:
+    """Boot the VM, run COMMAND in /work and exit with its status (125: the guest never reported)."""
+    reporter = RichReporter()
+    request = RunRequest(tuple(command), project, results, timeout, initramfs, icount)
+    try:
+        outcome = run_vm(request, _config(), reporter, console=None if quiet else sys.stdout.buffer)
+    except VmError as err:
+        fail(f"ipe-bpf vm run: {err}", NO_REPORT)
+    except KeyboardInterrupt:
+        fail("ipe-bpf vm run: interrupted", 130)
+    for warning in outcome.warnings:
+        reporter.note(f"warning: {warning}")
+    if outcome.reason is not None:
+        fail(f"ipe-bpf vm run: {outcome.reason}", NO_REPORT)
+    reporter.note(f"guest command exited with status {outcome.status} ({outcome.seconds:.1f} s)")
+    raise typer.Exit(outcome.status)
+
+
+@app.command()
+def setup(
+    check: Annotated[bool, typer.Option("--check", help="Only say what is missing.")] = False,
+) -> None:
+    """Install the host programs the VM needs (Debian/Ubuntu, as root, with apt-get)."""
+    plan = plan_setup()
+    reporter = RichReporter()
+    if plan.complete:
+        reporter.note("host prerequisites present" + ("" if plan.kvm_usable else " (no usable KVM: QEMU TCG is used)"))
+        return
+    if check:
+        fail(f"ipe-bpf vm setup: missing packages: {' '.join(plan.missing_packages)}")
+    try:
+        with reporter.step(f"apt-get install {' '.join(plan.missing_packages)}"):
+            apply_setup(plan)
+    except VmError as err:
+        fail(f"ipe-bpf vm setup: {err}")
+    reporter.note("host prerequisites installed")
+
+
+def main() -> None:
+    app(prog_name="ipe-bpf vm")
+
+
+if __name__ == "__main__":
+    main()

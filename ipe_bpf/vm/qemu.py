@@ -1,0 +1,74 @@
+"""The QEMU command line of a test VM boot (pure: unit-tested)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .image import INIT_PATH
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A virtio-blk data disk the guest finds by its serial."""
+
+    serial: str
+    path: Path
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    kernel: Path
+    root: Path | None  # the ext4 root image (None: boot from the initramfs)
+    initramfs: Path | None
+    disks: tuple[Disk, ...]
+    memory_mib: int = 2048
+    cpus: int = 2
+    icount: bool = False
+    accel: str = "tcg"
+
+    def cmdline(self) -> str:
+        common = "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 8250.nr_uarts=1 random.trust_cpu=on"
+        if self.root is not None:
+            return f"{common} root=/dev/nvme0n1 rootfstype=ext4 rw init={INIT_PATH}"
+        return f"{common} rdinit={INIT_PATH}"
+
+    def argv(self) -> list[str]:
+        argv = [
+            QEMU,
+            "-machine", "q35",
+            "-accel", self.accel,
+            "-cpu", "max",
+            "-smp", str(self.cpus),
+            "-m", str(self.memory_mib),
+            # no display, no VGA (so the firmware stays off the console), serial on stdio
+            "-display", "none", "-vga", "none", "-monitor", "none", "-serial", "stdio",
+            "-no-reboot",
+            "-nic", "none",
+            "-kernel", str(self.kernel),
+            "-append", self.cmdline(),
+        ]
+        if self.icount:
+            argv += ["-icount", "shift=0,sleep=off"]
+        if self.root is not None:
+            argv += [
+                "-drive", f"file={_escape(self.root)},if=none,id=root,format=raw,snapshot=on",
+                "-device", "nvme,serial=ipe-bpf-root,drive=root",
+            ]
+        if self.initramfs is not None:
+            argv += ["-initrd", str(self.initramfs)]
+        for disk in self.disks:
+            ro = ",readonly=on" if disk.readonly else ""
+            argv += [
+                "-drive", f"file={_escape(disk.path)},if=none,id={disk.serial},format=raw{ro}",
+                "-device", f"virtio-blk-pci,drive={disk.serial},serial={disk.serial}",
+            ]
+        return argv
+
+
+def _escape(path: Path) -> str:
+    """QEMU option values double a comma to mean a literal one."""
+    return str(path).replace(",", ",,")

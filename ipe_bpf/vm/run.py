@@ -1,0 +1,284 @@
+"""Booting the test VM to run one command: ``run_vm`` / ``run_in_vm``.
+
+One boot: QEMU (TCG) with the cached guest kernel, the root image as the only NVMe disk
+(``snapshot=on``: every run starts from the same clean image) or, with ``initramfs=True``,
+the same tree as an initramfs (``/`` is then the kernel's rootfs, which is what IPE's
+``boot_verified`` means), plus three virtio-blk disks found by serial: ``ctl`` (a tar with
+the command), ``work`` (the project as ext4 with 4 KiB blocks and the verity feature, mounted
+at ``/work``) and ``results`` (the guest writes a tar of ``/results`` onto it).  The console
+streams to the caller and to ``console.log``; the command's exit status comes back in a
+marker line.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import VmError
+from . import host
+from .config import VmConfig
+from .console import ConsoleState, split_lines
+from .disks import extract_results, make_control_disk, make_results_disk, make_work_image, stage_project
+from .image import Image, build_image, find_image
+from .progress import Reporter, SilentReporter
+from .qemu import BootSpec, Disk
+
+NO_REPORT = 125  # the exit status when the guest never reported (like `git bisect run`)
+KEEP_RUNS = 10
+POWEROFF_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    command: tuple[str, ...]
+    project: Path
+    results: Path | None = None
+    timeout: float = 3600.0
+    initramfs: bool = False
+    icount: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class RunOutcome:
+    """How a boot ended: the command's status, or why there is none."""
+
+    status: int
+    console_log: Path
+    seconds: float
+    reason: str | None = None  # set when status is NO_REPORT
+    warnings: list[str] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+
+    @property
+    def reported(self) -> bool:
+        return self.reason is None
+
+
+def command_script(request: RunRequest, terminal: bool, columns: int | None) -> str:
+    """The shell script PID 1 runs in /work (pure: unit-tested)."""
+    if not request.command:
+        raise VmError("EINVAL", "no command to run in the VM")
+    mode = "initramfs" if request.initramfs else "disk"
+    lines = [
+        "# written by `ipe-bpf vm run`",
+        "IPE_BPF_IN_VM=1",
+        f"IPE_BPF_VM_MODE={mode}",
+        "PYTHONPATH=/work${PYTHONPATH:+:$PYTHONPATH}",
+        f"TERM={'xterm-256color' if terminal else 'dumb'}",
+        "export IPE_BPF_IN_VM IPE_BPF_VM_MODE PYTHONPATH TERM",
+    ]
+    if columns:
+        lines.append(f"COLUMNS={int(columns)}; export COLUMNS")
+    for name, value in request.env:
+        if not name.isidentifier():
+            raise VmError("EINVAL", f"bad environment variable name {name!r}")
+        lines.append(f"{name}={shlex.quote(value)}; export {name}")
+    lines += ["cd /work || exit 125", "exec " + shlex.join(request.command), ""]
+    return "\n".join(lines)
+
+
+def _new_run_dir(config: VmConfig) -> Path:
+    config.runs_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in config.runs_dir.iterdir() if p.is_dir())
+    for stale in old[: max(0, len(old) - KEEP_RUNS + 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_dir = config.runs_dir / f"{stamp}-{os.getpid()}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def ensure_image(config: VmConfig, reporter: Reporter) -> Image:
+    """The cached image, built first if there is none (a corrupt one is an error)."""
+    image = find_image(config)
+    if image is None:
+        reporter.note("no VM image for the current inputs yet: building it")
+        image = build_image(config, reporter=reporter)
+    return image
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _why(state: ConsoleState, exit_code: int | None, timed_out: float | None, log: Path) -> str:
+    if state.failure is not None:
+        what = f"the guest's init could not run the command: {state.failure}"
+    elif state.panic is not None:
+        what = f"the guest kernel panicked: {state.panic}"
+    elif timed_out is not None:
+        what = f"the guest did not finish within {timed_out:g} s (hang or too slow) and was killed"
+    elif exit_code not in (None, 0):
+        last = next((line for line in reversed(state.tail) if line.strip()), "no output")
+        what = f"QEMU exited with status {exit_code} before the guest reported ({last.strip()})"
+    else:
+        what = "the guest powered off without reporting the command's exit status"
+    return f"{what}; console log: {log}"
+
+
+def _stream(
+    proc: subprocess.Popen[bytes], state: ConsoleState, log: BinaryIO, sink: BinaryIO | None, deadline: float | None
+) -> bool:
+    """Copy QEMU's output until it exits; False if the deadline passed first."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    pending = b""
+    finished_at: float | None = None
+    while True:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return False
+        if finished_at is not None and now - finished_at > POWEROFF_GRACE:
+            return True  # reported, but did not power off: stop it, the answer is in
+        wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
+        ready, _, _ = select.select([fd], [], [], wait)
+        if not ready:
+            if proc.poll() is not None:
+                return True
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            proc.wait()
+            return True
+        log.write(chunk)
+        if sink is not None:
+            sink.write(chunk)
+            sink.flush()
+        lines, pending = split_lines(pending + chunk)
+        for line in lines:
+            state.feed(line)
+        if state.finished and finished_at is None:
+            finished_at = time.monotonic()
+
+
+def run_vm(
+    request: RunRequest,
+    config: VmConfig | None = None,
+    reporter: Reporter | None = None,
+    console: BinaryIO | None = None,
+) -> RunOutcome:
+    """Boot once and run REQUEST.command; raise VmError if the VM cannot even start."""
+    config = config or VmConfig.from_env()
+    reporter = reporter or SilentReporter()
+    project = request.project.resolve()
+    if not project.is_dir():
+        raise VmError("ENOENT", f"project directory {project} does not exist")
+    host.require_tools(host.RUN_TOOLS)
+    image = ensure_image(config, reporter)
+    run_dir = _new_run_dir(config)
+    host.require_space(run_dir, 1 * host.GIB, "booting the VM")
+    log_path = run_dir / "console.log"
+    build_log = run_dir / "disks.log"
+    build_log.touch()
+    nonce = secrets.token_hex(8)
+    terminal = console is not None and console.isatty()
+    columns = shutil.get_terminal_size((0, 0)).columns if terminal else None
+    script = command_script(request, terminal, columns)
+    started = time.monotonic()
+    try:
+        with reporter.step(f"copying {project} to the VM's /work disk"):
+            stage = run_dir / "work"
+            skip = (config.cache_dir,) + ((request.results,) if request.results else ())
+            stage_project(project, stage, skip)
+            make_work_image(stage, run_dir / "work.img", build_log)
+            shutil.rmtree(stage)
+        make_control_disk(run_dir / "ctl.img", {"nonce": nonce.encode(), "command.sh": script.encode()})
+        make_results_disk(run_dir / "results.img")
+        spec = BootSpec(
+            kernel=image.kernel,
+            root=None if request.initramfs else image.root,
+            initramfs=image.initramfs if request.initramfs else None,
+            disks=(
+                Disk("ctl", run_dir / "ctl.img", readonly=True),
+                Disk("work", run_dir / "work.img"),
+                Disk("results", run_dir / "results.img"),
+            ),
+            memory_mib=config.initramfs_memory_mib if request.initramfs else config.memory_mib,
+            cpus=config.cpus,
+            icount=request.icount,
+        )
+        state = ConsoleState(nonce)
+        reporter.note(
+            f"booting Linux {image.manifest.get('kernel_release')} under QEMU TCG"
+            + (" from an initramfs" if request.initramfs else "")
+            + (" with -icount" if request.icount else "")
+            + f" (console log: {log_path})"
+        )
+        deadline = None if request.timeout <= 0 else time.monotonic() + request.timeout
+        with log_path.open("wb") as log:
+            try:
+                proc = subprocess.Popen(
+                    spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                )
+            except OSError as err:
+                raise VmError("ENOENT", f"cannot start QEMU: {err.strerror}") from None
+            try:
+                in_time = _stream(proc, state, log, console, deadline)
+            finally:
+                _stop(proc)
+        seconds = time.monotonic() - started
+        if state.status is None:
+            reason = _why(state, proc.returncode, None if in_time else request.timeout, log_path)
+            return RunOutcome(NO_REPORT, log_path, seconds, reason=reason)
+        outcome = RunOutcome(state.status, log_path, seconds)
+        if request.results is not None:
+            if state.results == "ok":
+                outcome.results = extract_results(run_dir / "results.img", request.results)
+            else:
+                outcome.warnings.append(
+                    f"the guest did not write /results ({state.results or 'no report'}); console log: {log_path}"
+                )
+            try:
+                shutil.copyfile(log_path, request.results / "vm-console.log")
+            except OSError:
+                pass
+        return outcome
+    finally:
+        for name in ("work.img", "ctl.img", "results.img"):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "work", ignore_errors=True)
+
+
+def run_in_vm(
+    command: list[str],
+    project: Path,
+    results: Path | None = None,
+    timeout: float = 3600.0,
+    initramfs: bool = False,
+    icount: bool = False,
+) -> int:
+    """Run COMMAND as root in /work of a fresh test VM and return its exit status.
+
+    The console streams to stdout.  Returns 125 (and says why on stderr) when the guest
+    never reported a status: kernel panic, hang past TIMEOUT seconds, QEMU failure.  Raises
+    VmError when the VM cannot be started at all (no QEMU, no image and no root to build
+    one, no disk space, corrupt cache).
+    """
+    outcome = run_vm(
+        RunRequest(tuple(command), project, results, timeout, initramfs, icount),
+        console=sys.stdout.buffer,
+    )
+    for warning in outcome.warnings:
+        print(f"ipe-bpf vm: warning: {warning}", file=sys.stderr)
+    if outcome.reason is not None:
+        print(f"ipe-bpf vm: {outcome.reason}", file=sys.stderr)
+    return outcome.status
