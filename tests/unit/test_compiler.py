@@ -125,16 +125,18 @@ def test_two_slots_do_not_interfere(first: Policy, second: Policy, data: st.Data
 
 
 class CountingMap(Mapping[bytes, bytes]):
+    """A map that records every key looked up."""
+
     def __init__(self, inner: Mapping[bytes, bytes]) -> None:
         self.inner = inner
-        self.lookups = 0
+        self.keys: list[bytes] = []
 
     def __getitem__(self, key: bytes) -> bytes:
-        self.lookups += 1
+        self.keys.append(key)
         return self.inner[key]
 
     def get(self, key, default=None):  # type: ignore[override]
-        self.lookups += 1
+        self.keys.append(key)
         return self.inner.get(key, default)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -146,18 +148,29 @@ class CountingMap(Mapping[bytes, bytes]):
 
 @settings(max_examples=100, deadline=None)
 @given(policies(), st.data())
-def test_lookup_is_bounded(policy: Policy, data: st.DataObject) -> None:
-    """At most 1 defaults, 2 digest and 4 rule lookups, whatever the policy."""
+def test_lookup_is_bounded_and_only_asks_useful_keys(policy: Policy, data: st.DataObject) -> None:
+    """At most 1 defaults, 2 digest and 4 rule lookups, whatever the policy; and a rule
+    lookup only for a shape the policy has, with a non-zero id exactly where it tests one."""
     compiled = compile_policy(policy)
     kernel = compiled.kernel_maps
+    rule_key = HEADER.struct("ipe_rule_key")
+    by_shape = {HEADER.constant("IPE_SHAPE_ROOTHASH"): "roothash_id", HEADER.constant("IPE_SHAPE_FSVERITY"): "digest_id"}
     for _ in range(8):
         attrs = data.draw(file_attributes(policy))
         for op in Op:
             maps = KernelMaps(CountingMap(kernel.digests), CountingMap(kernel.rules), CountingMap(kernel.defaults), kernel.abi)
             lookup_maps(maps, 0, int(op), attrs)
-            assert maps.defaults.lookups == 1
-            assert maps.digests.lookups <= 2
-            assert maps.rules.lookups <= 4
+            assert len(maps.defaults.keys) == 1
+            if op is Op.UNKNOWN:  # step 1 decides before anything else is looked up
+                assert not maps.digests.keys and not maps.rules.keys
+            assert len(maps.digests.keys) <= 2
+            assert len(maps.rules.keys) <= 4
+            shapes = [rule_key.unpack(k) for k in maps.rules.keys]
+            assert len({k["shape"] for k in shapes}) == len(shapes)
+            for key in shapes:
+                assert compiled.defaults.shapes & (1 << key["shape"])
+                for bit, name in by_shape.items():
+                    assert (key[name] != 0) == bool(key["shape"] & bit), key
 
 
 # ---------------------------------------------------------------- cases by hand
