@@ -1,0 +1,84 @@
+"""`ipe-bpf vm ...` failures are one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ipe_bpf.cli.vm import app
+from ipe_bpf.vm.config import VmConfig
+from ipe_bpf.vm.image import GuestInputs
+from ipe_bpf.vm.run import RunRequest, command_script
+
+runner = CliRunner()
+
+
+def _fake_tools(tmp_path: Path, names: tuple[str, ...]) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in names:
+        tool = bin_dir / name
+        tool.write_text("#!/bin/sh\nexit 0\n")
+        tool.chmod(0o755)
+    return str(bin_dir)
+
+
+def _one_line_error(result: object) -> str:
+    output = result.output.strip()  # type: ignore[attr-defined]
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # type: ignore[attr-defined]
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1, output
+    return output
+
+
+def test_run_without_qemu(tmp_path: Path) -> None:
+    env = {"PATH": _fake_tools(tmp_path, ()), "IPE_BPF_CACHE": str(tmp_path / "cache")}
+    result = runner.invoke(app, ["run", "--project", str(tmp_path), "--", "true"], env=env)
+    assert result.exit_code == 125
+    line = _one_line_error(result)
+    assert "qemu-system-x86_64" in line and "ipe-bpf vm setup" in line
+
+
+def test_run_with_a_corrupt_cached_image(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    key = GuestInputs.for_config(VmConfig(cache_dir=cache)).key()
+    image = cache / "vm" / "images" / key
+    image.mkdir(parents=True)
+    (image / "manifest.json").write_text(json.dumps({"key": key, "files": {"root.img": 5}}))
+    env = {"PATH": _fake_tools(tmp_path, ("qemu-system-x86_64", "mke2fs", "tar")), "IPE_BPF_CACHE": str(cache)}
+    result = runner.invoke(app, ["run", "--project", str(tmp_path), "--", "true"], env=env)
+    assert result.exit_code == 125
+    line = _one_line_error(result)
+    assert "EUCLEAN" in line and "--force" in line
+
+
+def test_run_a_missing_project(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", "--project", str(tmp_path / "nope"), "--", "true"])
+    assert result.exit_code == 125
+    assert "does not exist" in _one_line_error(result)
+
+
+def test_build_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = runner.invoke(app, ["build"], env={"IPE_BPF_CACHE": str(tmp_path)})
+    assert result.exit_code == 1
+    assert "root" in _one_line_error(result)
+
+
+def test_run_needs_a_command() -> None:
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code != 0
+
+
+def test_command_script_quotes_and_exports() -> None:
+    request = RunRequest(("python3", "-c", "print('a b')"), Path("."), initramfs=True, env=(("X", "y z"),))
+    script = command_script(request, terminal=False, columns=None)
+    assert "IPE_BPF_IN_VM=1" in script and "IPE_BPF_VM_MODE=initramfs" in script
+    assert "PYTHONPATH=/work" in script and "TERM=dumb" in script
+    assert "X='y z'; export X" in script
+    assert script.rstrip().endswith("exec python3 -c 'print('\"'\"'a b'\"'\"')'")
+    assert "cd /work" in script
