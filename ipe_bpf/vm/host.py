@@ -30,11 +30,10 @@ TOOLS: Mapping[str, Tool] = {
         Tool("mke2fs", "e2fsprogs", "makes the ext4 disk images"),
         Tool("dpkg-deb", "dpkg", "packs the tiny no-initramfs package"),
         Tool("cpio", "cpio", "packs the initramfs"),
-        Tool("zstd", "zstd", "compresses the initramfs"),
         Tool("tar", "tar", "carries the command and the results"),
     )
 }
-BUILD_TOOLS = ("mmdebstrap", "mke2fs", "dpkg-deb", "cpio", "zstd", "tar")
+BUILD_TOOLS = ("mmdebstrap", "mke2fs", "dpkg-deb", "cpio", "tar")
 RUN_TOOLS = ("qemu-system-x86_64", "mke2fs", "tar")
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 

@@ -99,7 +99,7 @@ def test_a_complete_image_is_found(tmp_path: Path) -> None:
     config = VmConfig(cache_dir=tmp_path)
     assert find_image(config) is None
     key = GuestInputs.for_config(config).key()
-    _fake_image(config, key, {"root.img": b"r" * 10, "vmlinuz": b"k", "rootfs.cpio.zst": b"i"})
+    _fake_image(config, key, {"root.img": b"r" * 10, "vmlinuz": b"k", "rootfs.cpio": b"i"})
     image = find_image(config)
     assert image is not None and image.key == key and image.root.name == "root.img"
 

@@ -43,10 +43,10 @@ def test_disk_boot() -> None:
 
 
 def test_initramfs_boot_has_no_root_disk() -> None:
-    argv = _spec(root=None, initramfs=Path("/c/rootfs.cpio.zst"), memory_mib=4096).argv()
+    argv = _spec(root=None, initramfs=Path("/c/rootfs.cpio"), memory_mib=4096).argv()
     append = _opt(argv, "-append")[0]
     assert f"rdinit={INIT_PATH}" in append and "root=" not in append
-    assert _opt(argv, "-initrd") == ["/c/rootfs.cpio.zst"]
+    assert _opt(argv, "-initrd") == ["/c/rootfs.cpio"]
     assert not any(d.startswith("nvme") for d in _opt(argv, "-device"))
     assert _opt(argv, "-m") == ["4096"]
 
