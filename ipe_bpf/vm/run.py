@@ -95,7 +95,7 @@ def _new_run_dir(config: VmConfig) -> Path:
     for stale in old[: max(0, len(old) - KEEP_RUNS + 1)]:
         shutil.rmtree(stale, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    run_dir = config.runs_dir / f"{stamp}-{os.getpid()}"
+    run_dir = config.runs_dir / f"{stamp}-{os.getpid()}-{secrets.token_hex(2)}"
     run_dir.mkdir()
     return run_dir
 

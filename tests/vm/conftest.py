@@ -1,7 +1,8 @@
 """The kernel test suite: runs inside the test VM (`ipe-bpf vm run -- python3 -m pytest tests/vm`).
 
 Every test here needs the guest kernel (Linux 6.12 with BPF LSM and IPE active).  Outside the
-VM they FAIL rather than skip, so a kernel test can never pass silently on a machine without
+VM (no IPE_BPF_IN_VM=1 from the VM's PID 1 or the Vagrant box, not root, or BPF LSM not
+active) they FAIL rather than skip, so a kernel test can never pass silently on a machine without
 that kernel.  Expensive per-boot set-up (the BCC compile of the BPF program, 40 to 60 s under
 TCG) belongs in session-scoped fixtures here, so that it happens once per boot.
 """
@@ -32,27 +33,24 @@ def active_lsms() -> list[str]:
         return []
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Outside the VM, make every test here fail with one clear reason (never skip)."""
-    if in_vm() and os.geteuid() == 0:
-        return
-    why = (
+def vm_problem() -> str | None:
+    """Why this is not the test VM (None when it is)."""
+    if in_vm() and os.geteuid() == 0 and "bpf" in active_lsms():
+        return None
+    return (
         "tests/vm needs the test VM's kernel and root: run `ipe-bpf vm run -- python3 -m pytest tests/vm` "
-        f"(IPE_BPF_IN_VM={os.environ.get('IPE_BPF_IN_VM', 'unset')}, euid={os.geteuid()}, "
+        f"(here IPE_BPF_IN_VM={os.environ.get('IPE_BPF_IN_VM', 'unset')}, euid={os.geteuid()}, "
         f"LSMs={','.join(active_lsms()) or 'unknown'})"
     )
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.usefixtures("_require_vm"))
-    config._ipe_bpf_vm_reason = why  # type: ignore[attr-defined]
 
 
-@pytest.fixture()
-def _require_vm(request: pytest.FixtureRequest) -> None:
-    reason = getattr(request.config, "_ipe_bpf_vm_reason", None)
-    if reason:
-        pytest.fail(reason, pytrace=False)
+@pytest.fixture(scope="session", autouse=True)
+def _require_vm() -> None:
+    """Runs before every other fixture of the session (the BCC compile included): outside
+    the VM every test here errors out with the reason, none passes or skips."""
+    problem = vm_problem()
+    if problem:
+        pytest.fail(problem, pytrace=False)
 
 
 def run(*argv: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
