@@ -160,6 +160,7 @@ def _stream(
             proc.wait()
             return True
         log.write(chunk)
+        log.flush()  # the log must tell what happened even if this process is killed
         if sink is not None:
             sink.write(chunk)
             sink.flush()
