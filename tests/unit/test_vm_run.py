@@ -1,0 +1,108 @@
+"""One boot, driven against a fake QEMU: exit status, results, and the 125 cases."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ipe_bpf.vm.config import VmConfig
+from ipe_bpf.vm.image import GuestInputs
+from ipe_bpf.vm.run import NO_REPORT, RunRequest, run_vm
+
+FAKE_QEMU = """\
+#!{python}
+# Stands in for qemu-system-x86_64: reads the control disk like the guest's PID 1 would.
+import io, re, sys, tarfile, time
+args = sys.argv[1:]
+drives = {{}}
+for i, a in enumerate(args):
+    if a == "-drive":
+        fields = dict(f.split("=", 1) for f in args[i + 1].split(","))
+        drives[fields["id"]] = fields["file"]
+nonce = tarfile.open(drives["ctl"]).extractfile("nonce").read().decode()
+script = tarfile.open(drives["ctl"]).extractfile("command.sh").read().decode()
+behaviour = {behaviour!r}
+print("booting", flush=True)
+if behaviour == "ok":
+    status = int(re.search(r"exec .*exit (\\d+)", script).group(1))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("./out.txt"); data = b"from the guest"; info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with open(drives["results"], "r+b") as disk:
+        disk.write(buf.getvalue())
+    print("IPE-BPF-VM-STATUS deadbeef 0")          # another nonce: ignored
+    print(f"IPE-BPF-VM-STATUS {{nonce}} {{status}}")
+    print(f"IPE-BPF-VM-RESULTS {{nonce}} ok")
+elif behaviour == "panic":
+    print("[ 1.0] Kernel panic - not syncing: Attempted to kill init!")
+elif behaviour == "hang":
+    time.sleep(60)
+elif behaviour == "broken":
+    print("qemu-system-x86_64: -drive file=x: Could not open 'x'", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str) -> VmConfig:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    qemu = bin_dir / "qemu-system-x86_64"
+    qemu.write_text(FAKE_QEMU.format(python=sys.executable, behaviour=behaviour))
+    qemu.chmod(0o755)
+    for tool in ("mke2fs",):
+        fake = bin_dir / tool
+        fake.write_text("#!/bin/sh\nexit 0\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    config = VmConfig(cache_dir=tmp_path / "cache")
+    key = GuestInputs.for_config(config).key()
+    image = config.images_dir / key
+    image.mkdir(parents=True)
+    files = {"root.img": b"r", "vmlinuz": b"k", "rootfs.cpio": b"i"}
+    for name, data in files.items():
+        (image / name).write_bytes(data)
+    (image / "manifest.json").write_text(
+        json.dumps({"key": key, "kernel_release": "x", "files": {n: len(d) for n, d in files.items()}})
+    )
+    return config
+
+
+def _project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "a.txt").write_text("a")
+    return project
+
+
+def test_status_and_results_come_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _env(tmp_path, monkeypatch, "ok")
+    results = tmp_path / "results"
+    outcome = run_vm(RunRequest(("sh", "-c", "exit 3"), _project(tmp_path), results, timeout=60), config)
+    assert outcome.reported and outcome.status == 3, outcome.reason
+    assert (results / "out.txt").read_text() == "from the guest"
+    assert "booting" in (results / "vm-console.log").read_text()
+    assert outcome.console_log.is_file()
+    assert not list(outcome.console_log.parent.glob("*.img"))  # disks are not kept
+
+
+@pytest.mark.parametrize(
+    "behaviour, words",
+    [
+        ("panic", "kernel panicked: Attempted to kill init!"),
+        ("broken", "QEMU exited with status 1"),
+        ("hang", "did not finish within 2 s"),
+    ],
+)
+def test_no_report_is_125_with_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str, words: str
+) -> None:
+    config = _env(tmp_path, monkeypatch, behaviour)
+    outcome = run_vm(RunRequest(("true",), _project(tmp_path), None, timeout=2), config)
+    assert outcome.status == NO_REPORT
+    assert outcome.reason is not None and words in outcome.reason
+    assert str(outcome.console_log) in outcome.reason
