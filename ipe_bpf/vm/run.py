@@ -125,6 +125,9 @@ def _why(state: ConsoleState, exit_code: int | None, timed_out: float | None, lo
         what = f"the guest's init could not run the command: {state.failure}"
     elif state.panic is not None:
         what = f"the guest kernel panicked: {state.panic}"
+    elif any("terminating on signal" in line for line in state.tail):
+        killed = next(line for line in state.tail if "terminating on signal" in line)
+        what = f"QEMU was stopped from outside ({killed.strip()})"
     elif timed_out is not None:
         what = f"the guest did not finish within {timed_out:g} s (hang or too slow) and was killed"
     elif exit_code not in (None, 0):

@@ -77,7 +77,9 @@ nonce=$($bb cat /run/ipe-bpf-vm/nonce)
 mnt ext4 "$work" /work || fail "cannot mount the work disk $work"
 
 cd /work
-/bin/sh /run/ipe-bpf-vm/command.sh
+# stdin is /dev/null: nothing answers on the console, and a program that prompts when stdin
+# is a terminal (mke2fs on an existing image, ...) would otherwise wait forever
+/bin/sh /run/ipe-bpf-vm/command.sh </dev/null
 status=$?
 cd /
 echo "IPE-BPF-VM-STATUS $nonce $status"
