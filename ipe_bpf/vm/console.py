@@ -25,6 +25,7 @@ class ConsoleState:
     results: str | None = None  # "ok" or "failed"
     failure: str | None = None  # PID 1's reason for not running the command
     panic: str | None = None
+    watchdog: bool = False  # PID 1 listed the processes because the timeout was near
     lines: int = 0
     tail: list[str] = field(default_factory=list)
 
@@ -32,6 +33,8 @@ class ConsoleState:
         """Take one console line (without its newline)."""
         self.lines += 1
         self.tail = (self.tail + [line])[-20:]
+        if "IPE-BPF-VM-WATCHDOG" in line:
+            self.watchdog = True
         panic = _PANIC.search(line)
         if panic and self.panic is None:
             self.panic = panic.group(1).strip() or "kernel panic"

@@ -89,6 +89,16 @@ def command_script(request: RunRequest, terminal: bool, columns: int | None) -> 
     return "\n".join(lines)
 
 
+def watchdog_seconds(request: RunRequest) -> int | None:
+    """When the guest lists its processes (what each waits on) before the host's timeout.
+
+    None without a timeout, with -icount (guest time is not wall time) or for short timeouts.
+    """
+    if request.timeout <= 0 or request.icount or request.timeout < 60:
+        return None
+    return int(request.timeout - 30)
+
+
 def _new_run_dir(config: VmConfig) -> Path:
     config.runs_dir.mkdir(parents=True, exist_ok=True)
     old = sorted(p for p in config.runs_dir.iterdir() if p.is_dir())
@@ -130,6 +140,8 @@ def _why(state: ConsoleState, exit_code: int | None, timed_out: float | None, lo
         what = f"QEMU was stopped from outside ({killed.strip()})"
     elif timed_out is not None:
         what = f"the guest did not finish within {timed_out:g} s (hang or too slow) and was killed"
+        if state.watchdog:
+            what += " (what each guest process waited on is listed near the end of the console log)"
     elif exit_code not in (None, 0):
         last = next((line for line in reversed(state.tail) if line.strip()), "no output")
         what = f"QEMU exited with status {exit_code} before the guest reported ({last.strip()})"
@@ -205,7 +217,11 @@ def run_vm(
             stage_project(project, stage, skip)
             make_work_image(stage, run_dir / "work.img", build_log)
             shutil.rmtree(stage)
-        make_control_disk(run_dir / "ctl.img", {"nonce": nonce.encode(), "command.sh": script.encode()})
+        control = {"nonce": nonce.encode(), "command.sh": script.encode()}
+        watchdog = watchdog_seconds(request)
+        if watchdog is not None:
+            control["watchdog"] = str(watchdog).encode()
+        make_control_disk(run_dir / "ctl.img", control)
         make_results_disk(run_dir / "results.img")
         spec = BootSpec(
             kernel=image.kernel,

@@ -57,3 +57,9 @@ def test_tail_keeps_the_last_lines() -> None:
 def test_split_lines_strips_cr_and_keeps_the_rest() -> None:
     lines, rest = split_lines(b"a\r\nb\n\xffc\r\npart")
     assert lines == ["a", "b", "\ufffdc"] and rest == b"part"
+
+
+def test_watchdog_listing_is_noticed() -> None:
+    state = ConsoleState("n")
+    state.feed("IPE-BPF-VM-WATCHDOG still running after 570 s; processes (pid state wchan command):")
+    assert state.watchdog and not state.finished

@@ -106,3 +106,12 @@ def test_no_report_is_125_with_a_reason(
     assert outcome.status == NO_REPORT
     assert outcome.reason is not None and words in outcome.reason
     assert str(outcome.console_log) in outcome.reason
+
+
+def test_watchdog_fires_before_the_timeout() -> None:
+    from ipe_bpf.vm.run import watchdog_seconds
+
+    assert watchdog_seconds(RunRequest(("true",), Path("."), timeout=600)) == 570
+    assert watchdog_seconds(RunRequest(("true",), Path("."), timeout=0)) is None
+    assert watchdog_seconds(RunRequest(("true",), Path("."), timeout=600, icount=True)) is None
+    assert watchdog_seconds(RunRequest(("true",), Path("."), timeout=20)) is None

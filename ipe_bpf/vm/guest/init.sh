@@ -25,6 +25,17 @@ halt() {
     $bb sleep 30
 }
 
+watchdog() { # SECONDS: shortly before the host gives up, show what every process waits on
+    $bb sleep "$1" || return 0
+    echo "IPE-BPF-VM-WATCHDOG still running after $1 s; processes (pid state wchan command):"
+    for p in /proc/[0-9]*; do
+        cmd=$($bb tr '\0' ' ' <"$p/cmdline" 2>/dev/null)
+        [ -n "$cmd" ] || continue # kernel threads
+        state=$($bb awk '/^State:/ {print $2}' "$p/status" 2>/dev/null)
+        echo "  ${p#/proc/} $state $($bb cat "$p/wchan" 2>/dev/null) $cmd"
+    done
+}
+
 mnt() { # TYPE SOURCE TARGET [OPTIONS]
     $bb mkdir -p "$3"
     mountpoint -q "$3" && return 0
@@ -76,11 +87,17 @@ tar -xf "$ctl" -C /run/ipe-bpf-vm || fail "cannot read the control disk $ctl"
 nonce=$($bb cat /run/ipe-bpf-vm/nonce)
 mnt ext4 "$work" /work || fail "cannot mount the work disk $work"
 
+wd=$($bb cat /run/ipe-bpf-vm/watchdog 2>/dev/null)
+if [ -n "$wd" ]; then
+    watchdog "$wd" &
+    wd_pid=$!
+fi
 cd /work
 # stdin is /dev/null: nothing answers on the console, and a program that prompts when stdin
 # is a terminal (mke2fs on an existing image, ...) would otherwise wait forever
 /bin/sh /run/ipe-bpf-vm/command.sh </dev/null
 status=$?
+[ -n "$wd_pid" ] && kill "$wd_pid" 2>/dev/null
 cd /
 echo "IPE-BPF-VM-STATUS $nonce $status"
 if tar -C /results -cf "$results" . ; then
