@@ -168,13 +168,16 @@ def find_image(config: VmConfig) -> Image | None:
 
 
 @contextmanager
-def build_lock(config: VmConfig) -> Iterator[None]:
+def build_lock(config: VmConfig, reporter: Reporter | None = None) -> Iterator[None]:
+    """One build at a time per cache (others wait: CI jobs may share a cache)."""
     config.vm_dir.mkdir(parents=True, exist_ok=True)
     with open(config.lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise VmError("EBUSY", f"another VM build holds {config.lock_path}; wait for it to finish") from None
+            if reporter is not None:
+                reporter.note(f"waiting for another VM build to finish ({config.lock_path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -335,7 +338,12 @@ def build_image(config: VmConfig, force: bool = False, reporter: Reporter | None
     if not host.KEYRING.is_file():
         raise VmError("ENOENT", f"missing {host.KEYRING} (package debian-archive-keyring): run `ipe-bpf vm setup`")
     mirror = resolve_mirror(config.mirror)
-    with build_lock(config):
+    with build_lock(config, reporter):
+        if not force and (final / MANIFEST_FILE).exists():
+            try:
+                return load_image(final)  # another process built it while this one waited
+            except VmError:
+                pass
         for stale in config.vm_dir.glob("build-*"):
             remove_tree(stale)
         host.require_space(config.vm_dir, BUILD_SPACE, "building the VM image")
