@@ -15,13 +15,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -276,6 +277,23 @@ def mmdebstrap_argv(
     return argv
 
 
+def explain_mmdebstrap_failure(err: VmError, log_text: str, inputs: GuestInputs, mirror: str) -> VmError:
+    """A clearer error for the failures a user can act on (pinned kernel gone, no network)."""
+    missing = re.findall(r"Unable to locate package (\S+)", log_text)
+    if any(name.startswith(("linux-image-", "linux-headers-")) for name in missing):
+        return VmError(
+            "ENOENT",
+            f"{mirror} ({inputs.suite}) no longer serves the pinned kernel {inputs.kernel_release}: set "
+            f"IPE_BPF_VM_KERNEL to the release it serves now (the ABI name in the Depends of "
+            f"linux-image-cloud-amd64, e.g. `apt-cache show linux-image-cloud-amd64` on a {inputs.suite} system)",
+        )
+    if missing:
+        return VmError("ENOENT", f"{mirror} ({inputs.suite}) has no package {', '.join(sorted(set(missing)))}")
+    if re.search(r"(Could not resolve|Failed to fetch|Temporary failure resolving|Connection failed)", log_text):
+        return VmError("ENETUNREACH", f"cannot download from {mirror}: {err.message}")
+    return err
+
+
 def _finish_rootfs(rootfs: Path, inputs: GuestInputs, key: str) -> None:
     init = rootfs / INIT_PATH.lstrip("/")
     init.parent.mkdir(parents=True, exist_ok=True)
@@ -359,7 +377,10 @@ def build_image(config: VmConfig, force: bool = False, reporter: Reporter | None
             local_deb = _make_no_initramfs_deb(work, inputs.no_initramfs_control)
             argv = mmdebstrap_argv(inputs, rootfs, mirror, config.debs_dir, local_deb, eatmydata=not in_ram)
             with reporter.step(f"mmdebstrap: Debian {inputs.suite} + Linux {inputs.kernel_release}") as step:
-                run_logged(argv, log, step)
+                try:
+                    run_logged(argv, log, step)
+                except VmError as err:
+                    raise explain_mmdebstrap_failure(err, log.read_text(errors="replace"), inputs, mirror) from None
             _finish_rootfs(rootfs, inputs, key)
             vmlinuz = rootfs / "boot" / f"vmlinuz-{inputs.kernel_release}"
             if not vmlinuz.is_file():
@@ -409,4 +430,4 @@ def image_summary(image: Image) -> dict:
     return {"directory": str(image.directory), **{k: v for k, v in image.manifest.items() if k != "packages"}}
 
 
-__all__ = ["GuestInputs", "Image", "build_image", "find_image", "load_image", "asdict"]
+__all__ = ["GuestInputs", "Image", "build_image", "find_image", "load_image"]

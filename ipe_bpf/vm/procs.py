@@ -41,8 +41,13 @@ def run_logged(argv: Sequence[str], log: Path, step: StepHandle | None = None, c
                             step.update(text)
             rc = proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            # interrupted: let the program clean up (mmdebstrap unmounts its chroot), then insist
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             raise
     if rc != 0:
         tail = last or "(no output)"

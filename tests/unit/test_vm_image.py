@@ -137,3 +137,18 @@ def test_an_interrupted_build_is_never_taken_as_good(tmp_path: Path) -> None:
 
 def test_init_path_is_absolute() -> None:
     assert INIT_PATH.startswith("/")
+
+
+def test_a_kernel_the_mirror_no_longer_serves_is_explained(tmp_path: Path) -> None:
+    from ipe_bpf.vm.image import explain_mmdebstrap_failure
+
+    inputs = _inputs(tmp_path)
+    generic = VmError("EIO", "mmdebstrap failed with exit status 1: E: apt-get install failed (full log: x)")
+    log = f"E: Unable to locate package linux-image-{KERNEL_RELEASE}\nE: Unable to locate package linux-headers-x\n"
+    err = explain_mmdebstrap_failure(generic, log, inputs, "http://m.example/debian")
+    assert err.errno_name == "ENOENT" and "IPE_BPF_VM_KERNEL" in err.message and KERNEL_RELEASE in err.message
+    other = explain_mmdebstrap_failure(generic, "E: Unable to locate package python3-nope\n", inputs, "http://m")
+    assert "python3-nope" in other.message
+    offline = explain_mmdebstrap_failure(generic, "W: Failed to fetch http://m/dists/trixie/InRelease\n", inputs, "http://m")
+    assert offline.errno_name == "ENETUNREACH"
+    assert explain_mmdebstrap_failure(generic, "something else", inputs, "http://m") is generic
