@@ -96,7 +96,7 @@ def setup(
     plan = plan_setup()
     reporter = RichReporter()
     if plan.complete:
-        reporter.note("host prerequisites present" + ("" if plan.kvm_usable else " (no usable KVM: QEMU TCG is used)"))
+        reporter.note("host prerequisites present (the VM runs under QEMU TCG: no KVM needed)")
         return
     if check:
         fail(f"ipe-bpf vm setup: missing packages: {' '.join(plan.missing_packages)}")

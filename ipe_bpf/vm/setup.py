@@ -21,22 +21,17 @@ class SetupPlan:
     missing_commands: tuple[str, ...]
     has_apt: bool
     is_root: bool
-    kvm_usable: bool
 
     @property
     def complete(self) -> bool:
         return not self.missing_packages
 
 
-def _keyring_ok() -> bool:
-    return host.KEYRING.is_file()
-
-
 def plan_setup() -> SetupPlan:
     """What is missing on this machine (no changes made)."""
     missing_tools = host.missing_tools(host.TOOLS)
     packages = [tool.package for tool in missing_tools]
-    if not _keyring_ok():
+    if not host.KEYRING.is_file():
         packages.append("debian-archive-keyring")
     unique = tuple(dict.fromkeys(packages))
     return SetupPlan(
@@ -44,7 +39,6 @@ def plan_setup() -> SetupPlan:
         missing_commands=tuple(t.command for t in missing_tools),
         has_apt=shutil.which("apt-get") is not None and Path("/etc/debian_version").exists(),
         is_root=os.geteuid() == 0,
-        kvm_usable=os.access("/dev/kvm", os.R_OK | os.W_OK),
     )
 
 
