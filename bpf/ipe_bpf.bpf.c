@@ -412,9 +412,23 @@ IPE_HOOK(kernel_load_data, enum kernel_load_data_id id, bool contents)
 
 /* ---------------------------------------------------------------- property capture hooks */
 
-IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type type,
-	 const void *value, size_t size)
+/*
+ * 6.12's verifier cannot give a BPF LSM program a `const void *` argument (the BTF walk
+ * stops at the const modifier: "arg2 type UNKNOWN is not a struct"), so `value` (ctx[2])
+ * is read with bpf_probe_read_kernel from the context instead of being declared.
+ */
+static __always_inline const void *ipe_ctx_ptr(unsigned long long *ctx, int i)
 {
+	const void *p = NULL;
+
+	bpf_probe_read_kernel(&p, sizeof(p), &ctx[i]);
+	return p;
+}
+
+IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type type)
+{
+	const void *value = ipe_ctx_ptr(ctx, 2);
+	size_t size = ctx[3];
 	struct ipe_bdev_state st = {};
 	struct ipe_bdev_state *old;
 	struct dm_verity_digest dg = {};
@@ -465,9 +479,10 @@ IPE_HOOK(bdev_free_security, struct block_device *bdev)
 	return 0;
 }
 
-IPE_HOOK(inode_setintegrity, const struct inode *inode, enum lsm_integrity_type type,
-	 const void *value, size_t size)
+IPE_HOOK(inode_setintegrity, const struct inode *inode, enum lsm_integrity_type type)
 {
+	const void *value = ipe_ctx_ptr(ctx, 2);
+	size_t size = ctx[3];
 	struct ipe_inode_state *st;
 
 	if (type != LSM_INT_FSVERITY_BUILTINSIG_VALID)

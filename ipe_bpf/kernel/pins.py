@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,13 +64,28 @@ def is_loaded(root: Path = PIN_ROOT) -> bool:
     return bool(link_paths(root))
 
 
+_held = threading.local()
+
+
 @contextmanager
 def control_lock(lock_file: Path = LOCK_FILE) -> Iterator[None]:
-    """Serialise control-plane writers (load/unload/install/config) on this machine."""
+    """Serialise control-plane writers (load/unload/install/config) on this machine.
+
+    Re-entrant within a thread (load() configures the maps it just pinned).
+    """
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _held.depth = 1
         yield
     finally:
+        _held.depth = 0
         os.close(fd)

@@ -26,3 +26,10 @@ def test_cflags_carry_sizes_and_btf_offsets_only_when_complete() -> None:
 
 def test_kernel_dev_t_encoding() -> None:
     assert kernel_dev(253, 1) == (253 << 20) | 1
+
+
+def test_control_lock_is_reentrant(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ipe_bpf.kernel.pins import control_lock
+
+    with control_lock(tmp_path / "l"), control_lock(tmp_path / "l"):
+        pass

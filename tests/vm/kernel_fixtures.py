@@ -186,18 +186,20 @@ def _mount_fsverity_scratch() -> None:
 def _load_with_killed_loader() -> float:
     """Load through a child process, SIGKILL it once pinned; seconds the load took."""
     started = time.monotonic()
-    proc = subprocess.Popen(
-        ["python3", "-m", "ipe_bpf.kernel.loader", "load", "--hold"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    log = SCRATCH / "loader.stderr"
+    with open(log, "w") as err:  # a file, not a pipe: BCC's warnings must never block it
+        proc = subprocess.Popen(
+            ["python3", "-m", "ipe_bpf.kernel.loader", "load", "--hold"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+        )
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.strip() == "READY":
             break
     else:
-        err = proc.stderr.read() if proc.stderr else ""
         proc.wait()
-        raise RuntimeError(f"loader failed (status {proc.returncode}):\n{err[-6000:]}")
+        raise RuntimeError(f"loader failed (status {proc.returncode}):\n{log.read_text()[-6000:]}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return time.monotonic() - started
