@@ -26,6 +26,8 @@
 #include <linux/kernel_read_file.h>
 #include <linux/security.h>
 #include <linux/errno.h>
+#include <linux/magic.h>
+#include <linux/stddef.h>
 
 #include "ipe_bpf.h"
 #include "bcc_compat.h"
@@ -87,19 +89,58 @@ static __always_inline __u32 ipe_digest_id(struct ipe_digest_key *key)
 	return id ? *id : 0;
 }
 
-static __always_inline void ipe_dmverity_attrs(struct inode *inode, int slot, struct ipe_attrs *a)
+#define IPE_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (src))
+
+/*
+ * The inode whose properties count (spec section 2: d_real_inode()).  For overlayfs that
+ * is the upper inode once copied up, else the lower data inode; the layout of overlayfs'
+ * private structs comes from BTF at load time (IPE_HAVE_OVL).  The result may not be a
+ * BTF pointer, so the attribute readers below use bpf_probe_read_kernel throughout.
+ */
+static __always_inline void *ipe_real_inode(struct inode *inode)
 {
-	struct super_block *isb = inode->i_sb;
-	struct block_device *bdev;
+#ifdef IPE_HAVE_OVL
+	void *oi, *dentry = NULL, *oe = NULL, *real = NULL;
+	unsigned int n = 0;
+
+	if (!inode->i_sb || inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC)
+		return inode;
+	oi = (void *)inode - IPE_OFF_OVL_VFS_INODE;
+	IPE_READ(dentry, oi + IPE_OFF_OVL_UPPER);
+	if (!dentry) {
+		IPE_READ(oe, oi + IPE_OFF_OVL_OE);
+		if (!oe)
+			return inode;
+		IPE_READ(n, oe + IPE_OFF_OE_NUMLOWER);
+		if (n == 0 || n > 512)
+			return inode;
+		IPE_READ(dentry, oe + IPE_OFF_OE_LOWERSTACK + (n - 1) * IPE_SIZEOF_OVL_PATH +
+					 IPE_OFF_OVLPATH_DENTRY);
+	}
+	if (!dentry)
+		return inode;
+	IPE_READ(real, dentry + offsetof(struct dentry, d_inode));
+	return real ? real : (void *)inode;
+#else
+	return inode;
+#endif
+}
+
+static __always_inline void ipe_dmverity_attrs(void *inode, int slot, struct ipe_attrs *a)
+{
+	void *sb = NULL, *bdev = NULL;
+	dev_t dev = 0;
 	struct ipe_bdev_state *st;
 	struct ipe_digest_key key = {};
 
-	if (!isb)
+	IPE_READ(sb, inode + offsetof(struct inode, i_sb));
+	if (!sb)
 		return;
-	bdev = isb->s_bdev;
+	IPE_READ(bdev, sb + offsetof(struct super_block, s_bdev));
 	if (!bdev)
 		return;
-	st = ipe_device_lookup((__u32)bdev->bd_dev);
+	IPE_READ(dev, bdev + offsetof(struct block_device, bd_dev));
+	st = ipe_device_lookup((__u32)dev);
 	if (!st)
 		return;
 	if (st->sig_valid)
@@ -115,28 +156,34 @@ static __always_inline void ipe_dmverity_attrs(struct inode *inode, int slot, st
 	a->roothash_id = ipe_digest_id(&key);
 }
 
-static __always_inline void ipe_fsverity_attrs(struct inode *inode, int slot, struct ipe_attrs *a)
+/* btf_inode: the same inode as a BTF pointer (for inode storage), or NULL if unavailable. */
+static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_inode, int slot,
+					       struct ipe_attrs *a)
 {
 #ifdef IPE_HAVE_FSVERITY
 	struct ipe_inode_state *ist;
 	struct ipe_digest_key key = {};
 	void *vi = NULL, *alg = NULL;
 	const char *alg_name = NULL;
+	unsigned int flags = 0;
 	__u32 size = 0, alg_len;
 
-	if (!(inode->i_flags & S_VERITY))
+	IPE_READ(flags, inode + offsetof(struct inode, i_flags));
+	if (!(flags & S_VERITY))
 		return;
-	ist = ipe_inode_get(inode, 0);
-	if (ist && ist->fsv_sig_valid)
-		a->bools |= IPE_BOOL_FSV_SIGNATURE;
-	bpf_probe_read_kernel(&vi, sizeof(vi), (void *)inode + IPE_OFF_INODE_VERITY);
+	if (btf_inode) {
+		ist = ipe_inode_get(btf_inode, 0);
+		if (ist && ist->fsv_sig_valid)
+			a->bools |= IPE_BOOL_FSV_SIGNATURE;
+	}
+	IPE_READ(vi, inode + IPE_OFF_INODE_VERITY);
 	if (!vi)
 		return;
-	bpf_probe_read_kernel(&alg, sizeof(alg), vi + IPE_OFF_VI_HASH_ALG);
+	IPE_READ(alg, vi + IPE_OFF_VI_HASH_ALG);
 	if (!alg)
 		return;
-	bpf_probe_read_kernel(&size, sizeof(size), alg + IPE_OFF_ALG_SIZE);
-	bpf_probe_read_kernel(&alg_name, sizeof(alg_name), alg + IPE_OFF_ALG_NAME);
+	IPE_READ(size, alg + IPE_OFF_ALG_SIZE);
+	IPE_READ(alg_name, alg + IPE_OFF_ALG_NAME);
 	if (size > IPE_DIGEST_MAX || !alg_name)
 		return;
 	alg_len = ipe_read_alg(key.alg, alg_name);
@@ -155,18 +202,20 @@ static __always_inline void ipe_fsverity_attrs(struct inode *inode, int slot, st
 #endif
 }
 
-/* Spec section 2 per-file context: inode = the file's inode, sb = the mount's superblock. */
+/* Spec section 2 per-file context: inode = d_real_inode(), sb = the mount's superblock. */
 static __always_inline void ipe_file_attrs(struct file *file, int slot, struct ipe_attrs *a)
 {
 	struct inode *inode = file->f_inode;
 	struct vfsmount *mnt = file->f_path.mnt;
+	void *real;
 
 	if (mnt && ipe_sb_is_rootfs(mnt->mnt_sb))
 		a->bools |= IPE_BOOL_BOOT_VERIFIED;
 	if (!inode)
 		return;
-	ipe_dmverity_attrs(inode, slot, a);
-	ipe_fsverity_attrs(inode, slot, a);
+	real = ipe_real_inode(inode);
+	ipe_dmverity_attrs(real, slot, a);
+	ipe_fsverity_attrs(real, real == (void *)inode ? inode : NULL, slot, a);
 }
 
 static __always_inline void ipe_rule_try(struct ipe_rule_key *k, __u8 shape, struct ipe_attrs *a,
@@ -370,6 +419,20 @@ static __always_inline __u8 ipe_load_id_op(int id)
 
 /* ---------------------------------------------------------------- decision hooks */
 
+/*
+ * 6.12's verifier cannot give a BPF LSM program a `const void *` argument (the BTF walk
+ * stops at the const modifier: "arg2 type UNKNOWN is not a struct"), so `value` (ctx[2])
+ * is read with bpf_probe_read_kernel from the context instead of being declared.
+ */
+static __always_inline const void *ipe_ctx_ptr(unsigned long long *ctx, int i)
+{
+	const void *p = NULL;
+
+	bpf_probe_read_kernel(&p, sizeof(p), &ctx[i]);
+	return p;
+}
+
+
 IPE_HOOK(bprm_check_security, struct linux_binprm *bprm)
 {
 	return ipe_evaluate(bprm->file, 0, IPE_HOOK_BPRM_CHECK, 1);
@@ -379,9 +442,14 @@ IPE_HOOK(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot
 {
 	if (!(prot & PROT_EXEC))
 		return 0;
-	if (file)
-		return ipe_evaluate(file, 0, IPE_HOOK_MMAP, 1);
-	return ipe_evaluate(NULL, 0, IPE_HOOK_MMAP, 0);
+	/*
+	 * file is NULL for anonymous memory, but 6.12's verifier treats a trusted hook argument
+	 * as never NULL: it drops `if (file)` as dead code and emits unguarded loads (a NULL
+	 * dereference in the kernel).  Test a copy laundered through bpf_probe_read_kernel.
+	 */
+	if (!ipe_ctx_ptr(ctx, 0))
+		return ipe_evaluate(NULL, 0, IPE_HOOK_MMAP, 0);
+	return ipe_evaluate(file, 0, IPE_HOOK_MMAP, 1);
 }
 
 IPE_HOOK(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot)
@@ -411,19 +479,6 @@ IPE_HOOK(kernel_load_data, enum kernel_load_data_id id, bool contents)
 }
 
 /* ---------------------------------------------------------------- property capture hooks */
-
-/*
- * 6.12's verifier cannot give a BPF LSM program a `const void *` argument (the BTF walk
- * stops at the const modifier: "arg2 type UNKNOWN is not a struct"), so `value` (ctx[2])
- * is read with bpf_probe_read_kernel from the context instead of being declared.
- */
-static __always_inline const void *ipe_ctx_ptr(unsigned long long *ctx, int i)
-{
-	const void *p = NULL;
-
-	bpf_probe_read_kernel(&p, sizeof(p), &ctx[i]);
-	return p;
-}
 
 IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type type)
 {

@@ -66,7 +66,8 @@ class _Type:
 class Btf:
     """A parsed BTF blob: named structs/unions and the modifiers needed to resolve them."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, base: "Btf | None" = None) -> None:
+        """Parse a BTF blob; a module's split BTF continues `base` (vmlinux) ids and strings."""
         if len(data) < 24:
             raise KernelError("EINVAL", "BTF blob too short")
         magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
@@ -74,9 +75,12 @@ class Btf:
             raise KernelError("EINVAL", "not a BTF blob (bad magic)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         types = data[hdr_len + type_off : hdr_len + type_off + type_len]
-        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
-        self._types: list[_Type | None] = [None]  # type id 0 is void
-        self._by_name: dict[str, list[int]] = {}
+        own_strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
+        self._types: list[_Type | None] = [None] if base is None else list(base._types)  # id 0: void
+        self._strings = own_strings if base is None else base._strings + own_strings
+        self._by_name: dict[str, list[int]] = (
+            {} if base is None else {k: list(v) for k, v in base._by_name.items()}
+        )
         at = 0
         while at < len(types):
             name_off, info, size_or_type = struct.unpack_from("<III", types, at)
@@ -115,6 +119,15 @@ class Btf:
 
     def has_struct(self, name: str) -> bool:
         return name in self._by_name
+
+    def size(self, struct_name: str) -> int:
+        """sizeof(struct struct_name)."""
+        candidates = self._by_name.get(struct_name)
+        if not candidates:
+            raise KernelError("ENOENT", f"BTF has no struct {struct_name}")
+        t = self._types[candidates[-1]]
+        assert t is not None
+        return t.ref
 
     def _find_member(self, t: _Type, name: str) -> tuple[int, _Type | None] | None:
         """(bit offset, resolved type) of `name` in t, looking through anonymous members."""
@@ -198,3 +211,40 @@ def fsverity_offsets(btf: Btf | None = None) -> FsverityOffsets:
         except KernelError as exc:
             return FsverityOffsets(values, missing=exc.message)
     return FsverityOffsets(values)
+
+
+# overlayfs (a module: its types live in /sys/kernel/btf/overlay while it is loaded).
+OVERLAY_OFFSETS: dict[str, tuple[str, str]] = {
+    "IPE_OFF_OVL_VFS_INODE": ("ovl_inode", "vfs_inode"),
+    "IPE_OFF_OVL_UPPER": ("ovl_inode", "__upperdentry"),
+    "IPE_OFF_OVL_OE": ("ovl_inode", "oe"),
+    "IPE_OFF_OE_NUMLOWER": ("ovl_entry", "__numlower"),
+    "IPE_OFF_OE_LOWERSTACK": ("ovl_entry", "__lowerstack"),
+    "IPE_OFF_OVLPATH_DENTRY": ("ovl_path", "dentry"),
+}
+
+
+@dataclass(frozen=True)
+class OverlayOffsets:
+    """What the BPF program needs to find an overlayfs file's real inode (d_real_inode)."""
+
+    values: dict[str, int]
+    missing: str | None = None
+
+    def defines(self) -> list[str]:
+        if self.missing is not None:
+            return []
+        return [f"-D{k}={v}" for k, v in sorted(self.values.items())] + ["-DIPE_HAVE_OVL=1"]
+
+
+def overlay_offsets(vmlinux: Btf | None = None, module: Path = Path("/sys/kernel/btf/overlay")) -> OverlayOffsets:
+    vmlinux = load_vmlinux() if vmlinux is None else vmlinux
+    if not vmlinux.has_struct("ovl_inode") and not module.exists():
+        return OverlayOffsets({}, missing=f"{module} missing (overlay module not loaded)")
+    try:
+        btf = vmlinux if vmlinux.has_struct("ovl_inode") else Btf(module.read_bytes(), base=vmlinux)
+        values = {d: btf.offset(s, m) for d, (s, m) in OVERLAY_OFFSETS.items()}
+        values["IPE_SIZEOF_OVL_PATH"] = btf.size("ovl_path")
+    except (KernelError, OSError) as exc:
+        return OverlayOffsets({}, missing=str(exc))
+    return OverlayOffsets(values)

@@ -14,6 +14,8 @@ BCC is imported lazily here only; everything else works without it.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,18 +48,29 @@ class LoadResult:
     hooks: tuple[str, ...]
     fsverity: bool
     fsverity_missing: str | None
+    overlay_missing: str | None
     seeded_devices: int
     compile_seconds: float
 
 
-def cflags(options: LoadOptions, offsets: btf.FsverityOffsets) -> list[str]:
+def cflags(
+    options: LoadOptions, offsets: btf.FsverityOffsets, overlay: btf.OverlayOffsets | None = None
+) -> list[str]:
     return [
         f"-I{BPF_DIR}",
         f"-DIPE_RULES_MAX={options.rule_entries}",
         f"-DIPE_DIGESTS_MAX={options.digest_entries}",
         f"-DIPE_RINGBUF_PAGES={options.ringbuf_pages}",
         *offsets.defines(),
+        *(overlay.defines() if overlay is not None else []),
     ]
+
+
+def overlay_offsets() -> btf.OverlayOffsets:
+    """overlayfs layout for d_real_inode(); loads the overlay module if it is not loaded."""
+    if not Path("/sys/kernel/btf/overlay").exists() and shutil.which("modprobe"):
+        subprocess.run(["modprobe", "-q", "overlay"], check=False, capture_output=True)
+    return btf.overlay_offsets()
 
 
 def program_text() -> str:
@@ -103,12 +116,13 @@ def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT) -> LoadRes
         if root.exists() and (link_paths(root) or (maps_dir(root).is_dir() and any(maps_dir(root).iterdir()))):
             raise KernelError("EEXIST", f"ipe-bpf is already loaded ({root} exists); unload it first")
         offsets = btf.fsverity_offsets()
+        overlay = overlay_offsets()
         from bcc import BPF  # lazily: python3-bpfcc is a system package
         from bcc.libbcc import lib
 
         started = time.monotonic()
         try:
-            b = BPF(text=program_text().encode(), cflags=cflags(options, offsets))
+            b = BPF(text=program_text().encode(), cflags=cflags(options, offsets, overlay))
         except Exception as exc:  # BCC raises plain Exception for compile/load/attach errors
             raise _bcc_error(exc) from None
         compile_seconds = time.monotonic() - started
@@ -136,7 +150,7 @@ def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT) -> LoadRes
             _remove_pins(root)
             raise
         b.cleanup()  # drop this process's fds: the pins own everything now
-    return LoadResult(tuple(HOOKS), offsets.missing is None, offsets.missing, seeded, compile_seconds)
+    return LoadResult(tuple(HOOKS), offsets.missing is None, offsets.missing, overlay.missing, seeded, compile_seconds)
 
 
 def unload(root: Path = PIN_ROOT, timeout: float = 10.0) -> float:

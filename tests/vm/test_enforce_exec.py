@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -139,3 +140,25 @@ def test_enforce_and_success_audit_cli(ipe: Kernel) -> None:
     with ipe.maps() as maps:
         st = maps.state()
     assert not st.enforcing and st.success_audit
+
+
+def test_overlayfs_file_is_judged_by_its_real_inode(ipe: Kernel) -> None:
+    from pathlib import Path
+
+    from .kernel_fixtures import SCRATCH, sh
+
+    lower, upper, work, merged = (SCRATCH / "ovl" / d for d in ("lower", "upper", "work", "merged"))
+    if not Path("/sys/kernel/btf/overlay").exists():
+        sh("modprobe", "overlay")
+    for d in (upper, work, merged):
+        d.mkdir(parents=True, exist_ok=True)
+    # the lower layer is the fs-verity scratch fs itself (its files keep their verity)
+    if not os.path.ismount(merged):
+        sh("mount", "-t", "overlay", "overlay", "-o",
+           f"lowerdir={ipe.bad.parent},upperdir={upper},workdir={work}", merged)
+    via_overlay = merged / ipe.bad.name
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    assert ipe.exec_status(merged / ipe.good.name) == 0
+    assert ipe.exec_status(via_overlay) == EACCES
+    recs = [r for r in ipe.drain() if r.hook == "BPRM_CHECK" and r.path == str(via_overlay).encode()]
+    assert recs and recs[0].dev == b"overlay"
