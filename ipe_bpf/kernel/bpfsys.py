@@ -265,9 +265,50 @@ def update_many(fd: int, items: list[tuple[bytes, bytes]], key_size: int, value_
         at += len(chunk)
 
 
+BPF_MAP_LOOKUP_BATCH = 24
+
+
+def dump_keys(fd: int, key_size: int, value_size: int) -> list[bytes]:
+    """Every key of a hash map through BPF_MAP_LOOKUP_BATCH (falls back to iteration)."""
+    chunk = 4096
+    out: list[bytes] = []
+    token_in = ctypes.create_string_buffer(8)
+    token_out = ctypes.create_string_buffer(8)
+    first = True
+    while True:
+        kbuf = ctypes.create_string_buffer(key_size * chunk)
+        vbuf = ctypes.create_string_buffer(value_size * chunk)
+        attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
+                          keys=ctypes.addressof(kbuf), values=ctypes.addressof(vbuf), count=chunk, map_fd=fd)
+        ret, err = bpf_errno(BPF_MAP_LOOKUP_BATCH, attr)
+        if ret < 0 and err == errno.ENOSPC and attr.count == 0:
+            chunk *= 4  # one bucket holds more than a chunk
+            continue
+        if ret < 0 and err not in (errno.ENOENT,):
+            if first and err in (errno.EINVAL, 524):
+                return keys(fd, key_size)
+            raise _fail("map batch lookup", err)
+        raw = kbuf.raw
+        out.extend(raw[i * key_size : (i + 1) * key_size] for i in range(attr.count))
+        if ret < 0:  # ENOENT: that was the last batch
+            return out
+        ctypes.memmove(token_in, token_out, 8)
+        first = False
+
+
 def delete_many(fd: int, keys_: list[bytes]) -> None:
-    for k in keys_:
-        delete(fd, k)
+    """Delete keys (BPF_MAP_DELETE_BATCH in chunks, else one by one); missing keys are fine."""
+    at = 0
+    while at < len(keys_):
+        chunk = keys_[at : at + _BATCH]
+        key_size = len(chunk[0])
+        kbuf = ctypes.create_string_buffer(b"".join(chunk), key_size * len(chunk))
+        attr = _BatchAttr(keys=ctypes.addressof(kbuf), count=len(chunk), map_fd=fd)
+        ret, err = bpf_errno(BPF_MAP_DELETE_BATCH, attr)
+        if ret < 0:
+            for k in chunk[attr.count :]:
+                delete(fd, k)
+        at += len(chunk)
 
 
 def possible_cpus() -> int:
@@ -296,3 +337,14 @@ def prog_fd_by_id(prog_id: int) -> int:
 def attach_lsm(prog_fd: int) -> int:
     """Attach an LSM program (what BCC's bpf_attach_lsm does); returns the link fd."""
     return bpf(BPF_RAW_TRACEPOINT_OPEN, _RawTpAttr(name=0, prog_fd=prog_fd), "attach LSM program")
+
+
+def prog_exists(prog_id: int) -> bool:
+    """Whether a BPF program with this id is still loaded."""
+    fd, err = bpf_errno(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    if err == errno.ENOENT:
+        return False
+    raise _fail(f"look up program {prog_id}", err)

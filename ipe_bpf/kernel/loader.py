@@ -159,21 +159,25 @@ def unload(root: Path = PIN_ROOT, timeout: float = 10.0) -> float:
         links = link_paths(root)
         if not links and not root.exists():
             raise KernelError("ENOENT", "ipe-bpf is not loaded")
-        ids: list[int] = []
+        links_ids: list[int] = []
+        prog_ids: list[int] = []
         for path in links:
+            fd = bpfsys.obj_get(str(path))
             try:
-                fd = bpfsys.obj_get(str(path))
-            except KernelError:
-                continue
-            try:
-                ids.append(bpfsys.link_info(fd).id)
+                info = bpfsys.link_info(fd)
             finally:
                 os.close(fd)
+            links_ids.append(info.id)
+            prog_ids.append(info.prog_id)
         _remove_pins(root)
         started = time.monotonic()
-        while any(bpfsys.link_exists(i) for i in ids):
+        # A link's id disappears just before it detaches; its program's id only once the
+        # detach is complete and nothing else holds the program.
+        while any(bpfsys.link_exists(i) for i in links_ids) or any(bpfsys.prog_exists(i) for i in prog_ids):
             if time.monotonic() - started > timeout:
-                raise KernelError("ETIMEDOUT", f"links {ids} still attached after {timeout:.0f} s (another process holds them?)")
+                raise KernelError(
+                    "ETIMEDOUT", f"programs {prog_ids} still loaded after {timeout:.0f} s (another process holds them?)"
+                )
             time.sleep(0.01)
         return time.monotonic() - started
 

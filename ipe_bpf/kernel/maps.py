@@ -196,7 +196,7 @@ class PinnedPolicyMaps:
         deleted = 0
         for name in ("ipe_rules", "ipe_digests"):
             m = self._map(name)
-            doomed = [k for k in bpfsys.keys(m.fd, m.key_size) if k[0] == slot]
+            doomed = [k for k in bpfsys.dump_keys(m.fd, m.key_size, m.value_size) if k[0] == slot]
             bpfsys.delete_many(m.fd, doomed)
             deleted += len(doomed)
         return deleted

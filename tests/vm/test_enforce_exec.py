@@ -122,12 +122,12 @@ def test_audit_record_format_matches_spec(ipe: Kernel) -> None:
 def test_cli_status_and_audit_tail_json(ipe: Kernel) -> None:
     gen = ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
     assert ipe.exec_status(ipe.bad) == EACCES
-    out = subprocess.run(["python3", "-m", "ipe_bpf.cli.kernel", "audit", "tail", "--json"],
+    out = subprocess.run(["python3", "-m", "ipe_bpf", "audit", "tail", "--json"],
                          capture_output=True, text=True, check=True).stdout
     docs = [json.loads(line) for line in out.splitlines()]
     assert any(d["path"] == str(ipe.bad) and d["ipe_hook"] == "BPRM_CHECK" and d["generation"] == gen
                for d in docs)
-    status = json.loads(subprocess.run(["python3", "-m", "ipe_bpf.cli.kernel", "status", "--json"],
+    status = json.loads(subprocess.run(["python3", "-m", "ipe_bpf", "status", "--json"],
                                        capture_output=True, text=True, check=True).stdout)
     assert status["loaded"] and status["generation"] == gen and status["enforcing"]
     assert status["counters"]["deny"]["EXECUTE"] >= 1
@@ -136,7 +136,7 @@ def test_cli_status_and_audit_tail_json(ipe: Kernel) -> None:
 
 def test_enforce_and_success_audit_cli(ipe: Kernel) -> None:
     for args in (["enforce", "off"], ["success-audit", "on"]):
-        subprocess.run(["python3", "-m", "ipe_bpf.cli.kernel", *args], check=True)
+        subprocess.run(["python3", "-m", "ipe_bpf", *args], check=True)
     with ipe.maps() as maps:
         st = maps.state()
     assert not st.enforcing and st.success_audit

@@ -50,7 +50,10 @@ def test_exec_storm_sees_only_whole_policies(ipe: Kernel) -> None:
     t_audit.join()
 
     assert flips >= 10 and len(statuses) >= 20, (flips, len(statuses))
-    assert set(statuses) <= {0, 13}
+    # -11: execve passed BPRM_CHECK under one policy and a later MMAP of the same exec (after
+    # the point of no return) was denied under the other: the kernel kills it with SIGSEGV.
+    # Every single decision is still whole-policy; that is what the audit check below proves.
+    assert set(statuses) <= {0, 13, -11}
     assert {0, 13} <= set(statuses), "both policies should have decided some execs"
     bad = [(r.generation, r.source, r.rule_index, r.action) for r in seen
            if r.source != "rule" or expected.get(r.generation) != (r.action, r.rule_index)]

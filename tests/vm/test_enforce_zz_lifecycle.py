@@ -16,7 +16,7 @@ EACCES = 13
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["python3", "-m", "ipe_bpf.cli.kernel", *args], capture_output=True, text=True)
+    return subprocess.run(["python3", "-m", "ipe_bpf", *args], capture_output=True, text=True)
 
 
 def test_loading_twice_is_refused_without_touching_the_loaded_program(kernel: Kernel) -> None:
@@ -28,6 +28,7 @@ def test_loading_twice_is_refused_without_touching_the_loaded_program(kernel: Ke
 def test_unload_restores_and_second_unload_is_an_error(ipe: Kernel) -> None:
     ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
     assert ipe.exec_status(ipe.bad) == EACCES
+    assert sorted(loader.attached_link_ids()) == sorted(pins.HOOKS)
     waited = loader.unload()
     assert waited < 10
     assert not pins.is_loaded()
