@@ -11,6 +11,24 @@ of the freestanding helper (tests/vm/attacks/attack.c) doing `bench-exec` (fork 
 + wait of a tiny static binary) or `bench-mmap` (mmap PROT_EXEC + munmap of a file).
 Reported: per-operation ns (median over blocks) and the ratio attached / detached, for a
 fs-verity target (digest lookups + rule lookups) and a plain one (no digest).
+
+Measured 2026-11-28 (`vm run --icount`, guest time, --rounds 4 --execs 100 --mmaps 1000;
+medians per operation; the policy has no audit for these files, so no ring-buffer cost):
+
+    rules   op    target    detached   attached   ratio
+       10   exec  fsverity   329159 ns  336528 ns  1.022
+       10   exec  plain      328657 ns  330518 ns  1.006
+       10   mmap  fsverity    10208 ns   12865 ns  1.260
+       10   mmap  plain       10231 ns   11285 ns  1.103
+   100000   exec  fsverity   331970 ns  334748 ns  1.008
+   100000   exec  plain      327083 ns  332062 ns  1.015
+   100000   mmap  fsverity    10124 ns   12812 ns  1.265
+   100000   mmap  plain       10149 ns   11256 ns  1.109
+
+Exec overhead is within the ~1-2% round-to-round noise at both sizes (O(1) tables); a bare
+PROT_EXEC mmap+munmap pays ~2.6 us of guest instructions for the fs-verity digest read and
+lookups (~1 us without a digest).  Installing the 100k-rule policy (800k rule entries) took
+15.8 s of guest time; the BCC compile 22 s.
 """
 
 from __future__ import annotations

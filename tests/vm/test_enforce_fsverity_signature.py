@@ -1,0 +1,42 @@
+"""fsverity_signature: the built-in fs-verity signature flag captured on inode_setintegrity."""
+
+from __future__ import annotations
+
+from .kernel_fixtures import FSV, SCRATCH, Kernel, get_kernel, ipe, kernel, measure, policy, sh  # noqa: F401
+
+EACCES = 13
+
+
+def _signing_key() -> tuple[str, str]:
+    key, cert = SCRATCH / "fsv-key.pem", SCRATCH / "fsv-cert.pem"
+    if not cert.exists():
+        sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+           "-days", "2", "-subj", "/CN=ipe-bpf fs-verity test")
+        der = SCRATCH / "fsv-cert.der"
+        sh("openssl", "x509", "-in", cert, "-out", der, "-outform", "der")
+        # the kernel's .fs-verity keyring accepts root-added X.509 certificates
+        with open(der, "rb") as f:
+            import subprocess
+
+            subprocess.run(["keyctl", "padd", "asymmetric", "", "%keyring:.fs-verity"], stdin=f,
+                           check=True, capture_output=True)
+    return str(key), str(cert)
+
+
+def test_fsverity_builtin_signature(ipe: Kernel) -> None:
+    key, cert = _signing_key()
+    signed, unsigned = FSV / "signed", FSV / "unsigned"
+    for path, extra in ((signed, b"\1"), (unsigned, b"\2")):
+        path.write_bytes(ipe.good.read_bytes() + extra)
+        path.chmod(0o755)
+    sig = SCRATCH / "signed.sig"
+    sh("fsverity", "sign", signed, sig, "--key", key, "--cert", cert)
+    sh("fsverity", "enable", signed, f"--signature={sig}")
+    sh("fsverity", "enable", unsigned)
+    assert measure(signed) != measure(unsigned)
+    ipe.activate(policy("op=EXECUTE fsverity_signature=TRUE action=DENY"))
+    assert ipe.exec_status(signed) == EACCES
+    assert ipe.exec_status(unsigned) == 0
+    ipe.activate(policy(f"op=EXECUTE fsverity_signature=FALSE fsverity_digest={measure(unsigned)} action=DENY"))
+    assert ipe.exec_status(unsigned) == EACCES
+    assert ipe.exec_status(signed) == 0
