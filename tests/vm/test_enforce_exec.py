@@ -162,3 +162,24 @@ def test_overlayfs_file_is_judged_by_its_real_inode(ipe: Kernel) -> None:
     assert ipe.exec_status(via_overlay) == EACCES
     recs = [r for r in ipe.drain() if r.hook == "BPRM_CHECK" and r.path == str(via_overlay).encode()]
     assert recs and recs[0].dev == b"overlay"
+
+
+def test_full_ring_buffer_drops_records_and_never_blocks_or_denies(ipe: Kernel) -> None:
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    with ipe.maps() as maps:
+        maps.set_success_audit(True)
+        before = maps.drops()
+    # nobody reads the ring buffer meanwhile: ~8 audited decisions per exec overflow it
+    statuses = [ipe.exec_status(ipe.good) for _ in range(150)]
+    assert set(statuses) == {0}
+    assert ipe.exec_status(ipe.bad) == EACCES
+    with ipe.maps() as maps:
+        after = maps.drops()
+    assert after > before
+
+
+def test_doctor_reports_a_ready_machine(kernel: Kernel) -> None:
+    r = subprocess.run(["python3", "-m", "ipe_bpf", "doctor", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = {c["name"]: c for c in json.loads(r.stdout)}
+    assert all(c["ok"] for c in checks.values()), checks
