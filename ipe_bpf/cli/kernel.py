@@ -52,6 +52,37 @@ def load_cmd(
         f"{r.seeded_devices} dm-verity devices seeded, compiled in {r.compile_seconds:.1f} s{note}",
         markup=False,
     )
+    applied = _apply_stored_policy(permissive)
+    if applied:
+        console.print(f"active policy: {applied}", markup=False)
+
+
+def _apply_stored_policy(permissive: bool) -> str | None:
+    """Install the policy store's active policy and settings into the fresh maps."""
+    from ..kernel.lifecycle import Lifecycle
+    from ..kernel.maps import PinnedPolicyMaps
+    from ..kernel.store import PolicyStore
+
+    try:
+        with PinnedPolicyMaps() as maps:
+            info = Lifecycle(PolicyStore.default()).apply_active(maps, enforce=not permissive)
+    except Exception as err:  # the program stays loaded (no policy: everything allowed)
+        fail(f"loaded, but the stored active policy could not be applied: {err}")
+    if info is None:
+        return None
+    name = info.name.decode("utf-8", "backslashreplace")
+    return f"{name} {'.'.join(map(str, info.version))} (generation {info.generation})"
+
+
+def _store_rule_lookup() -> object:
+    """Rule texts for audit from the policy store (None if it cannot be read)."""
+    try:
+        from ..kernel.lifecycle import Lifecycle
+        from ..kernel.store import PolicyStore
+
+        return Lifecycle(PolicyStore.default()).rule_text
+    except Exception:
+        return None
 
 
 def unload_cmd() -> None:
@@ -153,7 +184,7 @@ def audit_tail_cmd(
     """Print audited decisions from the ring buffer (consumes them)."""
     from ..audit.tail import tail
 
-    rules = _rule_lookup_factory[0]() if _rule_lookup_factory else None
+    rules = _rule_lookup_factory[0]() if _rule_lookup_factory else _store_rule_lookup()
 
     def emit(line: str) -> None:
         sys.stdout.write(line + "\n")

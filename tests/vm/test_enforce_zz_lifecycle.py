@@ -39,3 +39,26 @@ def test_unload_restores_and_second_unload_is_an_error(ipe: Kernel) -> None:
     r = _cli("unload")
     assert r.returncode == 1 and r.stderr.startswith("ENOENT:")
     assert json.loads(_cli("status", "--json").stdout) == {"loaded": False}
+
+
+def test_load_applies_the_stored_active_policy_and_audit_names_its_rules(kernel: Kernel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """End to end through the CLI: deploy + activate while unloaded, then `load` enforces it."""
+    assert not pins.is_loaded()
+    text = policy(f"op=EXECUTE fsverity_digest={kernel.bad_digest} action=DENY", name="zzload")
+    path = tmp_path / "zz.pol"
+    path.write_text(text)
+    for args in (["policy", "deploy", str(path), "--unsigned"], ["policy", "activate", "zzload"]):
+        r = _cli(*args)
+        assert r.returncode == 0, r.stderr
+    r = _cli("load")
+    assert r.returncode == 0, r.stderr
+    assert "active policy: zzload" in r.stdout
+    try:
+        assert kernel.exec_status(kernel.bad) == EACCES
+        assert kernel.exec_status(kernel.good) == 0
+        lines = _cli("audit", "tail").stdout.splitlines()
+        assert any(f'path="{kernel.bad}"' in line and
+                   f'rule="op=EXECUTE fsverity_digest={kernel.bad_digest} action=DENY"' in line
+                   for line in lines), lines
+    finally:
+        loader.unload()
