@@ -14,7 +14,15 @@
  *   IPE_OFF_VI_DIGEST      offsetof(struct fsverity_info, file_digest)
  *   IPE_OFF_ALG_NAME       offsetof(struct fsverity_hash_alg, name)
  *   IPE_OFF_ALG_SIZE       offsetof(struct fsverity_hash_alg, digest_size)
- * IPE_HAVE_FSVERITY is defined when all five were found.
+ * IPE_HAVE_FSVERITY is defined when all five were found.  IPE_HAVE_OVL and IPE_OFF_OVL_*,
+ * IPE_OFF_OE_*, IPE_OFF_OVLPATH_DENTRY, IPE_SIZEOF_OVL_PATH: overlayfs' private layout
+ * (module BTF) for d_real_inode().
+ *
+ * 6.12 verifier facts this file works around (see the comments at each place):
+ *  - a trusted hook argument is assumed non-NULL (mmap_file's file can be NULL);
+ *  - `const void *` hook arguments cannot be read from the context (setintegrity hooks);
+ *  - bpf_d_path() is allowed only in hooks of the sleepable list: bprm_check_security,
+ *    mmap_file and kernel_read_file, not file_mprotect (which records the dentry name).
  */
 #include <linux/fs.h>
 #include <linux/mount.h>
