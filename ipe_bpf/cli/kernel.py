@@ -7,23 +7,18 @@ function of ipe_bpf.kernel / ipe_bpf.audit.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ..errors import KernelError
-from .common import console, fail, print_json, reported_errors
+from ..errors import IpeBpfError
+from .common import console, err_console, fail, print_json, reported_errors
+
+if TYPE_CHECKING:
+    from ..kernel.lifecycle import Outcome
 
 audit_app = typer.Typer(help="Read audited decisions (IPE 1420 records).", no_args_is_help=True)
-
-RuleSource = Callable[[], object]
-_rule_lookup_factory: list[Callable[[], object]] = []
-
-
-def set_rule_lookup_factory(factory: Callable[[], object]) -> None:
-    """Let the lifecycle layer supply rule texts for audit (a RuleLookup factory)."""
-    _rule_lookup_factory[:] = [factory]
 
 
 def _on_off(value: str) -> bool:
@@ -58,7 +53,11 @@ def load_cmd(
 
 
 def _apply_stored_policy(permissive: bool) -> str | None:
-    """Install the policy store's active policy and settings into the fresh maps."""
+    """Install the policy store's active policy and settings into the fresh maps.
+
+    If that fails the program is unloaded again: a failed `load` leaves nothing loaded.
+    """
+    from ..kernel import loader
     from ..kernel.lifecycle import Lifecycle
     from ..kernel.maps import PinnedPolicyMaps
     from ..kernel.store import PolicyStore
@@ -66,12 +65,13 @@ def _apply_stored_policy(permissive: bool) -> str | None:
     try:
         with PinnedPolicyMaps() as maps:
             info = Lifecycle(PolicyStore.default()).apply_active(maps, enforce=not permissive)
-    except Exception as err:  # the program stays loaded (no policy: everything allowed)
-        fail(f"loaded, but the stored active policy could not be applied: {err}")
+    except (IpeBpfError, OSError) as err:
+        with reported_errors():
+            loader.unload()
+        fail(f"load: the stored active policy could not be applied (unloaded again): {err}")
     if info is None:
         return None
-    name = info.name.decode("utf-8", "backslashreplace")
-    return f"{name} {'.'.join(map(str, info.version))} (generation {info.generation})"
+    return f"{info.name_text} {info.version_text} (generation {info.generation})"
 
 
 def _store_rule_lookup() -> object:
@@ -95,39 +95,71 @@ def unload_cmd() -> None:
 
 
 def status_data() -> dict[str, object]:
+    """The kernel side (if loaded) and the policy store, as one JSON-able dict."""
     from ..kernel import pins
     from ..kernel.maps import PinnedPolicyMaps
 
-    if not pins.is_loaded():
-        return {"loaded": False}
-    with PinnedPolicyMaps() as maps:
-        state = maps.state()
-        return {
-            **state.as_dict(),
-            "hooks": [p.name for p in pins.link_paths()],
-            "counters": maps.counters().as_dict(),
-            "devices": [d.as_dict() for d in maps.devices()],
-        }
+    data: dict[str, object] = {"loaded": pins.is_loaded()}
+    if data["loaded"]:
+        with PinnedPolicyMaps() as maps:
+            data.update(maps.state().as_dict())
+            data["hooks"] = [p.name for p in pins.link_paths()]
+            data["counters"] = maps.counters().as_dict()
+            data["devices"] = [d.as_dict() for d in maps.devices()]
+    data.update(_store_status())
+    return data
+
+
+def _store_status() -> dict[str, object]:
+    """Deployed policies and the active one, from the store; an unreadable store is reported."""
+    from ..kernel.lifecycle import Lifecycle
+    from ..kernel.store import PolicyStore
+
+    try:
+        listing = Lifecycle(PolicyStore.default()).list()
+    except (IpeBpfError, OSError) as err:
+        return {"active_policy": None, "policies": [], "store_error": str(err)}
+    active = listing.active.to_json() if listing.active else None
+    return {"active_policy": active, "policies": [p.to_json() for p in listing.policies]}
 
 
 def status_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Whether enforcement is loaded, its mode, the active policy generation, counters, drops."""
+    """Loaded or not, mode, the active policy, deployed policies, counters, drops, devices."""
     with reported_errors():
         data = status_data()
     if as_json:
         print_json(data)
         return
+    _print_status(data)
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    active = data["active_policy"]
     if not data["loaded"]:
-        console.print("not loaded", markup=False)
-        return
-    console.print(
-        f"loaded: {'enforcing' if data['enforcing'] else 'permissive'}, success_audit "
-        f"{'on' if data['success_audit'] else 'off'}, active slot {data['active_slot']}, "
-        f"generation {data['generation']}",
-        markup=False,
-    )
-    counters = data["counters"]
-    assert isinstance(counters, dict)
+        typer.echo("not loaded: nothing is enforced")
+    else:
+        typer.echo(f"loaded: {'enforcing' if data['enforcing'] else 'permissive'}, success_audit "
+                   f"{'on' if data['success_audit'] else 'off'}, {len(data['hooks'])} hooks, "
+                   f"kernel policy generation {data['generation']}")
+    if active is None:
+        typer.echo("active policy: none (everything is allowed)")
+    else:
+        when = "" if data["loaded"] else ", installed by `ipe-bpf load`"
+        typer.echo(f"active policy: \"{active['name']}\" {active['version']} {active['digest']} "
+                   f"(generation {active['generation']}{when})")
+        if data["loaded"] and active["generation"] != data["generation"]:
+            err_console.print("warning: the kernel's policy is not the store's active policy",
+                              markup=False)
+    if data.get("store_error"):
+        err_console.print(f"warning: policy store unreadable: {data['store_error']}", markup=False)
+    others = [p for p in data["policies"] if not p["active"]]
+    if others:
+        typer.echo("also deployed: " + ", ".join(f'"{p["name"]}" {p["version"]}' for p in others))
+    if data["loaded"]:
+        _print_counters(data["counters"], data["devices"])
+
+
+def _print_counters(counters: dict[str, Any], devices: list[dict[str, Any]]) -> None:
     table = Table(title="decisions")
     table.add_column("op")
     table.add_column("allow", justify="right")
@@ -136,7 +168,7 @@ def status_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
         table.add_row(op, str(n), str(counters["deny"][op]))
     console.print(table)
     console.print(f"audited {counters['audited']}, ring buffer drops {counters['dropped']}", markup=False)
-    for d in data["devices"]:  # type: ignore[union-attr]
+    for d in devices:
         console.print(
             f"dm-verity {d['device']}: {d['alg']}:{d['roothash']} signed={d['signature_valid']} "
             f"{'(seeded)' if d['seeded'] else ''}",
@@ -145,21 +177,36 @@ def status_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
 
 
 def enforce_cmd(value: Annotated[str, typer.Argument(help="on | off")]) -> None:
-    """Enforce DENY decisions (on) or only audit them (off, permissive)."""
-    from ..kernel.maps import PinnedPolicyMaps
+    """Enforce DENY decisions (on) or only audit them (off, permissive); logs a 1404 record."""
+    from .lifecycle import NOT_LOADED, open_lifecycle
 
     on = _on_off(value)
-    with reported_errors(), PinnedPolicyMaps() as maps:
-        maps.set_enforce(on)
+    with open_lifecycle("enforce") as life:
+        if life.target is None:  # `load` sets the mode itself (like ipe.enforce= at boot)
+            fail(f"enforce: ENOENT: {NOT_LOADED} (use `ipe-bpf load --permissive` to start permissive)")
+        outcome = life.set_enforce(on)
+    _print_setting("enforce", on, outcome)
 
 
 def success_audit_cmd(value: Annotated[str, typer.Argument(help="on | off")]) -> None:
-    """Audit ALLOW decisions too (on) or only DENY decisions (off)."""
-    from ..kernel.maps import PinnedPolicyMaps
+    """Audit ALLOW decisions too (on) or only DENY decisions (off); kept across `load`."""
+    from .lifecycle import open_lifecycle
 
     on = _on_off(value)
-    with reported_errors(), PinnedPolicyMaps() as maps:
-        maps.set_success_audit(on)
+    with open_lifecycle("success-audit") as life:
+        outcome = life.set_success_audit(on)
+    _print_setting("success_audit", on, outcome)
+
+
+def _print_setting(name: str, on: bool, outcome: "Outcome") -> None:
+    state = "on" if on else "off"
+    where = "now" if outcome.applied else "at the next `ipe-bpf load` (not loaded)"
+    console.print(f"{name} {state}{'' if outcome.changed else ' (unchanged)'}, in effect {where}",
+                  markup=False)
+    for line in outcome.records:
+        console.print(line, markup=False)
+    for warning in outcome.warnings:
+        err_console.print(f"warning: {warning}", markup=False)
 
 
 def doctor_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
@@ -184,7 +231,7 @@ def audit_tail_cmd(
     """Print audited decisions from the ring buffer (consumes them)."""
     from ..audit.tail import tail
 
-    rules = _rule_lookup_factory[0]() if _rule_lookup_factory else _store_rule_lookup()
+    rules = _store_rule_lookup()
 
     def emit(line: str) -> None:
         sys.stdout.write(line + "\n")

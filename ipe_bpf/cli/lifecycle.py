@@ -50,7 +50,7 @@ def kernel_target() -> Iterator[PolicyTarget | None]:
 
 
 @contextlib.contextmanager
-def _lifecycle(command: str) -> Iterator[Lifecycle]:
+def open_lifecycle(command: str) -> Iterator[Lifecycle]:
     """A Lifecycle over the default store and the kernel (if loaded); errors become one line."""
     try:
         with kernel_target() as target:
@@ -114,7 +114,7 @@ def deploy(
 ) -> None:
     """Deploy a signed policy (kernel IPE's new_policy). It is not activated."""
     blob = _read("deploy", file)
-    with _lifecycle("deploy") as life:
+    with open_lifecycle("deploy") as life:
         outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file))
     _warn_unsigned(unsigned, outcome)
     _warnings(outcome)
@@ -135,7 +135,7 @@ def activate(
     as_json: JsonOption = False,
 ) -> None:
     """Make a deployed policy the active one."""
-    with _lifecycle("activate") as life:
+    with open_lifecycle("activate") as life:
         outcome = life.activate(policy_name(name))
     _warnings(outcome)
     if as_json:
@@ -157,7 +157,7 @@ def update(
 ) -> None:
     """Replace a deployed policy with a higher version of itself (active stays active)."""
     blob = _read("update", file)
-    with _lifecycle("update") as life:
+    with open_lifecycle("update") as life:
         outcome = life.update(policy_name(name), blob, trust, allow_unsigned=unsigned,
                               source=str(file))
     _warn_unsigned(unsigned, outcome)
@@ -177,7 +177,7 @@ def delete(
     as_json: JsonOption = False,
 ) -> None:
     """Delete a deployed policy that is not active."""
-    with _lifecycle("delete") as life:
+    with open_lifecycle("delete") as life:
         outcome = life.delete(policy_name(name))
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
@@ -208,7 +208,7 @@ def _listing_table(listing: Listing) -> Table:
 
 def list_command(as_json: JsonOption = False) -> None:
     """List deployed policies, the active one, and the enforce settings."""
-    with _lifecycle("list") as life:
+    with open_lifecycle("list") as life:
         listing = life.list()
         kernel_generation = _kernel_generation(life.target)
     if as_json:

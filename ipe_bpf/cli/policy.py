@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import IpeBpfError, PolicyError
+from ..errors import IpeBpfError
 from ..policy import signing
 from ..policy.evaluate import evaluate, first_failing_property
 from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text

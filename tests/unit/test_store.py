@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -224,14 +225,39 @@ def test_blob_digest_is_checked(tmp_path: Path) -> None:
     assert gone.value.errno_name == "ENOENT"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_state_dir_is_reported(tmp_path: Path) -> None:
-    locked_dir = tmp_path / "ro"
-    locked_dir.mkdir(mode=0o500)
-    with pytest.raises(LifecycleError) as exc:
-        with PolicyStore(locked_dir / "state").locked():
-            pass
-    assert exc.value.errno_name == "EACCES" and "IPE_BPF_STATE_DIR" in exc.value.message
+def _as_unprivileged(check) -> None:  # type: ignore[no-untyped-def]
+    """Run ``check`` as is (not root) or in a child that dropped to nobody (root writes anywhere)."""
+    if os.geteuid() != 0:
+        check()
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            check()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the check failed in the unprivileged child"
+
+
+def test_unwritable_state_dir_is_reported() -> None:
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)
+        locked_dir = Path(top) / "ro"
+        locked_dir.mkdir()
+        locked_dir.chmod(0o555)
+
+        def check() -> None:
+            with pytest.raises(LifecycleError) as exc:
+                with PolicyStore(locked_dir / "state").locked():
+                    pass
+            assert exc.value.errno_name == "EACCES" and "IPE_BPF_STATE_DIR" in exc.value.message
+
+        _as_unprivileged(check)
 
 
 def test_state_dir_that_cannot_be_created_is_reported(tmp_path: Path) -> None:

@@ -135,11 +135,24 @@ def test_cli_status_and_audit_tail_json(ipe: Kernel) -> None:
 
 
 def test_enforce_and_success_audit_cli(ipe: Kernel) -> None:
-    for args in (["enforce", "off"], ["success-audit", "on"]):
-        subprocess.run(["python3", "-m", "ipe_bpf", *args], check=True)
-    with ipe.maps() as maps:
-        st = maps.state()
-    assert not st.enforcing and st.success_audit
+    from ipe_bpf.kernel.store import PolicyStore
+
+    log = PolicyStore.default().audit_log_path
+    before = log.read_text().count("type=1404") if log.exists() else 0
+    try:
+        for args in (["enforce", "off"], ["success-audit", "on"]):
+            subprocess.run(["python3", "-m", "ipe_bpf", *args], check=True)
+        with ipe.maps() as maps:
+            st = maps.state()
+        assert not st.enforcing and st.success_audit
+        assert log.read_text().count("type=1404") == before + 1
+        assert "enforcing=0 old_enforcing=1" in log.read_text().splitlines()[-1]
+        ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+        assert ipe.exec_status(ipe.bad) == 0  # permissive: allowed, and audited as a denial
+        assert any(r.action == "DENY" and not r.enforcing for r in ipe.audit_for(ipe.bad))
+    finally:  # the store keeps these settings for the next `load`: put them back
+        for args in (["enforce", "on"], ["success-audit", "off"]):
+            subprocess.run(["python3", "-m", "ipe_bpf", *args], check=True)
 
 
 def test_overlayfs_file_is_judged_by_its_real_inode(ipe: Kernel) -> None:

@@ -38,7 +38,8 @@ def test_unload_restores_and_second_unload_is_an_error(ipe: Kernel) -> None:
     assert e.value.errno_name == "ENOENT"
     r = _cli("unload")
     assert r.returncode == 1 and r.stderr.startswith("ENOENT:")
-    assert json.loads(_cli("status", "--json").stdout) == {"loaded": False}
+    status = json.loads(_cli("status", "--json").stdout)
+    assert status["loaded"] is False and "counters" not in status
 
 
 def test_load_applies_the_stored_active_policy_and_audit_names_its_rules(kernel: Kernel, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -54,6 +55,10 @@ def test_load_applies_the_stored_active_policy_and_audit_names_its_rules(kernel:
     assert r.returncode == 0, r.stderr
     assert "active policy: zzload" in r.stdout
     try:
+        status = json.loads(_cli("status", "--json").stdout)
+        assert status["loaded"] and status["active_policy"]["name"] == "zzload"
+        assert status["generation"] == status["active_policy"]["generation"]
+        assert any(p["name"] == "zzload" for p in status["policies"])
         assert kernel.exec_status(kernel.bad) == EACCES
         assert kernel.exec_status(kernel.good) == 0
         lines = _cli("audit", "tail").stdout.splitlines()

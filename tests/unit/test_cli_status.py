@@ -1,0 +1,48 @@
+"""`ipe-bpf status` without a loaded kernel: the store's view, and an unreadable store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from ipe_bpf.cli import kernel as cli_kernel
+from ipe_bpf.kernel import pins
+
+runner = CliRunner()
+APP = typer.Typer()
+cli_kernel.register(APP)
+POLICY = b"policy_name=web policy_version=1.2.3\nDEFAULT action=DENY\n"
+
+
+@pytest.fixture()
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("IPE_BPF_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(pins, "is_loaded", lambda: False)
+    return tmp_path
+
+
+def test_status_not_loaded_shows_the_store(state: Path) -> None:
+    from ipe_bpf.kernel.lifecycle import Lifecycle
+    from ipe_bpf.kernel.store import PolicyStore
+
+    life = Lifecycle(PolicyStore.default())
+    life.deploy(POLICY, [], allow_unsigned=True)
+    life.activate(b"web")
+    data = json.loads(runner.invoke(APP, ["status", "--json"]).stdout)
+    assert data["loaded"] is False
+    assert data["active_policy"]["name"] == "web" and data["active_policy"]["version"] == "1.2.3"
+    assert [p["name"] for p in data["policies"]] == ["web"]
+    text = runner.invoke(APP, ["status"]).stdout
+    assert "not loaded" in text and 'active policy: "web" 1.2.3 sha256:' in text
+
+
+def test_status_reports_an_unreadable_store(state: Path) -> None:
+    (state / "state").write_text("not a directory")
+    result = runner.invoke(APP, ["status", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["active_policy"] is None and data["store_error"]
