@@ -65,3 +65,32 @@ def test_bad_value_is_a_one_line_error(state: Path, monkeypatch: pytest.MonkeyPa
     result = runner.invoke(APP, ["success-audit", "maybe"])
     assert result.exit_code == 1 and target.calls == []
     assert result.stderr.strip() == "EINVAL: expected on or off, got 'maybe'"
+
+
+def test_load_whose_stored_policy_cannot_be_applied_unloads_again(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipe_bpf.kernel import loader, maps
+    from ipe_bpf.kernel.lifecycle import Lifecycle
+
+    life = Lifecycle(PolicyStore.default())
+    life.deploy(b"policy_name=p policy_version=1.0.0\nDEFAULT action=ALLOW\n", [], allow_unsigned=True)
+    life.activate(b"p")
+    events: list[str] = []
+    target = FakeTarget(fail_with=OSError(28, "No space left on device"))
+
+    class Maps:
+        def __enter__(self) -> FakeTarget:
+            return target
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(loader, "load", lambda options: events.append("load") or loader.LoadResult(
+        ("bprm_check_security",), True, None, None, 0, 1.0))
+    monkeypatch.setattr(loader, "unload", lambda: events.append("unload") or 0.01)
+    monkeypatch.setattr(maps, "PinnedPolicyMaps", Maps)
+    result = runner.invoke(APP, ["load"])
+    assert result.exit_code == 1 and events == ["load", "unload"]
+    err = result.stderr.strip()
+    assert "\n" not in err and err.startswith("load: the stored active policy could not be applied")
+    assert "ENOSPC" in err
