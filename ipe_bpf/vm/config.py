@@ -9,6 +9,7 @@ from pathlib import Path
 
 CACHE_ENV = "IPE_BPF_CACHE"
 KERNEL_ENV = "IPE_BPF_VM_KERNEL"
+BACKPORTS_ENV = "IPE_BPF_VM_BACKPORTS"  # 1: also use SUITE-backports (newer kernels)
 
 SUITE = "trixie"
 # The guest kernel, pinned: trixie's 6.12 cloud flavour (BPF LSM and IPE in the default LSM
@@ -34,6 +35,7 @@ class VmConfig:
     cache_dir: Path
     kernel_release: str = KERNEL_RELEASE
     suite: str = SUITE
+    backports: bool = False  # add the SUITE-backports archive (kernel and linux-base from it)
     mirror: str | None = None  # None: resolved from the host's apt configuration at build time
     memory_mib: int = 2048
     initramfs_memory_mib: int = 4096
@@ -45,6 +47,7 @@ class VmConfig:
         values: dict[str, object] = {
             "cache_dir": default_cache_dir(env),
             "kernel_release": env.get(KERNEL_ENV) or KERNEL_RELEASE,
+            "backports": env.get(BACKPORTS_ENV, "").strip().lower() in ("1", "yes", "true", "on"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

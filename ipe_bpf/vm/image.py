@@ -86,6 +86,7 @@ class GuestInputs:
     init_script: bytes
     kernel_release: str
     suite: str
+    backports: bool = False
     no_initramfs_control: str = NO_INITRAMFS_CONTROL
     build_format: int = BUILD_FORMAT
 
@@ -97,6 +98,7 @@ class GuestInputs:
             init_script=_guest_file("init.sh"),
             kernel_release=config.kernel_release,
             suite=config.suite,
+            backports=config.backports,
         )
 
     def key(self) -> str:
@@ -107,6 +109,7 @@ class GuestInputs:
             f"kernel={self.kernel_release}",
             "packages=" + " ".join(self.packages),
             "no-initramfs=" + self.no_initramfs_control,
+            *(["backports=1"] if self.backports else []),  # absent: keys of existing images hold
         ):
             digest.update(part.encode() + b"\0")
         digest.update(hashlib.sha256(self.init_script).digest())
@@ -264,6 +267,7 @@ def mmdebstrap_argv(
         *(f"--dpkgopt={rule}" for rule in DPKG_EXCLUDES),
         "--include=" + ",".join(inputs.packages),
         f"--include={local_deb}",
+        *([f"--include=linux-base/{inputs.suite}-backports"] if inputs.backports else []),
         "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount",
         *(["--hook-dir=/usr/share/mmdebstrap/hooks/eatmydata"] if eatmydata else []),
         "--skip=essential/unlink",
@@ -273,6 +277,7 @@ def mmdebstrap_argv(
         inputs.suite,
         str(rootfs),
         mirror,
+        *([f"deb {mirror} {inputs.suite}-backports main"] if inputs.backports else []),
     ]
     return argv
 

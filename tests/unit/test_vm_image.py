@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,21 @@ def test_mmdebstrap_command_line(tmp_path: Path) -> None:
     assert argv[-3:] == ["trixie", str(tmp_path / "root fs"), "http://m.example/debian"]
     assert not any("eatmydata" in a for a in argv)
     assert any("eatmydata" in a for a in mmdebstrap_argv(inputs, tmp_path, "http://m", tmp_path, tmp_path, True))
+
+
+def test_backports_adds_the_archive_and_its_linux_base(tmp_path: Path) -> None:
+    plain = _inputs(tmp_path)
+    config = VmConfig.from_env({"IPE_BPF_CACHE": str(tmp_path), "IPE_BPF_VM_BACKPORTS": "1",
+                                "IPE_BPF_VM_KERNEL": "7.3.4+deb13-cloud-amd64"})
+    assert config.backports and config.kernel_packages[0] == "linux-image-7.3.4+deb13-cloud-amd64"
+    inputs = replace(plain, backports=True)
+    argv = mmdebstrap_argv(inputs, tmp_path, "http://m", tmp_path, tmp_path / "x.deb")
+    assert argv[-4:] == ["trixie", str(tmp_path), "http://m", "deb http://m trixie-backports main"]
+    assert "--include=linux-base/trixie-backports" in argv
+    assert inputs.key() != plain.key()
+    plain_argv = mmdebstrap_argv(plain, tmp_path, "http://m", tmp_path, tmp_path / "x.deb")
+    assert not any("trixie-backports" in a for a in plain_argv)
+    assert not VmConfig.from_env({"IPE_BPF_CACHE": str(tmp_path)}).backports
 
 
 def test_root_image_is_roomy_and_aligned() -> None:
