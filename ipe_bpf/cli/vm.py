@@ -53,12 +53,21 @@ def build(
         )
 
 
+def current_checkout(start: Path) -> Path:
+    """The top of the git checkout holding ``start`` (so `vm run` works from a subdirectory)."""
+    start = start.resolve()
+    for directory in (start, *start.parents):
+        if (directory / ".git").exists():
+            return directory
+    return start
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     command: Annotated[list[str], typer.Argument(help="The command to run as root in /work (after --).")],
-    project: Annotated[Path, typer.Option(help="Directory mounted at /work.", show_default="current directory")] = Path(
-        "."
-    ),
+    project: Annotated[Optional[Path], typer.Option(
+        help="Directory mounted at /work.",
+        show_default="the git checkout holding the current directory, else the current directory")] = None,
     results: Annotated[
         Optional[Path], typer.Option(help="Where the guest's /results is copied to.")
     ] = None,
@@ -73,7 +82,8 @@ def run(
 ) -> None:
     """Boot the VM, run COMMAND in /work and exit with its status (125: the guest never reported)."""
     reporter = RichReporter()
-    request = RunRequest(tuple(command), project, results, timeout, initramfs, icount)
+    where = project if project is not None else current_checkout(Path.cwd())
+    request = RunRequest(tuple(command), where, results, timeout, initramfs, icount)
     try:
         outcome = run_vm(request, _config(), reporter, console=None if quiet else sys.stdout.buffer)
     except VmError as err:

@@ -82,3 +82,14 @@ def test_command_script_quotes_and_exports() -> None:
     assert "X='y z'; export X" in script
     assert script.rstrip().endswith("exec python3 -c 'print('\"'\"'a b'\"'\"')'")
     assert "cd /work" in script
+
+
+def test_default_project_is_the_enclosing_git_checkout(tmp_path: Path) -> None:
+    from ipe_bpf.cli.vm import current_checkout
+
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    (tmp_path / "repo" / "tests" / "vm").mkdir(parents=True)
+    assert current_checkout(tmp_path / "repo" / "tests" / "vm") == tmp_path / "repo"
+    assert current_checkout(tmp_path / "repo") == tmp_path / "repo"
+    (tmp_path / "plain").mkdir()
+    assert current_checkout(tmp_path / "plain") == (tmp_path / "plain").resolve()
