@@ -154,8 +154,12 @@ def main() -> int:
     for serial, record in enumerate(audited, 1):
         console.print(ipe_text(record, serial), markup=False)
     step("6. back to permissive, then unload")
+    # in-process: under this policy not even python3 may be exec'd for `ipe-bpf enforce off`
     with PinnedPolicyMaps() as maps:
-        Lifecycle(PolicyStore.default(), maps).set_enforce(False)
+        outcome = Lifecycle(PolicyStore.default(), maps).set_enforce(False)
+    console.print("# ipe-bpf enforce off  (done in-process; it logs:)", style="cyan")
+    for line in outcome.records:
+        console.print(line, markup=False)
     shell("ipe-bpf", "unload")
     ok = allowed and patched_denied and system_denied and len(audited) >= 2
     console.print("[green]demo complete[/]" if ok else "[red]demo did not show the expected decisions[/]")
