@@ -79,11 +79,15 @@ def run(
         bool, typer.Option("--icount", help="Deterministic guest time (-icount shift=0,sleep=off) for benchmarks.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not stream the guest console.")] = False,
+    uefi_db: Annotated[Optional[Path], typer.Option(
+        "--uefi-db", metavar="CERT",
+        help="Boot UEFI (OVMF) with CERT in the firmware's db: the kernel trusts it in its .platform "
+             "keyring (kernel IPE policies, dm-verity root hash signatures); adds audit=1.")] = None,
 ) -> None:
     """Boot the VM, run COMMAND in /work and exit with its status (125: the guest never reported)."""
     reporter = RichReporter()
     where = project if project is not None else current_checkout(Path.cwd())
-    request = RunRequest(tuple(command), where, results, timeout, initramfs, icount)
+    request = RunRequest(tuple(command), where, results, timeout, initramfs, icount, uefi_db=uefi_db)
     try:
         outcome = run_vm(request, _config(), reporter, console=None if quiet else sys.stdout.buffer)
     except VmError as err:

@@ -28,6 +28,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import NamedTuple
 
+from ..audit.render import rule_audit_text
 from ..errors import IpeBpfError
 from .evaluate import Decision, Source
 from .layout import Header, HeaderError, load_header
@@ -241,7 +242,7 @@ class CompiledPolicy:
     digests: Mapping[DigestEntry, int]
     rules: Mapping[RuleKey, RuleValue]
     defaults: Defaults
-    rule_texts: tuple[str, ...]  # index -> str(rule), for audit
+    rule_texts: tuple[str, ...]  # index -> the rule as kernel IPE's audit prints it (rule="...")
     policy: Policy = field(repr=False, compare=False)
     abi: Abi = field(repr=False, compare=False)
 
@@ -308,7 +309,7 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
         digests=MappingProxyType(digests),
         rules=MappingProxyType(rules),
         defaults=_defaults(policy, abi, shapes),
-        rule_texts=tuple(str(rule) for rule in policy.rules),
+        rule_texts=tuple(rule_audit_text(rule) for rule in policy.rules),
         policy=policy,
         abi=abi,
     )

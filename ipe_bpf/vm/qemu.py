@@ -29,9 +29,13 @@ class BootSpec:
     cpus: int = 2
     icount: bool = False
     accel: str = "tcg"
+    firmware: tuple[Path, Path] | None = None  # UEFI (code, per-run variable store); None: SeaBIOS
+    kernel_args: tuple[str, ...] = ()
+
 
     def cmdline(self) -> str:
         common = "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 8250.nr_uarts=1 random.trust_cpu=on"
+        common = " ".join((common, *self.kernel_args))
         if self.root is not None:
             return f"{common} root=/dev/nvme0n1 rootfstype=ext4 rw init={INIT_PATH}"
         return f"{common} rdinit={INIT_PATH}"
@@ -53,6 +57,12 @@ class BootSpec:
         ]
         if self.icount:
             argv += ["-icount", "shift=0,sleep=off"]
+        if self.firmware is not None:
+            code, variables = self.firmware
+            argv += [
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_escape(code)}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={_escape(variables)}",
+            ]
         if self.root is not None:
             argv += [
                 "-drive", f"file={_escape(self.root)},if=none,id=root,format=raw,snapshot=on",

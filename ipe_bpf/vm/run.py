@@ -13,6 +13,7 @@ marker line.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import select
 import shlex
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import VmError
-from . import host
+from . import host, uefi
 from .config import VmConfig
 from .console import ConsoleState, split_lines
 from .disks import extract_results, make_control_disk, make_results_disk, make_work_image, stage_project
@@ -48,6 +49,7 @@ class RunRequest:
     initramfs: bool = False
     icount: bool = False
     env: tuple[tuple[str, str], ...] = ()
+    uefi_db: Path | None = None  # boot UEFI with this certificate in db (kernel: .platform keyring)
 
 
 @dataclass
@@ -97,6 +99,18 @@ def watchdog_seconds(request: RunRequest) -> int | None:
     if request.timeout <= 0 or request.icount or request.timeout < 60:
         return None
     return int(request.timeout - 30)
+
+
+# Kernel IPE's records reach the console and dmesg (no auditd in the guest) with audit=1.
+UEFI_KERNEL_ARGS = ("audit=1", "audit_backlog_limit=8192")
+
+
+def _uefi_boot(request: RunRequest, run_dir: Path) -> dict[str, object]:
+    """BootSpec fields for a UEFI boot with request.uefi_db enrolled in db (none without it)."""
+    if request.uefi_db is None:
+        return {}
+    variables = uefi.prepare_vars(request.uefi_db, run_dir / "uefi-vars.fd")
+    return {"firmware": (uefi.OVMF_CODE, variables), "kernel_args": UEFI_KERNEL_ARGS}
 
 
 def _new_run_dir(config: VmConfig) -> Path:
@@ -150,6 +164,16 @@ def _why(state: ConsoleState, exit_code: int | None, timed_out: float | None, lo
     return f"{what}; console log: {log}"
 
 
+# Cursor moves, screen clears and mode switches (OVMF clears the screen on the serial line);
+# colours (SGR, `m`) pass.  A sequence split across two reads passes whole: harmless.
+_SCREEN_CONTROL = re.compile(rb"\x1b\[[0-9;=?]*[ABCDEFGHJKSTfhlsu]")
+
+
+def without_screen_control(chunk: bytes) -> bytes:
+    """What the user's terminal may show of the guest console: no clear-screen, no cursor jumps."""
+    return _SCREEN_CONTROL.sub(b"", chunk)
+
+
 def _stream(
     proc: subprocess.Popen[bytes], state: ConsoleState, log: BinaryIO, sink: BinaryIO | None, deadline: float | None
 ) -> bool:
@@ -177,7 +201,7 @@ def _stream(
         log.write(chunk)
         log.flush()  # the log must tell what happened even if this process is killed
         if sink is not None:
-            sink.write(chunk)
+            sink.write(without_screen_control(chunk))
             sink.flush()
         lines, pending = split_lines(pending + chunk)
         for line in lines:
@@ -199,6 +223,9 @@ def run_vm(
     if not project.is_dir():
         raise VmError("ENOENT", f"project directory {project} does not exist")
     host.require_tools(host.RUN_TOOLS)
+    if request.uefi_db is not None:  # a bad certificate fails before any work
+        uefi.require_firmware()
+        uefi.load_certificate(request.uefi_db)
     image = ensure_image(config, reporter)
     run_dir = _new_run_dir(config)
     host.require_space(run_dir, 1 * host.GIB, "booting the VM")
@@ -235,12 +262,14 @@ def run_vm(
             memory_mib=config.initramfs_memory_mib if request.initramfs else config.memory_mib,
             cpus=config.cpus,
             icount=request.icount,
+            **_uefi_boot(request, run_dir),
         )
         state = ConsoleState(nonce)
         reporter.note(
             f"booting Linux {image.manifest.get('kernel_release')} under QEMU TCG"
             + (" from an initramfs" if request.initramfs else "")
             + (" with -icount" if request.icount else "")
+            + (f" under UEFI, {request.uefi_db.name} in db" if request.uefi_db else "")
             + f" (console log: {log_path})"
         )
         deadline = None if request.timeout <= 0 else time.monotonic() + request.timeout
@@ -273,7 +302,7 @@ def run_vm(
                 pass
         return outcome
     finally:
-        for name in ("work.img", "ctl.img", "results.img"):
+        for name in ("work.img", "ctl.img", "results.img", "uefi-vars.fd"):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "work", ignore_errors=True)
 
@@ -285,6 +314,7 @@ def run_in_vm(
     timeout: float = 3600.0,
     initramfs: bool = False,
     icount: bool = False,
+    uefi_db: Path | None = None,
 ) -> int:
     """Run COMMAND as root in /work of a fresh test VM and return its exit status.
 
@@ -294,7 +324,7 @@ def run_in_vm(
     one, no disk space, corrupt cache).
     """
     outcome = run_vm(
-        RunRequest(tuple(command), project, results, timeout, initramfs, icount),
+        RunRequest(tuple(command), project, results, timeout, initramfs, icount, uefi_db=uefi_db),
         console=sys.stdout.buffer,
     )
     for warning in outcome.warnings:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import VmError
-from . import host
+from . import host, uefi
 
 # Debian/Ubuntu packages of the host side, beyond what TOOLS lists per program.
 EXTRA_PACKAGES = ("debian-archive-keyring", "ca-certificates")
@@ -33,6 +33,8 @@ def plan_setup() -> SetupPlan:
     packages = [tool.package for tool in missing_tools]
     if not host.KEYRING.is_file():
         packages.append("debian-archive-keyring")
+    if not (uefi.OVMF_CODE.is_file() and uefi.OVMF_VARS.is_file()):
+        packages.append(uefi.OVMF_PACKAGE)  # for `vm run --uefi-db`
     unique = tuple(dict.fromkeys(packages))
     return SetupPlan(
         missing_packages=unique,

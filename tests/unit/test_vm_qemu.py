@@ -53,3 +53,13 @@ def test_initramfs_boot_has_no_root_disk() -> None:
 
 def test_icount() -> None:
     assert _opt(_spec(icount=True).argv(), "-icount") == ["shift=0,sleep=off"]
+
+
+def test_uefi_boot_adds_pflash_and_kernel_args() -> None:
+    argv = _spec(firmware=(Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/r/v,ars.fd")),
+                 kernel_args=("audit=1",)).argv()
+    drives = _opt(argv, "-drive")
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd" in drives
+    assert "if=pflash,format=raw,unit=1,file=/r/v,,ars.fd" in drives
+    assert " audit=1 " in _opt(argv, "-append")[0]
+    assert not any("pflash" in d for d in _opt(_spec().argv(), "-drive"))

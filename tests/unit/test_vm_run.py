@@ -114,3 +114,11 @@ def test_watchdog_fires_before_the_timeout() -> None:
     assert watchdog_seconds(RunRequest(("true",), Path("."), timeout=0)) is None
     assert watchdog_seconds(RunRequest(("true",), Path("."), timeout=600, icount=True)) is None
     assert watchdog_seconds(RunRequest(("true",), Path("."), timeout=20)) is None
+
+
+def test_streamed_console_drops_screen_control_but_keeps_colours() -> None:
+    from ipe_bpf.vm.run import without_screen_control
+
+    ovmf = b"\x1b[2J\x1b[01;01H\x1b[=3h\x1b[2J\x1b[01;01Hboot\n"
+    assert without_screen_control(ovmf) == b"boot\n"
+    assert without_screen_control(b"\x1b[1m==> ok\x1b[0m\n") == b"\x1b[1m==> ok\x1b[0m\n"

@@ -39,3 +39,14 @@ def test_not_root() -> None:
 
 def test_nothing_to_do() -> None:
     setup.apply_setup(setup.SetupPlan((), (), has_apt=False, is_root=False))
+
+
+def test_missing_ovmf_is_installed_by_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ipe_bpf.vm import uefi
+
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    (tmp_path / "keyring.gpg").write_bytes(b"")
+    monkeypatch.setattr(host, "KEYRING", tmp_path / "keyring.gpg")
+    monkeypatch.setattr(uefi, "OVMF_CODE", tmp_path / "none.fd")
+    plan = setup.plan_setup()
+    assert plan.missing_packages == ("ovmf",)

@@ -70,8 +70,13 @@ class DmVerityVolume:
         return f"dmverity_roothash=sha256:{self.roothash}"
 
 
-def make_verity_volume(name: str, files: dict[str, Path]) -> DmVerityVolume:
-    """An ext4 image with `files`, protected by dm-verity, opened and mounted read-only."""
+def make_verity_volume(name: str, files: dict[str, Path],
+                       signer: tuple[Path, Path] | None = None) -> DmVerityVolume:
+    """An ext4 image with `files`, protected by dm-verity, opened and mounted read-only.
+
+    With ``signer`` (key, certificate) the root hash is signed (PKCS#7, detached) and the
+    volume opened with --root-hash-signature: the kernel checks it against its keyrings.
+    """
     base = SCRATCH / name
     base.mkdir(parents=True, exist_ok=True)
     content = base / "content"
@@ -85,7 +90,13 @@ def make_verity_volume(name: str, files: dict[str, Path]) -> DmVerityVolume:
     roothash = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Root hash"))
     data_loop = sh("losetup", "--show", "-f", "-r", data).stdout.strip()
     hash_loop = sh("losetup", "--show", "-f", "-r", hashes).stdout.strip()
-    sh("veritysetup", "open", data_loop, name, hash_loop, roothash)
+    extra: list[str | Path] = []
+    if signer is not None:
+        (base / "roothash.txt").write_text(roothash)
+        sh("openssl", "smime", "-sign", "-nocerts", "-noattr", "-binary", "-in", base / "roothash.txt",
+           "-inkey", signer[0], "-signer", signer[1], "-outform", "der", "-out", base / "roothash.p7s")
+        extra = [f"--root-hash-signature={base / 'roothash.p7s'}"]
+    sh("veritysetup", "open", data_loop, name, hash_loop, roothash, *extra)
     mount = Path("/mnt") / name
     mount.mkdir(parents=True, exist_ok=True)
     sh("mount", "-o", "ro", "-t", "ext4", f"/dev/mapper/{name}", mount)

@@ -72,7 +72,8 @@ def test_op_default_and_global_default_sources(ipe: Kernel) -> None:
     assert ipe.exec_status(ipe.good) == 0
     bprm = [r for r in ipe.audit_for(ipe.good) if r.hook == "BPRM_CHECK"]
     assert bprm and bprm[0].source == "rule" and bprm[0].action == "ALLOW"
-    assert bprm[0].rule == f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW"
+    alg, hexdigest = ipe.good_digest.split(":")  # reprinted the kernel's way: "alg":HEX
+    assert bprm[0].rule == f'op=EXECUTE fsverity_digest="{alg}":{hexdigest.upper()} action=ALLOW'
     assert ipe.exec_status(ipe.plain) == 0
     plain = [r for r in ipe.audit_for(ipe.plain) if r.hook == "BPRM_CHECK"]
     assert plain and plain[0].source == "global_default" and plain[0].rule == "DEFAULT action=ALLOW"
@@ -105,7 +106,7 @@ def test_success_audit_records_allows(ipe: Kernel) -> None:
 _FIELDS = re.compile(
     r'^type=1420 audit\(\d+\.\d{3}:\d+\): ipe_op=EXECUTE ipe_hook=BPRM_CHECK enforcing=1 pid=\d+ '
     r'comm="attack" path="(?P<path>[^"]+)" dev="(?P<dev>[^"]+)" ino=(?P<ino>\d+) '
-    r'rule="op=EXECUTE fsverity_digest=sha256:[0-9a-f]+ action=DENY"$'
+    r'rule="op=EXECUTE fsverity_digest="sha256":[0-9A-F]{64} action=DENY"$'
 )
 
 

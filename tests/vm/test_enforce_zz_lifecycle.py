@@ -63,7 +63,7 @@ def test_load_applies_the_stored_active_policy_and_audit_names_its_rules(kernel:
         assert kernel.exec_status(kernel.good) == 0
         lines = _cli("audit", "tail").stdout.splitlines()
         assert any(f'path="{kernel.bad}"' in line and
-                   f'rule="op=EXECUTE fsverity_digest={kernel.bad_digest} action=DENY"' in line
+                   f'rule="op=EXECUTE fsverity_digest="sha256":{kernel.bad_digest.split(":")[1].upper()} action=DENY"' in line
                    for line in lines), lines
     finally:
         loader.unload()
