@@ -7,7 +7,8 @@ option; they never skip.
 
 The peer test runs the kernel's own IPE and ipe-bpf side by side, both permissive and both
 auditing every decision, over the same policies (signed by ipe-bpf's own signer for the kernel)
-and the same real files, and requires the two 1420 records of every event to be identical.
+and the same real files, and requires the records to be identical: the 1422 and 1421 of
+deploying and activating each policy, and the 1420 of every decision.
 Kernel IPE stays permissive for the rest of the boot and ends on an allow-all policy.
 """
 
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.audit.render import ipe_fields
+from ipe_bpf.kernel.lifecycle import Lifecycle
+from ipe_bpf.kernel.store import PolicyStore
 from ipe_bpf.policy.signing import sign_policy
 
 from .kernel_fixtures import (  # noqa: F401
@@ -82,25 +85,28 @@ def _kernel_ipe_write(relative: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _kernel_ipe_activate(body: str) -> str:
-    """Sign `body` (rules) as a new policy for kernel IPE, load and activate it; its name."""
+def _signed_policy(body: str) -> tuple[str, bytes]:
+    """A new policy (next version) with ``body`` as its rules: its text and PKCS#7 blob."""
     version = next(_versions)
-    name = f"peer_{version}"
-    text = f"policy_name={name} policy_version=1.0.{version}\n{body}"
-    blob = sign_policy(text.encode(), KEY.read_bytes(), CERT.read_bytes())
+    text = f"policy_name=peer_{version} policy_version=1.0.{version}\n{body}"
+    return text, sign_policy(text.encode(), KEY.read_bytes(), CERT.read_bytes())
+
+
+def _kernel_ipe_activate(text: str, blob: bytes) -> None:
+    """Load ``blob`` into kernel IPE (new_policy) and make it the active policy."""
+    name = text.split()[0].split("=", 1)[1]
     _kernel_ipe_write("new_policy", blob)
     _kernel_ipe_write(f"policies/{name}/active", b"1")
-    return text
 
 
 class Kmsg:
-    """Kernel IPE's 1420 records as printed to the kernel log (audit=1, no auditd)."""
+    """Audit records as the kernel prints them to its log (audit=1, no auditd): (type, body)."""
 
     def __init__(self) -> None:
         self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
         os.lseek(self.fd, 0, os.SEEK_END)
 
-    def bodies(self) -> list[str]:
+    def records(self) -> list[tuple[int, str]]:
         out = []
         while True:
             try:
@@ -110,8 +116,9 @@ class Kmsg:
             except BrokenPipeError:  # overwritten records: keep reading
                 continue
             message = line.split(";", 1)[-1].strip()
-            if "type=1420 " in message and "): " in message:
-                out.append(message.split("): ", 1)[1])
+            if message.startswith("audit: type=14") and "): " in message:
+                kind = int(message.split("type=", 1)[1].split()[0])
+                out.append((kind, message.split("): ", 1)[1]))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -130,7 +137,7 @@ def kernel_ipe(platform_key: None) -> Iterator[None]:
         yield
     finally:
         _kernel_ipe_write("success_audit", b"0")
-        _kernel_ipe_activate("DEFAULT action=ALLOW\n")
+        _kernel_ipe_activate(*_signed_policy("DEFAULT action=ALLOW\n"))
         RATELIMIT.write_text(interval)
 
 
@@ -144,31 +151,46 @@ PEER_POLICIES = (
 
 
 def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
-        ipe: Kernel, kernel_ipe: None, signed_volume: DmVerityVolume) -> None:
+        ipe: Kernel, kernel_ipe: None, signed_volume: DmVerityVolume, tmp_path: Path) -> None:
+    """Per policy: deploy + activate (1422, 1421) and every decision (1420) of 6 real execs."""
     files = [ipe.good, ipe.bad, ipe.plain, ipe.hooked_volume.mount / "prog",
              ipe.seeded_volume.mount / "prog", signed_volume.mount / "prog"]
+    ours_store = Lifecycle(PolicyStore(tmp_path / "state"))  # records only: no kernel target
     kmsg = Kmsg()
     compared = 0
     try:
         for template in PEER_POLICIES:
             body = template.format(bad=ipe.bad_digest, good=ipe.good_digest,
                                    hooked=ipe.hooked_volume.property, signed=signed_volume.property)
-            text = _kernel_ipe_activate(body)
+            text, blob = _signed_policy(body)
+            kmsg.records()
+            _kernel_ipe_activate(text, blob)
+            theirs_lifecycle = [r for r in kmsg.records() if r[0] in (1421, 1422)]
+            ours_lifecycle = [_parsed(line) for line in (
+                *ours_store.deploy(blob, CERT).records,
+                *ours_store.activate(text.split()[0].split("=", 1)[1].encode()).records)]
+            assert ours_lifecycle == theirs_lifecycle, f"policy:\n{text}"
+
             ipe.activate(text)
             with ipe.maps() as maps:
                 maps.set_enforce(False)
                 maps.set_success_audit(True)
             ipe.drain()
-            kmsg.bodies()
+            kmsg.records()
             for path in files:
                 assert ipe.exec_status(path) == 0, path  # both permissive
             ours = sorted(ipe_fields(r) for r in ipe.drain() if _ours(r.path))
-            theirs = sorted(b for b in kmsg.bodies() if '"/mnt/' in b)
+            theirs = sorted(b for kind, b in kmsg.records() if kind == 1420 and '"/mnt/' in b)
             assert ours == theirs, f"policy:\n{text}"
             compared += len(ours)
     finally:
         kmsg.close()
     assert compared >= len(PEER_POLICIES) * len(files)  # at least each exec's BPRM_CHECK
+
+
+def _parsed(line: str) -> tuple[int, str]:
+    """(type, body) of one of our 'type=NNNN audit(...): body' lines."""
+    return int(line.split("type=", 1)[1].split()[0]), line.split("): ", 1)[1]
 
 
 def _ours(path: bytes | None) -> bool:
