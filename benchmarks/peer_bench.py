@@ -4,7 +4,7 @@ Run inside the test VM booted with the test key in UEFI db (kernel IPE only take
 signed by a key in its keyrings) and deterministic time:
 
     ipe-bpf vm run --icount --uefi-db tests/vm/keys/uefi-db-test.pem -- \\
-        python3 benchmarks/peer_bench.py [--rules 10,1000]
+        python3 benchmarks/peer_bench.py [--rules 10,550]
 
 For each size N the policy is N fs-verity digest rules with the target's digest last (kernel
 IPE scans rules in order, so this is its worst case; ipe-bpf does the same lookups for any N).
@@ -57,7 +57,10 @@ def kernel_ipe_deploy(name: str, text: str) -> None:
                        (KEYS / "uefi-db-test.pem").read_bytes())
     if (IPE_FS / "policies" / name).exists():
         ipe_write(f"policies/{name}/delete", b"1")
-    ipe_write("new_policy", blob)
+    try:
+        ipe_write("new_policy", blob)
+    except OSError as exc:  # EMSGSIZE: kernel IPE takes at most 64 KiB of signed policy
+        raise SystemExit(f"kernel IPE refused the {len(blob)}-byte policy {name}: {exc.strerror}") from None
 
 
 def kernel_ipe_activate(name: str) -> None:
@@ -66,7 +69,7 @@ def kernel_ipe_activate(name: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rules", default="10,1000")
+    ap.add_argument("--rules", default="10,550")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of S0 S1 S2 S2 S1 S0")
     ap.add_argument("--execs", type=int, default=100)
     ap.add_argument("--mmaps", type=int, default=1000)

@@ -165,13 +165,26 @@ def _why(state: ConsoleState, exit_code: int | None, timed_out: float | None, lo
 
 
 # Cursor moves, screen clears and mode switches (OVMF clears the screen on the serial line);
-# colours (SGR, `m`) pass.  A sequence split across two reads passes whole: harmless.
+# colours (SGR, `m`) pass.
 _SCREEN_CONTROL = re.compile(rb"\x1b\[[0-9;=?]*[ABCDEFGHJKSTfhlsu]")
+_UNFINISHED = re.compile(rb"\x1b(\[[0-9;=?]*)?\Z")
 
 
-def without_screen_control(chunk: bytes) -> bytes:
-    """What the user's terminal may show of the guest console: no clear-screen, no cursor jumps."""
-    return _SCREEN_CONTROL.sub(b"", chunk)
+class ScreenFilter:
+    """What the user's terminal may show of the guest console: no clear-screen, no cursor jumps.
+
+    Serial output arrives a few bytes at a time, so a sequence cut at the end of a chunk is held
+    back until the next one completes it.
+    """
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk
+        cut = _UNFINISHED.search(data)
+        self._held = data[cut.start():] if cut else b""
+        return _SCREEN_CONTROL.sub(b"", data[:cut.start()] if cut else data)
 
 
 def _stream(
@@ -181,6 +194,7 @@ def _stream(
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     pending = b""
+    screen = ScreenFilter()
     finished_at: float | None = None
     while True:
         now = time.monotonic()
@@ -201,7 +215,7 @@ def _stream(
         log.write(chunk)
         log.flush()  # the log must tell what happened even if this process is killed
         if sink is not None:
-            sink.write(without_screen_control(chunk))
+            sink.write(screen.feed(chunk))
             sink.flush()
         lines, pending = split_lines(pending + chunk)
         for line in lines:

@@ -117,8 +117,10 @@ def test_watchdog_fires_before_the_timeout() -> None:
 
 
 def test_streamed_console_drops_screen_control_but_keeps_colours() -> None:
-    from ipe_bpf.vm.run import without_screen_control
+    from ipe_bpf.vm.run import ScreenFilter
 
     ovmf = b"\x1b[2J\x1b[01;01H\x1b[=3h\x1b[2J\x1b[01;01Hboot\n"
-    assert without_screen_control(ovmf) == b"boot\n"
-    assert without_screen_control(b"\x1b[1m==> ok\x1b[0m\n") == b"\x1b[1m==> ok\x1b[0m\n"
+    assert ScreenFilter().feed(ovmf) == b"boot\n"
+    assert ScreenFilter().feed(b"\x1b[1m==> ok\x1b[0m\n") == b"\x1b[1m==> ok\x1b[0m\n"
+    byte_by_byte = ScreenFilter()
+    assert b"".join(byte_by_byte.feed(ovmf[i:i + 1]) for i in range(len(ovmf))) == b"boot\n"
