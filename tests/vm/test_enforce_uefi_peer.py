@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.audit.render import ipe_fields
+from ipe_bpf.kernel import kernel_ipe
 from ipe_bpf.kernel.lifecycle import Lifecycle
 from ipe_bpf.kernel.store import PolicyStore
 from ipe_bpf.policy.signing import sign_policy
@@ -43,7 +44,6 @@ EACCES = 13
 KEYS = Path(__file__).resolve().parent / "keys"
 KEY, CERT = KEYS / "uefi-db-test.key", KEYS / "uefi-db-test.pem"
 TEST_CN = "ipe-bpf TEST ONLY uefi db key"
-IPE_FS = Path("/sys/kernel/security/ipe")
 _versions = itertools.count(1)
 
 
@@ -77,14 +77,6 @@ def test_dmverity_signature_true_on_a_volume_with_a_signed_root_hash(
 # ------------------------------------------------------------------ kernel IPE as a peer
 
 
-def _kernel_ipe_write(relative: str, data: bytes) -> None:
-    fd = os.open(IPE_FS / relative, os.O_WRONLY)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def _signed_policy(body: str) -> tuple[str, bytes]:
     """A new policy (next version) with ``body`` as its rules: its text and PKCS#7 blob."""
     version = next(_versions)
@@ -94,9 +86,8 @@ def _signed_policy(body: str) -> tuple[str, bytes]:
 
 def _kernel_ipe_activate(text: str, blob: bytes) -> None:
     """Load ``blob`` into kernel IPE (new_policy) and make it the active policy."""
-    name = text.split()[0].split("=", 1)[1]
-    _kernel_ipe_write("new_policy", blob)
-    _kernel_ipe_write(f"policies/{name}/active", b"1")
+    kernel_ipe.deploy(blob)
+    kernel_ipe.activate(text.split()[0].split("=", 1)[1])
 
 
 class Kmsg:
@@ -128,15 +119,15 @@ RATELIMIT = Path("/proc/sys/kernel/printk_ratelimit")  # kauditd prints only wit
 
 
 @pytest.fixture(scope="module")
-def kernel_ipe(platform_key: None) -> Iterator[None]:
-    _kernel_ipe_write("enforce", b"0")  # never let kernel IPE deny: it cannot be unloaded
-    _kernel_ipe_write("success_audit", b"1")
+def kernel_ipe_peer(platform_key: None) -> Iterator[None]:
+    kernel_ipe.set_enforce(False)  # never let kernel IPE deny: it cannot be unloaded
+    kernel_ipe.set_success_audit(True)
     interval = RATELIMIT.read_text()
     RATELIMIT.write_text("0")
     try:
         yield
     finally:
-        _kernel_ipe_write("success_audit", b"0")
+        kernel_ipe.set_success_audit(False)
         _kernel_ipe_activate(*_signed_policy("DEFAULT action=ALLOW\n"))
         RATELIMIT.write_text(interval)
 
@@ -151,7 +142,7 @@ PEER_POLICIES = (
 
 
 def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
-        ipe: Kernel, kernel_ipe: None, signed_volume: DmVerityVolume, tmp_path: Path) -> None:
+        ipe: Kernel, kernel_ipe_peer: None, signed_volume: DmVerityVolume, tmp_path: Path) -> None:
     """Per policy: deploy + activate (1422, 1421) and every decision (1420) of 6 real execs."""
     files = [ipe.good, ipe.bad, ipe.plain, ipe.hooked_volume.mount / "prog",
              ipe.seeded_volume.mount / "prog", signed_volume.mount / "prog"]
