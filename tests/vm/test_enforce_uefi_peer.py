@@ -28,6 +28,7 @@ from ipe_bpf.kernel.store import PolicyStore
 from ipe_bpf.policy.signing import sign_policy
 
 from .kernel_fixtures import (  # noqa: F401
+    FSV,
     DmVerityVolume,
     Kernel,
     get_kernel,
@@ -36,6 +37,7 @@ from .kernel_fixtures import (  # noqa: F401
     make_verity_volume,
     policy,
     sh,
+    verity_copy,
 )
 
 pytestmark = pytest.mark.uefi_db
@@ -226,3 +228,35 @@ def _mprotect_name_only(body: str) -> str:
     head, rest = body.split(' path="', 1)
     path, tail = rest.split('"', 1)
     return f'{head} path="{path.rsplit("/", 1)[-1]}"{tail}'
+
+
+def test_kernel_ipe_and_ipe_bpf_agree_on_kernel_module_loads(ipe: Kernel, kernel_ipe_peer: None) -> None:
+    """KMODULE from a file (kernel_read_file) and from memory (kernel_load_data): same records."""
+    from .test_enforce_kmod import _flags, _loaded, _module, _raw, _unload
+
+    name, path = _module()
+    copy = FSV / f"peer-{path.name}"
+    digest = verity_copy(path, copy)
+    text, blob = _signed_policy(
+        "DEFAULT action=ALLOW\nDEFAULT op=KMODULE action=DENY\n"
+        f"op=KMODULE fsverity_digest={digest} action=ALLOW\n")
+    _kernel_ipe_activate(text, blob)
+    ipe.activate(text)
+    with ipe.maps() as maps:
+        maps.set_enforce(False)
+        maps.set_success_audit(True)
+    kmsg = Kmsg()
+    try:
+        ipe.drain()
+        kmsg.records()
+        for args in (("finit", copy, _flags(copy)), ("finit", path, _flags(path)), ("init", _raw(path))):
+            assert ipe.run(*args) == 0, args  # both permissive
+            assert _loaded(name)
+            _unload(ipe, name)
+        ours = sorted(ipe_fields(r) for r in ipe.drain() if r.op == "KMODULE")
+        theirs = sorted(b for kind, b in kmsg.records() if kind == 1420 and "ipe_op=KMODULE " in b)
+    finally:
+        kmsg.close()
+        _unload(ipe, name)
+    assert {b.split()[1] for b in theirs} == {"ipe_hook=KERNEL_READ", "ipe_hook=KERNEL_LOAD"}, theirs
+    assert len(theirs) == 3 and ours == theirs
