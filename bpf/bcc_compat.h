@@ -36,6 +36,7 @@ BPF_HASH(ipe_devices, __u32, struct ipe_bdev_state, IPE_DEVICES_MAX);
 BPF_PERCPU_ARRAY(ipe_counters, struct ipe_counters, 1);
 BPF_RINGBUF_OUTPUT(ipe_events, IPE_RINGBUF_PAGES);
 BPF_INODE_STORAGE(ipe_inodes, struct ipe_inode_state);
+BPF_PERCPU_ARRAY(ipe_scratch, struct ipe_path_scratch, 1);
 
 static __always_inline struct ipe_config *ipe_config_get(void)
 {
@@ -77,6 +78,12 @@ static __always_inline struct ipe_counters *ipe_counters_get(void)
 {
 	int zero = 0;
 	return ipe_counters.lookup(&zero);
+}
+
+static __always_inline struct ipe_path_scratch *ipe_scratch_get(void)
+{
+	int zero = 0;
+	return ipe_scratch.lookup(&zero);
 }
 
 static __always_inline struct ipe_event *ipe_event_reserve(void)

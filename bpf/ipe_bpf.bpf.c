@@ -22,7 +22,8 @@
  *  - a trusted hook argument is assumed non-NULL (mmap_file's file can be NULL);
  *  - `const void *` hook arguments cannot be read from the context (setintegrity hooks);
  *  - bpf_d_path() is allowed only in hooks of the sleepable list: bprm_check_security,
- *    mmap_file and kernel_read_file, not file_mprotect (which records the dentry name).
+ *    mmap_file and kernel_read_file, not file_mprotect, which rebuilds the path itself
+ *    (ipe_walk_path, with struct mount's offsets IPE_OFF_MOUNT_* from BTF: IPE_HAVE_MOUNT).
  */
 #include <linux/fs.h>
 #include <linux/mount.h>
@@ -279,6 +280,77 @@ static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot
 	}
 }
 
+#ifdef IPE_HAVE_MOUNT
+#define IPE_PATH_DEPTH 24	/* components plus mount crossings */
+
+/*
+ * d_path() rebuilt by walking d_parent up to the root, crossing mounts through struct mount
+ * (offsets from BTF), for hooks where bpf_d_path() is refused (file_mprotect).  Relative to
+ * the initial namespace's root, without d_path's " (deleted)" suffix.  Returns the length,
+ * or 0 (too deep or too long: the caller records the name only).
+ */
+static __always_inline __u32 ipe_walk_path(struct ipe_event *e, struct file *file)
+{
+	struct ipe_path_scratch *s = ipe_scratch_get();
+	void *d = file->f_path.dentry, *vfsmnt = file->f_path.mnt;
+	void *mnt, *root = NULL, *parent = NULL, *up = NULL;
+	const unsigned char *name = NULL;
+	__u32 pos = IPE_PATH_MAX, len = 0, done = 0;
+
+	if (!s || !d || !vfsmnt)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < IPE_PATH_DEPTH; i++) {
+		if (done)
+			break;
+		IPE_READ(root, vfsmnt + offsetof(struct vfsmount, mnt_root));
+		if (d == root) {
+			mnt = vfsmnt - IPE_OFF_MOUNT_MNT;
+			IPE_READ(parent, mnt + IPE_OFF_MOUNT_PARENT);
+			if (!parent || parent == mnt) {
+				done = 1;
+				break;
+			}
+			IPE_READ(d, mnt + IPE_OFF_MOUNT_MOUNTPOINT);
+			vfsmnt = parent + IPE_OFF_MOUNT_MNT;
+			continue;
+		}
+		IPE_READ(up, d + offsetof(struct dentry, d_parent));
+		if (!up || up == d) {
+			done = 1;
+			break;
+		}
+		IPE_READ(len, d + offsetof(struct dentry, d_name.len));
+		IPE_READ(name, d + offsetof(struct dentry, d_name.name));
+		if (len + 1 > pos || len > 0xff)
+			return 0;
+		asm volatile("" : "+r"(len));
+		len &= 0xff;
+		pos -= len;
+		bpf_probe_read_kernel(&s->buf[pos & (IPE_PATH_MAX - 1)], len, name);
+		pos -= 1;
+		s->buf[pos & (IPE_PATH_MAX - 1)] = '/';
+		d = up;
+	}
+	if (!done)
+		return 0;
+	if (pos == IPE_PATH_MAX) {	/* the root itself */
+		e->path[0] = '/';
+		e->path[1] = 0;
+		return 1;
+	}
+	len = IPE_PATH_MAX - pos;
+	if (len >= IPE_PATH_MAX)
+		return 0;
+	/* keep the mask: clang would drop it after the check, and the verifier needs it */
+	asm volatile("" : "+r"(len));
+	len &= IPE_PATH_MAX - 1;
+	bpf_probe_read_kernel(e->path, len, &s->buf[pos & (IPE_PATH_MAX - 1)]);
+	e->path[len & (IPE_PATH_MAX - 1)] = 0;
+	return len;
+}
+#endif
+
 static __always_inline void ipe_fill_path(struct ipe_event *e, struct file *file, int use_d_path)
 {
 	struct dentry *dentry;
@@ -294,6 +366,16 @@ static __always_inline void ipe_fill_path(struct ipe_event *e, struct file *file
 			return;
 		}
 	}
+#ifdef IPE_HAVE_MOUNT
+	else {
+		n = ipe_walk_path(e, file);
+		if (n > 0) {
+			e->path_kind = IPE_PATH_FULL;
+			e->path_len = n;
+			return;
+		}
+	}
+#endif
 	dentry = file->f_path.dentry;
 	if (dentry) {
 		n = bpf_probe_read_kernel_str(e->path, IPE_PATH_MAX, dentry->d_name.name);

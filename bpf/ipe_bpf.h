@@ -120,6 +120,13 @@ struct ipe_event {
 	char path[IPE_PATH_MAX];
 };
 
+/* per-CPU scratch (array, one entry): a path rebuilt from its end where bpf_d_path() is refused. */
+#define IPE_PATH_SCRATCH 1024	/* 2 * IPE_PATH_MAX: masked offsets plus a name stay inside */
+
+struct ipe_path_scratch {
+	char buf[IPE_PATH_SCRATCH];
+};
+
 /* counters map (per-CPU array, one entry): decisions per op, and ring buffer drops. */
 struct ipe_counters {
 	__u64 allow[IPE_NR_OPS];

@@ -248,3 +248,21 @@ def overlay_offsets(vmlinux: Btf | None = None, module: Path = Path("/sys/kernel
     except (KernelError, OSError) as exc:
         return OverlayOffsets({}, missing=str(exc))
     return OverlayOffsets(values)
+
+
+# struct mount (fs/mount.h, private): file_mprotect rebuilds paths by crossing mounts.
+MOUNT_OFFSETS: dict[str, tuple[str, str]] = {
+    "IPE_OFF_MOUNT_MNT": ("mount", "mnt"),
+    "IPE_OFF_MOUNT_PARENT": ("mount", "mnt_parent"),
+    "IPE_OFF_MOUNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
+}
+
+
+def mount_defines(vmlinux: Btf | None = None) -> list[str]:
+    """-D defines for struct mount's layout, with IPE_HAVE_MOUNT; none if BTF lacks it."""
+    vmlinux = load_vmlinux() if vmlinux is None else vmlinux
+    try:
+        values = {d: vmlinux.offset(s, m) for d, (s, m) in MOUNT_OFFSETS.items()}
+    except KernelError:
+        return []  # MPROTECT records then carry the file's name only
+    return [f"-D{k}={v}" for k, v in sorted(values.items())] + ["-DIPE_HAVE_MOUNT=1"]

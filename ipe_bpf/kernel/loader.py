@@ -54,7 +54,8 @@ class LoadResult:
 
 
 def cflags(
-    options: LoadOptions, offsets: btf.FsverityOffsets, overlay: btf.OverlayOffsets | None = None
+    options: LoadOptions, offsets: btf.FsverityOffsets, overlay: btf.OverlayOffsets | None = None,
+    mount: list[str] | None = None,
 ) -> list[str]:
     return [
         f"-I{BPF_DIR}",
@@ -63,6 +64,7 @@ def cflags(
         f"-DIPE_RINGBUF_PAGES={options.ringbuf_pages}",
         *offsets.defines(),
         *(overlay.defines() if overlay is not None else []),
+        *(mount or []),
     ]
 
 
@@ -122,7 +124,8 @@ def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT) -> LoadRes
 
         started = time.monotonic()
         try:
-            b = BPF(text=program_text().encode(), cflags=cflags(options, offsets, overlay))
+            b = BPF(text=program_text().encode(),
+                    cflags=cflags(options, offsets, overlay, btf.mount_defines()))
         except Exception as exc:  # BCC raises plain Exception for compile/load/attach errors
             raise _bcc_error(exc) from None
         compile_seconds = time.monotonic() - started
