@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -143,11 +143,41 @@ PEER_POLICIES = (
 )
 
 
+def _activate_in_both(ipe: Kernel, text: str, blob: bytes) -> None:
+    """The policy active in kernel IPE and in ipe-bpf, ipe-bpf permissive and auditing allows."""
+    _kernel_ipe_activate(text, blob)
+    ipe.activate(text)
+    with ipe.maps() as maps:
+        maps.set_enforce(False)
+        maps.set_success_audit(True)
+
+
+def _decisions(ipe: Kernel, kmsg: Kmsg, act: Callable[[], None],
+               keep: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+    """Run ``act`` with both audit streams emptied first: (ours, theirs), the 1420 bodies kept."""
+    ipe.drain()
+    kmsg.records()
+    act()
+    ours = sorted(body for body in map(ipe_fields, ipe.drain()) if keep(body))
+    theirs = sorted(body for kind, body in kmsg.records() if kind == 1420 and keep(body))
+    return ours, theirs
+
+
+def _parsed(line: str) -> tuple[int, str]:
+    """(type, body) of one of our 'type=NNNN audit(...): body' lines."""
+    return int(line.split("type=", 1)[1].split()[0]), line.split("): ", 1)[1]
+
+
 def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
         ipe: Kernel, kernel_ipe_peer: None, signed_volume: DmVerityVolume, tmp_path: Path) -> None:
     """Per policy: deploy + activate (1422, 1421) and every decision (1420) of 6 real execs."""
     files = [ipe.good, ipe.bad, ipe.plain, ipe.hooked_volume.mount / "prog",
              ipe.seeded_volume.mount / "prog", signed_volume.mount / "prog"]
+
+    def exec_all() -> None:
+        for path in files:
+            assert ipe.exec_status(path) == 0, path  # both permissive
+
     ours_store = Lifecycle(PolicyStore(tmp_path / "state"))  # records only: no kernel target
     kmsg = Kmsg()
     compared = 0
@@ -157,23 +187,13 @@ def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
                                    hooked=ipe.hooked_volume.property, signed=signed_volume.property)
             text, blob = _signed_policy(body)
             kmsg.records()
-            _kernel_ipe_activate(text, blob)
+            _activate_in_both(ipe, text, blob)
             theirs_lifecycle = [r for r in kmsg.records() if r[0] in (1421, 1422)]
             ours_lifecycle = [_parsed(line) for line in (
                 *ours_store.deploy(blob, CERT).records,
                 *ours_store.activate(text.split()[0].split("=", 1)[1].encode()).records)]
             assert ours_lifecycle == theirs_lifecycle, f"policy:\n{text}"
-
-            ipe.activate(text)
-            with ipe.maps() as maps:
-                maps.set_enforce(False)
-                maps.set_success_audit(True)
-            ipe.drain()
-            kmsg.records()
-            for path in files:
-                assert ipe.exec_status(path) == 0, path  # both permissive
-            ours = sorted(ipe_fields(r) for r in ipe.drain() if _ours(r.path))
-            theirs = sorted(b for kind, b in kmsg.records() if kind == 1420 and '"/mnt/' in b)
+            ours, theirs = _decisions(ipe, kmsg, exec_all, lambda b: ' path="/mnt/' in b)
             assert ours == theirs, f"policy:\n{text}"
             compared += len(ours)
     finally:
@@ -181,36 +201,22 @@ def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
     assert compared >= len(PEER_POLICIES) * len(files)  # at least each exec's BPRM_CHECK
 
 
-def _parsed(line: str) -> tuple[int, str]:
-    """(type, body) of one of our 'type=NNNN audit(...): body' lines."""
-    return int(line.split("type=", 1)[1].split()[0]), line.split("): ", 1)[1]
-
-
-def _ours(path: bytes | None) -> bool:
-    return path is not None and path.startswith(b"/mnt/")
-
-
 def test_kernel_ipe_and_ipe_bpf_agree_on_the_bypass_hooks(ipe: Kernel, kernel_ipe_peer: None) -> None:
     """mmap, mprotect, anonymous executable memory and memfd exec: the same records (MPROTECT's
     path is rebuilt by walking dentries and mounts: bpf_d_path is refused in file_mprotect)."""
-    text, blob = _signed_policy(
+    _activate_in_both(ipe, *_signed_policy(
         "DEFAULT action=ALLOW\nDEFAULT op=EXECUTE action=DENY\n"
         f"op=EXECUTE fsverity_digest={ipe.attack_digest} action=ALLOW\n"
-        f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW\n")
-    _kernel_ipe_activate(text, blob)
-    ipe.activate(text)
-    with ipe.maps() as maps:
-        maps.set_enforce(False)
-        maps.set_success_audit(True)
-    kmsg = Kmsg()
-    try:
-        ipe.drain()
-        kmsg.records()
+        f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW\n"))
+
+    def attacks() -> None:
         for args in (("mmap-exec", ipe.good), ("mprotect", ipe.bad), ("anon-exec",), ("anon-mprotect",),
                      ("memfd-exec", ipe.plain)):
             ipe.run(*args)
-        ours = sorted(ipe_fields(r) for r in ipe.drain() if r.comm == b"attack")
-        theirs = sorted(b for kind, b in kmsg.records() if kind == 1420 and ' comm="attack" ' in b)
+
+    kmsg = Kmsg()
+    try:
+        ours, theirs = _decisions(ipe, kmsg, attacks, lambda b: ' comm="attack" ' in b)
     finally:
         kmsg.close()
     hooks = {b.split()[1] for b in theirs}
@@ -226,24 +232,19 @@ def test_kernel_ipe_and_ipe_bpf_agree_on_kernel_module_loads(ipe: Kernel, kernel
     name, path = _module()
     copy = FSV / f"peer-{path.name}"
     digest = verity_copy(path, copy)
-    text, blob = _signed_policy(
+    _activate_in_both(ipe, *_signed_policy(
         "DEFAULT action=ALLOW\nDEFAULT op=KMODULE action=DENY\n"
-        f"op=KMODULE fsverity_digest={digest} action=ALLOW\n")
-    _kernel_ipe_activate(text, blob)
-    ipe.activate(text)
-    with ipe.maps() as maps:
-        maps.set_enforce(False)
-        maps.set_success_audit(True)
-    kmsg = Kmsg()
-    try:
-        ipe.drain()
-        kmsg.records()
+        f"op=KMODULE fsverity_digest={digest} action=ALLOW\n"))
+
+    def loads() -> None:
         for args in (("finit", copy, _flags(copy)), ("finit", path, _flags(path)), ("init", _raw(path))):
             assert ipe.run(*args) == 0, args  # both permissive
             assert _loaded(name)
             _unload(ipe, name)
-        ours = sorted(ipe_fields(r) for r in ipe.drain() if r.op == "KMODULE")
-        theirs = sorted(b for kind, b in kmsg.records() if kind == 1420 and "ipe_op=KMODULE " in b)
+
+    kmsg = Kmsg()
+    try:
+        ours, theirs = _decisions(ipe, kmsg, loads, lambda b: "ipe_op=KMODULE " in b)
     finally:
         kmsg.close()
         _unload(ipe, name)
