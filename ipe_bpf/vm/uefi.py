@@ -60,8 +60,8 @@ def load_certificate(path: Path) -> bytes:
         raise VmError("ENOENT", f"--uefi-db {path}: {exc.strerror}") from None
     try:
         cert = x509.load_pem_x509_certificate(raw) if b"-----BEGIN" in raw else x509.load_der_x509_certificate(raw)
-    except ValueError as exc:
-        raise VmError("EINVAL", f"--uefi-db {path}: not an X.509 certificate ({exc})") from None
+    except ValueError:
+        raise VmError("EINVAL", f"--uefi-db {path}: not an X.509 certificate (PEM or DER)") from None
     return cert.public_bytes(Encoding.DER)
 
 
