@@ -83,10 +83,13 @@ def _store_bounds(data: bytes) -> tuple[int, int]:
     return start + _STORE_HEADER.size, start + size
 
 
-def variables(data: bytes) -> list[tuple[str, uuid.UUID, int, bytes]]:
-    """(name, vendor GUID, state, data) of every variable in the store, in order."""
+Variable = tuple[str, uuid.UUID, int, bytes]  # name, vendor GUID, state, data
+
+
+def _scan(data: bytes) -> tuple[list[Variable], int, int]:
+    """The store's variables in order, the offset after the last one, and the store's end."""
     at, end = _store_bounds(data)
-    found = []
+    found: list[Variable] = []
     while at + _VAR_HEADER.size <= end:
         start_id, state, _, _, _, _, _, name_size, data_size, guid = _VAR_HEADER.unpack_from(data, at)
         if start_id != _START_ID:
@@ -96,30 +99,24 @@ def variables(data: bytes) -> list[tuple[str, uuid.UUID, int, bytes]]:
         value = data[name_at + name_size:name_at + name_size + data_size]
         found.append((name, uuid.UUID(bytes_le=guid), state, value))
         at = (name_at + name_size + data_size + 3) & ~3
-    return found
+    return found, at, end
 
 
-def _free_offset(data: bytes) -> int:
-    at, end = _store_bounds(data)
-    while struct.unpack_from("<H", data, at)[0] == _START_ID:
-        _, _, _, _, _, _, _, name_size, data_size, _ = _VAR_HEADER.unpack_from(data, at)
-        at = (at + _VAR_HEADER.size + name_size + data_size + 3) & ~3
-        if at >= end:
-            raise VmError("ENOSPC", "the firmware variable store is full")
-    return at
+def variables(data: bytes) -> list[Variable]:
+    """(name, vendor GUID, state, data) of every variable in the store, in order."""
+    return _scan(data)[0]
 
 
 def with_db_certificate(store: bytes, cert_der: bytes) -> bytes:
     """``store`` with a `db` variable holding ``cert_der`` added (the store must have no `db`)."""
-    if any(name == "db" and state == _VAR_ADDED for name, _, state, _ in variables(store)):
+    found, at, end = _scan(store)
+    if any(name == "db" and state == _VAR_ADDED for name, _, state, _ in found):
         raise VmError("EEXIST", "the firmware variable store already has a db variable")
     name = "db\0".encode("utf-16-le")
     value = signature_list(cert_der)
     header = _VAR_HEADER.pack(_START_ID, _VAR_ADDED, 0, _DB_ATTRIBUTES, 0, bytes(16), 0,
                               len(name), len(value), IMAGE_SECURITY_DATABASE_GUID.bytes_le)
     record = header + name + value
-    at = _free_offset(store)
-    _, end = _store_bounds(store)
     if at + len(record) > end or store[at:at + len(record)] != b"\xff" * len(record):
         raise VmError("ENOSPC", "no room for db in the firmware variable store")
     return store[:at] + record + store[at + len(record):]
