@@ -199,14 +199,15 @@ def success_audit_cmd(value: Annotated[str, typer.Argument(help="on | off")]) ->
 
 
 def _print_setting(name: str, on: bool, outcome: "Outcome") -> None:
+    from .lifecycle import print_warnings
+
     state = "on" if on else "off"
     where = "now" if outcome.applied else "at the next `ipe-bpf load` (not loaded)"
     console.print(f"{name} {state}{'' if outcome.changed else ' (unchanged)'}, in effect {where}",
                   markup=False)
     for line in outcome.records:
         console.print(line, markup=False)
-    for warning in outcome.warnings:
-        err_console.print(f"warning: {warning}", markup=False)
+    print_warnings(outcome)
 
 
 def doctor_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:

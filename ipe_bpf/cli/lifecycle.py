@@ -81,7 +81,7 @@ def _warn_unsigned(unsigned: bool, outcome: Outcome) -> None:
                           markup=False, style="bold red")
 
 
-def _warnings(outcome: Outcome) -> None:
+def print_warnings(outcome: Outcome) -> None:
     for warning in outcome.warnings:
         err_console.print(f"warning: {warning}", markup=False)
 
@@ -117,7 +117,7 @@ def deploy(
     with open_lifecycle("deploy") as life:
         outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file))
     _warn_unsigned(unsigned, outcome)
-    _warnings(outcome)
+    print_warnings(outcome)
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
         return
@@ -137,7 +137,7 @@ def activate(
     """Make a deployed policy the active one."""
     with open_lifecycle("activate") as life:
         outcome = life.activate(policy_name(name))
-    _warnings(outcome)
+    print_warnings(outcome)
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
         return
@@ -161,7 +161,7 @@ def update(
         outcome = life.update(policy_name(name), blob, trust, allow_unsigned=unsigned,
                               source=str(file))
     _warn_unsigned(unsigned, outcome)
-    _warnings(outcome)
+    print_warnings(outcome)
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
         return
