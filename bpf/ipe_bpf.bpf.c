@@ -471,17 +471,17 @@ static __always_inline __u8 ipe_read_id_op(int id)
 {
 	switch (id) {
 	case READING_FIRMWARE:
-		return 1;	/* FIRMWARE */
+		return IPE_OP_FIRMWARE;
 	case READING_MODULE:
-		return 2;	/* KMODULE */
+		return IPE_OP_KMODULE;
 	case READING_KEXEC_IMAGE:
-		return 3;	/* KEXEC_IMAGE */
+		return IPE_OP_KEXEC_IMAGE;
 	case READING_KEXEC_INITRAMFS:
-		return 4;	/* KEXEC_INITRAMFS */
+		return IPE_OP_KEXEC_INITRAMFS;
 	case READING_POLICY:
-		return 5;	/* POLICY */
+		return IPE_OP_POLICY;
 	case READING_X509_CERTIFICATE:
-		return 6;	/* X509_CERT */
+		return IPE_OP_X509_CERT;
 	default:
 		return IPE_OP_UNKNOWN;
 	}
@@ -491,17 +491,17 @@ static __always_inline __u8 ipe_load_id_op(int id)
 {
 	switch (id) {
 	case LOADING_FIRMWARE:
-		return 1;
+		return IPE_OP_FIRMWARE;
 	case LOADING_MODULE:
-		return 2;
+		return IPE_OP_KMODULE;
 	case LOADING_KEXEC_IMAGE:
-		return 3;
+		return IPE_OP_KEXEC_IMAGE;
 	case LOADING_KEXEC_INITRAMFS:
-		return 4;
+		return IPE_OP_KEXEC_INITRAMFS;
 	case LOADING_POLICY:
-		return 5;
+		return IPE_OP_POLICY;
 	case LOADING_X509_CERTIFICATE:
-		return 6;
+		return IPE_OP_X509_CERT;
 	default:
 		return IPE_OP_UNKNOWN;
 	}
@@ -525,7 +525,7 @@ static __always_inline const void *ipe_ctx_ptr(unsigned long long *ctx, int i)
 
 IPE_HOOK(bprm_check_security, struct linux_binprm *bprm)
 {
-	return ipe_evaluate(bprm->file, 0, IPE_HOOK_BPRM_CHECK, 1);
+	return ipe_evaluate(bprm->file, IPE_OP_EXECUTE, IPE_HOOK_BPRM_CHECK, 1);
 }
 
 IPE_HOOK(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot, unsigned long flags)
@@ -538,8 +538,8 @@ IPE_HOOK(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot
 	 * dereference in the kernel).  Test a copy laundered through bpf_probe_read_kernel.
 	 */
 	if (!ipe_ctx_ptr(ctx, 0))
-		return ipe_evaluate(NULL, 0, IPE_HOOK_MMAP, 0);
-	return ipe_evaluate(file, 0, IPE_HOOK_MMAP, 1);
+		return ipe_evaluate(NULL, IPE_OP_EXECUTE, IPE_HOOK_MMAP, 0);
+	return ipe_evaluate(file, IPE_OP_EXECUTE, IPE_HOOK_MMAP, 1);
 }
 
 IPE_HOOK(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot)
@@ -552,8 +552,8 @@ IPE_HOOK(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsig
 		return 0;
 	file = vma->vm_file;
 	if (file)
-		return ipe_evaluate(file, 0, IPE_HOOK_MPROTECT, 0);
-	return ipe_evaluate(NULL, 0, IPE_HOOK_MPROTECT, 0);
+		return ipe_evaluate(file, IPE_OP_EXECUTE, IPE_HOOK_MPROTECT, 0);
+	return ipe_evaluate(NULL, IPE_OP_EXECUTE, IPE_HOOK_MPROTECT, 0);
 }
 
 IPE_HOOK(kernel_read_file, struct file *file, enum kernel_read_file_id id, bool contents)

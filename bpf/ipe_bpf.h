@@ -8,7 +8,14 @@
 #define IPE_BPF_H
 
 #define IPE_NR_OPS 8		/* policy ops 0..6 plus UNKNOWN (7) */
-#define IPE_OP_UNKNOWN 7
+#define IPE_OP_EXECUTE 0
+#define IPE_OP_FIRMWARE 1
+#define IPE_OP_KMODULE 2
+#define IPE_OP_KEXEC_IMAGE 3
+#define IPE_OP_KEXEC_INITRAMFS 4
+#define IPE_OP_POLICY 5
+#define IPE_OP_X509_CERT 6
+#define IPE_OP_UNKNOWN 7	/* an unmapped kernel_read_file / kernel_load_data id */
 #define IPE_ALG_MAX 16		/* longest digest algorithm name that can match */
 #define IPE_DIGEST_MAX 64	/* longest digest that can match (sha512, blake2b-512) */
 #define IPE_SLOTS 2		/* policy tables are double-buffered: slot 0 and slot 1 */
