@@ -5,43 +5,41 @@
  * Per event: (op, hook, file-or-NULL) -> the file's attributes -> at most two digest-id
  * lookups and four rule-table lookups in the active slot's compiled tables -> ALLOW/DENY,
  * audited through a ring buffer (every DENY; every ALLOW with success_audit).
- * The decision steps mirror ipe_bpf/policy/compiler.py lookup(); the semantics are
- * ../shared/spec/IPE.md section 2.
+ * The decision steps mirror ipe_bpf/policy/compiler.py lookup(); docs/design.md describes
+ * the tables and docs/policy-language.md the semantics.
  *
- * Load-time constants (-D, from the running kernel's BTF, see ipe_bpf/kernel/btf.py):
- *   IPE_OFF_INODE_VERITY   offsetof(struct inode, i_verity_info)
- *   IPE_OFF_VI_HASH_ALG    offsetof(struct fsverity_info, tree_params.hash_alg)
- *   IPE_OFF_VI_DIGEST      offsetof(struct fsverity_info, file_digest)
- *   IPE_OFF_ALG_NAME       offsetof(struct fsverity_hash_alg, name)
- *   IPE_OFF_ALG_SIZE       offsetof(struct fsverity_hash_alg, digest_size)
- * IPE_HAVE_FSVERITY is defined when all five were found.  IPE_HAVE_OVL and IPE_OFF_OVL_*,
- * IPE_OFF_OE_*, IPE_OFF_OVLPATH_DENTRY, IPE_SIZEOF_OVL_PATH: overlayfs' private layout
- * (module BTF) for d_real_inode().
+ * Built two ways from this one source:
+ *  - CO-RE (-DIPE_CORE, libbpf_compat.h): the prebuilt object scripts/build-bpf commits as
+ *    ipe_bpf.bpf.o; kernel structs are reached through CO-RE relocations and what a kernel
+ *    lacks is tested at load time (IPE_HAVE_* are relocated constants);
+ *  - BCC (bcc_compat.h): compiled at load time against the running kernel's headers, the
+ *    private structs' offsets passed as -D constants (ipe_bpf/kernel/btf.py).
+ * Both headers define the same names: maps, IPE_HOOK(), IPE_FIELD() for public structs,
+ * IPE_OFF_* for private ones and IPE_HAVE_* for what the running kernel has.
  *
- * 6.12 verifier facts this file works around (see the comments at each place):
+ * Verifier facts this file works around (6.1 to 7.x; see the comments at each place):
  *  - a trusted hook argument is assumed non-NULL (mmap_file's file can be NULL);
  *  - `const void *` hook arguments cannot be read from the context (setintegrity hooks);
- *  - bpf_d_path() is allowed only in hooks of the sleepable list: bprm_check_security,
- *    mmap_file and kernel_read_file, not file_mprotect, which rebuilds the path itself
- *    (ipe_walk_path, with struct mount's offsets IPE_OFF_MOUNT_* from BTF: IPE_HAVE_MOUNT).
+ *  - bpf_d_path() is allowed only in bprm_check_security, mmap_file and kernel_read_file,
+ *    not file_mprotect, which rebuilds the path itself (ipe_walk_path).
  */
-#include <linux/fs.h>
-#include <linux/mount.h>
-#include <linux/dcache.h>
-#include <linux/binfmts.h>
-#include <linux/mm.h>
-#include <linux/mman.h>
-#include <linux/blk_types.h>
-#include <linux/kernel_read_file.h>
-#include <linux/security.h>
-#include <linux/errno.h>
-#include <linux/magic.h>
-#include <linux/stddef.h>
-
-#include "ipe_bpf.h"
+#ifdef IPE_CORE
+#include "libbpf_compat.h"
+#else
 #include "bcc_compat.h"
+#endif
 
 #define IPE_NO_RULE 0xffffffffU
+
+#ifdef IPE_CORE
+/* Set by the loader before load from what it probed (frozen: the verifier prunes by them). */
+const volatile struct {
+	__u8 fsverity_kfunc;	/* call bpf_get_fsverity_digest (no i_verity_info) */
+} ipe_load = {};
+#define IPE_USE_FSVERITY_KFUNC (ipe_load.fsverity_kfunc && !IPE_HAVE_INODE_VERITY)
+#else
+#define IPE_USE_FSVERITY_KFUNC 0
+#endif
 
 /* What the decision needs to know about the file behind the event. */
 struct ipe_attrs {
@@ -56,6 +54,8 @@ struct ipe_decision {
 	__u8 source;
 };
 
+#define IPE_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (src))
+
 /* Copy a kernel byte string of length len (<= IPE_DIGEST_MAX) with verifier-proof sizes. */
 static __always_inline void ipe_read_digest(__u8 *dst, const void *src, __u32 len)
 {
@@ -63,6 +63,15 @@ static __always_inline void ipe_read_digest(__u8 *dst, const void *src, __u32 le
 		bpf_probe_read_kernel(dst, IPE_DIGEST_MAX, src);
 	else
 		bpf_probe_read_kernel(dst, len & (IPE_DIGEST_MAX - 1), src);
+}
+
+/* Zero the bytes of a digest buffer from len on (keys compare whole arrays). */
+static __always_inline void ipe_clear_tail(__u8 *digest, __u32 len)
+{
+#pragma unroll
+	for (int i = 0; i < IPE_DIGEST_MAX; i++)
+		if (i >= len)
+			digest[i] = 0;
 }
 
 /* A NUL-terminated kernel string into an IPE_ALG_MAX array; returns strlen (> IPE_ALG_MAX: too long). */
@@ -78,14 +87,18 @@ static __always_inline __u32 ipe_read_alg(char *dst, const char *src)
 }
 
 /* boot_verified: the mount's superblock is the initial rootfs (the initramfs). */
-static __always_inline int ipe_sb_is_rootfs(struct super_block *sb)
+static __always_inline int ipe_sb_is_rootfs(void *sb)
 {
 	char name[8] = {};
-	const char *type_name;
+	void *type = NULL;
+	const char *type_name = NULL;
 
-	if (!sb || !sb->s_type)
+	if (!sb)
 		return 0;
-	type_name = sb->s_type->name;
+	IPE_FIELD(type, sb, struct super_block, s_type);
+	if (!type)
+		return 0;
+	IPE_FIELD(type_name, type, struct file_system_type, name);
 	bpf_probe_read_kernel_str(name, sizeof(name), type_name);
 	return name[0] == 'r' && name[1] == 'o' && name[2] == 'o' && name[3] == 't' &&
 	       name[4] == 'f' && name[5] == 's' && name[6] == 0;
@@ -93,138 +106,268 @@ static __always_inline int ipe_sb_is_rootfs(struct super_block *sb)
 
 static __always_inline __u32 ipe_digest_id(struct ipe_digest_key *key)
 {
-	__u32 *id = ipe_digest_lookup(key);
+	__u32 *id = ipe_map_lookup(ipe_digests, key);
 
 	return id ? *id : 0;
 }
 
-#define IPE_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (src))
-
 /*
- * The inode whose properties count (spec section 2: d_real_inode()).  For overlayfs that
- * is the upper inode once copied up, else the lower data inode; the layout of overlayfs'
- * private structs comes from BTF at load time (IPE_HAVE_OVL).  The result may not be a
- * BTF pointer, so the attribute readers below use bpf_probe_read_kernel throughout.
+ * The inode whose properties count (IPE: d_real_inode()).  For overlayfs that is the upper
+ * inode once copied up, else the lowest layer's; overlayfs' private layout is relocated at
+ * load time (IPE_HAVE_OVL since 6.5, IPE_HAVE_OVL61 before).  The result may not be a BTF
+ * pointer, so the attribute readers below read through bpf_probe_read_kernel throughout.
  */
-static __always_inline void *ipe_real_inode(struct inode *inode)
+static __always_inline void *ipe_real_inode(void *inode)
 {
-#ifdef IPE_HAVE_OVL
-	void *oi, *dentry = NULL, *oe = NULL, *real = NULL;
+	void *sb = NULL, *oi, *dentry = NULL, *oe = NULL, *real = NULL;
+	unsigned long magic = 0;
 	unsigned int n = 0;
 
-	if (!inode->i_sb || inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC)
+	if (!IPE_HAVE_OVL && !IPE_HAVE_OVL61)
 		return inode;
-	oi = (void *)inode - IPE_OFF_OVL_VFS_INODE;
-	IPE_READ(dentry, oi + IPE_OFF_OVL_UPPER);
-	if (!dentry) {
-		IPE_READ(oe, oi + IPE_OFF_OVL_OE);
+	IPE_FIELD(sb, inode, struct inode, i_sb);
+	if (!sb)
+		return inode;
+	IPE_FIELD(magic, sb, struct super_block, s_magic);
+	if (magic != OVERLAYFS_SUPER_MAGIC)
+		return inode;
+	oi = inode - IPE_OFF_OVL_INODE_VFS_INODE;
+	IPE_READ(dentry, oi + IPE_OFF_OVL_INODE_UPPER);
+	if (!dentry && IPE_HAVE_OVL) {
+		IPE_READ(oe, oi + IPE_OFF_OVL_INODE_OE);
 		if (!oe)
 			return inode;
-		IPE_READ(n, oe + IPE_OFF_OE_NUMLOWER);
+		IPE_READ(n, oe + IPE_OFF_OVL_ENTRY_NUMLOWER);
 		if (n == 0 || n > 512)
 			return inode;
-		IPE_READ(dentry, oe + IPE_OFF_OE_LOWERSTACK + (n - 1) * IPE_SIZEOF_OVL_PATH +
-					 IPE_OFF_OVLPATH_DENTRY);
+		IPE_READ(dentry, oe + IPE_OFF_OVL_ENTRY_LOWERSTACK + (n - 1) * IPE_SIZEOF_OVL_PATH +
+				 IPE_OFF_OVL_PATH_DENTRY);
+	} else if (!dentry) {
+		IPE_READ(dentry, oi + IPE_OFF_OVL_INODE_LOWERPATH + IPE_OFF_OVL_PATH_DENTRY);
 	}
 	if (!dentry)
 		return inode;
-	IPE_READ(real, dentry + offsetof(struct dentry, d_inode));
-	return real ? real : (void *)inode;
-#else
-	return inode;
-#endif
+	IPE_FIELD(real, dentry, struct dentry, d_inode);
+	return real ? real : inode;
+}
+
+/*
+ * A device-mapper device's live table, when it is one dm-verity target: its root hash and
+ * algorithm into key, and whether its root hash signature verified (6.12+ keeps the signature
+ * only then) into *signed.  Covers devices set up before ipe-bpf was loaded and kernels
+ * without the bdev_setintegrity hook (6.1).  Returns 0 if bdev is not such a device, 1 if it
+ * is (key->len is 0 when its root hash cannot match a policy digest).
+ */
+static __always_inline int ipe_dm_table_roothash(void *bdev, struct ipe_digest_key *key, int *signed_)
+{
+	void *disk = NULL, *md = NULL, *table = NULL, *targets = NULL, *type = NULL, *v = NULL;
+	const char *type_name = NULL, *alg = NULL;
+	const __u8 *digest = NULL, *sig = NULL;
+	char name[8] = {};
+	unsigned int n = 0, len = 0;
+	__u32 alg_len;
+
+	if (!IPE_HAVE_DM_TABLE)
+		return 0;
+	IPE_FIELD(disk, bdev, struct block_device, bd_disk);
+	if (!disk)
+		return 0;
+	bpf_probe_read_kernel(name, 4, disk + IPE_OFFSET(struct gendisk, disk_name));
+	if (name[0] != 'd' || name[1] != 'm' || name[2] != '-')
+		return 0;
+	IPE_FIELD(md, disk, struct gendisk, private_data);
+	if (!md)
+		return 0;
+	IPE_READ(table, md + IPE_OFF_MAPPED_DEVICE_MAP);
+	if (!table)
+		return 0;
+	IPE_READ(n, table + IPE_OFF_DM_TABLE_NUM_TARGETS);
+	IPE_READ(targets, table + IPE_OFF_DM_TABLE_TARGETS);
+	if (n != 1 || !targets)
+		return 0;
+	IPE_READ(type, targets + IPE_OFF_DM_TARGET_TYPE);
+	if (!type)
+		return 0;
+	IPE_READ(type_name, type + IPE_OFF_TARGET_TYPE_NAME);
+	bpf_probe_read_kernel_str(name, sizeof(name), type_name);
+	if (name[0] != 'v' || name[1] != 'e' || name[2] != 'r' || name[3] != 'i' ||
+	    name[4] != 't' || name[5] != 'y' || name[6] != 0)
+		return 0;
+	IPE_READ(v, targets + IPE_OFF_DM_TARGET_PRIVATE);
+	if (!v)
+		return 0;
+	if (IPE_HAVE_DM_SIG)
+		IPE_READ(sig, v + IPE_OFF_DM_VERITY_ROOT_DIGEST_SIG);
+	*signed_ = sig ? 1 : 0;
+	IPE_READ(alg, v + IPE_OFF_DM_VERITY_ALG_NAME);
+	IPE_READ(digest, v + IPE_OFF_DM_VERITY_ROOT_DIGEST);
+	IPE_READ(len, v + IPE_OFF_DM_VERITY_DIGEST_SIZE);
+	if (!alg || !digest || len > IPE_DIGEST_MAX)
+		return 1;
+	alg_len = ipe_read_alg(key->alg, alg);
+	if (alg_len > IPE_ALG_MAX)
+		return 1;
+	ipe_read_digest(key->value, digest, len);
+	ipe_clear_tail(key->value, len);
+	key->alg_len = alg_len;
+	key->len = len;
+	return 1;
+}
+
+/* A device the bdev_setintegrity hook captured: same results as ipe_dm_table_roothash. */
+static __always_inline int ipe_dm_hooked_roothash(__u32 dev, struct ipe_digest_key *key, int *signed_)
+{
+	struct ipe_bdev_state *st = ipe_map_lookup(ipe_devices, &dev);
+
+	if (!st)
+		return 0;
+	*signed_ = st->sig_valid;
+	if (!st->has_roothash || st->alg_len > IPE_ALG_MAX || st->digest_len > IPE_DIGEST_MAX)
+		return 1;
+	key->alg_len = st->alg_len;
+	key->len = st->digest_len;
+	/* helper copies: inline ones spill through the stack, which is short */
+	bpf_probe_read_kernel(key->alg, IPE_ALG_MAX, st->alg);
+	bpf_probe_read_kernel(key->value, IPE_DIGEST_MAX, st->digest);
+	return 1;
 }
 
 static __always_inline void ipe_dmverity_attrs(void *inode, int slot, struct ipe_attrs *a)
 {
 	void *sb = NULL, *bdev = NULL;
-	dev_t dev = 0;
-	struct ipe_bdev_state *st;
 	struct ipe_digest_key key = {};
+	int signed_ = 0;
+	dev_t dev = 0;
 
-	IPE_READ(sb, inode + offsetof(struct inode, i_sb));
+	IPE_FIELD(sb, inode, struct inode, i_sb);
 	if (!sb)
 		return;
-	IPE_READ(bdev, sb + offsetof(struct super_block, s_bdev));
+	IPE_FIELD(bdev, sb, struct super_block, s_bdev);
 	if (!bdev)
 		return;
-	IPE_READ(dev, bdev + offsetof(struct block_device, bd_dev));
-	st = ipe_device_lookup((__u32)dev);
-	if (!st)
+	IPE_FIELD(dev, bdev, struct block_device, bd_dev);
+	if (!ipe_dm_hooked_roothash(dev, &key, &signed_) && !ipe_dm_table_roothash(bdev, &key, &signed_))
 		return;
-	if (st->sig_valid)
+	if (signed_)
 		a->bools |= IPE_BOOL_DMV_SIGNATURE;
-	if (!st->has_roothash || st->alg_len > IPE_ALG_MAX || st->digest_len > IPE_DIGEST_MAX)
+	if (!key.len)
 		return;
 	key.slot = slot;
 	key.kind = IPE_DIGEST_DMVERITY;
-	key.alg_len = st->alg_len;
-	key.len = st->digest_len;
-	__builtin_memcpy(key.alg, st->alg, IPE_ALG_MAX);
-	__builtin_memcpy(key.value, st->digest, IPE_DIGEST_MAX);
 	a->roothash_id = ipe_digest_id(&key);
 }
 
-/* btf_inode: the same inode as a BTF pointer (for inode storage), or NULL if unavailable. */
-static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_inode, int slot,
-					       struct ipe_attrs *a)
+/* The fs-verity digest from the inode's verity info (6.1, 6.12); 0 if it has none. */
+static __always_inline int ipe_fsverity_from_inode(void *inode, struct ipe_digest_key *key)
 {
-#ifdef IPE_HAVE_FSVERITY
-	struct ipe_inode_state *ist;
-	struct ipe_digest_key key = {};
 	void *vi = NULL, *alg = NULL;
 	const char *alg_name = NULL;
-	unsigned int flags = 0;
 	__u32 size = 0, alg_len;
 
-	IPE_READ(flags, inode + offsetof(struct inode, i_flags));
-	if (!(flags & S_VERITY))
+	IPE_READ(vi, inode + IPE_OFF_INODE_VERITY);
+	if (!vi)
+		return 0;
+	IPE_READ(alg, vi + IPE_OFF_FSVERITY_INFO_HASH_ALG);
+	if (!alg)
+		return 0;
+	IPE_READ(size, alg + IPE_OFF_HASH_ALG_SIZE);
+	IPE_READ(alg_name, alg + IPE_OFF_HASH_ALG_NAME);
+	if (size > IPE_DIGEST_MAX || !alg_name)
+		return 0;
+	alg_len = ipe_read_alg(key->alg, alg_name);
+	if (alg_len > IPE_ALG_MAX)
+		return 0;
+	ipe_read_digest(key->value, vi + IPE_OFF_FSVERITY_INFO_DIGEST, size);
+	ipe_clear_tail(key->value, size);
+	key->alg_len = alg_len;
+	key->len = size;
+	return 1;
+}
+
+#ifdef IPE_CORE
+/* The fs-verity digest through the kfunc (7.x); 0 if the file has none. */
+static __always_inline int ipe_fsverity_from_kfunc(struct file *file, struct ipe_digest_key *key)
+{
+	struct {
+		__u16 alg;
+		__u16 size;
+		__u8 digest[IPE_DIGEST_MAX];
+	} d = {};
+	struct bpf_dynptr ptr;
+
+	if (bpf_dynptr_from_mem(&d, sizeof(d), 0, &ptr))
+		return 0;
+	if (bpf_get_fsverity_digest(file, &ptr) < 0)
+		return 0;
+	if (d.size > IPE_DIGEST_MAX)
+		return 0;
+	/* the algorithm's name as the inode's verity info spells it: "sha256" or "sha512" */
+	if (d.alg != FS_VERITY_HASH_ALG_SHA256 && d.alg != FS_VERITY_HASH_ALG_SHA512)
+		return 0;
+	key->alg[0] = 's';
+	key->alg[1] = 'h';
+	key->alg[2] = 'a';
+	key->alg[3] = '2' + 3 * (d.alg == FS_VERITY_HASH_ALG_SHA512);
+	key->alg[4] = d.alg == FS_VERITY_HASH_ALG_SHA512 ? '1' : '5';
+	key->alg[5] = d.alg == FS_VERITY_HASH_ALG_SHA512 ? '2' : '6';
+	key->alg_len = 6;
+	__builtin_memcpy(key->value, d.digest, IPE_DIGEST_MAX);
+	ipe_clear_tail(key->value, d.size);
+	key->len = d.size;
+	return 1;
+}
+#endif
+
+/*
+ * fsverity_digest and fsverity_signature.  btf_file / btf_inode are the event's own file and
+ * inode as the hook got them (NULL when the properties come from another inode: overlayfs),
+ * which the kfunc and inode storage need.
+ */
+static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_inode, struct file *btf_file,
+					       int slot, struct ipe_attrs *a)
+{
+	struct ipe_inode_state *ist;
+	struct ipe_digest_key key = {};
+	int verity = 0;
+
+	if (IPE_HAVE_INODE_VERITY)
+		verity = ipe_fsverity_from_inode(inode, &key);
+#ifdef IPE_CORE
+	else if (IPE_USE_FSVERITY_KFUNC && btf_file)
+		verity = ipe_fsverity_from_kfunc(btf_file, &key);
+#endif
+	if (!verity)
 		return;
 	if (btf_inode) {
-		ist = ipe_inode_get(btf_inode, 0);
+		ist = ipe_inode_storage(ipe_inodes, btf_inode, 0);
 		if (ist && ist->fsv_sig_valid)
 			a->bools |= IPE_BOOL_FSV_SIGNATURE;
 	}
-	IPE_READ(vi, inode + IPE_OFF_INODE_VERITY);
-	if (!vi)
-		return;
-	IPE_READ(alg, vi + IPE_OFF_VI_HASH_ALG);
-	if (!alg)
-		return;
-	IPE_READ(size, alg + IPE_OFF_ALG_SIZE);
-	IPE_READ(alg_name, alg + IPE_OFF_ALG_NAME);
-	if (size > IPE_DIGEST_MAX || !alg_name)
-		return;
-	alg_len = ipe_read_alg(key.alg, alg_name);
-	if (alg_len > IPE_ALG_MAX)
-		return;
-	ipe_read_digest(key.value, vi + IPE_OFF_VI_DIGEST, size);
-#pragma unroll
-	for (int i = 0; i < IPE_DIGEST_MAX; i++)
-		if (i >= size)
-			key.value[i] = 0;
 	key.slot = slot;
 	key.kind = IPE_DIGEST_FSVERITY;
-	key.alg_len = alg_len;
-	key.len = size;
 	a->digest_id = ipe_digest_id(&key);
-#endif
 }
 
-/* Spec section 2 per-file context: inode = d_real_inode(), sb = the mount's superblock. */
+/* Per-file context (IPE): inode = d_real_inode(), sb = the mount's superblock. */
 static __always_inline void ipe_file_attrs(struct file *file, int slot, struct ipe_attrs *a)
 {
 	struct inode *inode = file->f_inode;
 	struct vfsmount *mnt = file->f_path.mnt;
-	void *real;
+	void *real, *msb = NULL;
 
-	if (mnt && ipe_sb_is_rootfs(mnt->mnt_sb))
-		a->bools |= IPE_BOOL_BOOT_VERIFIED;
+	if (mnt) {
+		IPE_FIELD(msb, mnt, struct vfsmount, mnt_sb);
+		if (ipe_sb_is_rootfs(msb))
+			a->bools |= IPE_BOOL_BOOT_VERIFIED;
+	}
 	if (!inode)
 		return;
 	real = ipe_real_inode(inode);
 	ipe_dmverity_attrs(real, slot, a);
-	ipe_fsverity_attrs(real, real == (void *)inode ? inode : NULL, slot, a);
+	if (real == (void *)inode)
+		ipe_fsverity_attrs(real, inode, file, slot, a);
+	else
+		ipe_fsverity_attrs(real, NULL, NULL, slot, a);
 }
 
 static __always_inline void ipe_rule_try(struct ipe_rule_key *k, __u8 shape, struct ipe_attrs *a,
@@ -235,7 +378,7 @@ static __always_inline void ipe_rule_try(struct ipe_rule_key *k, __u8 shape, str
 	k->shape = shape;
 	k->roothash_id = (shape & IPE_SHAPE_ROOTHASH) ? a->roothash_id : 0;
 	k->digest_id = (shape & IPE_SHAPE_FSVERITY) ? a->digest_id : 0;
-	v = ipe_rule_lookup(k);
+	v = ipe_map_lookup(ipe_rules, k);
 	if (v && v->index < d->index) {
 		d->index = v->index;
 		d->action = v->action;
@@ -280,80 +423,120 @@ static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot
 	}
 }
 
-#ifdef IPE_HAVE_MOUNT
-#define IPE_PATH_DEPTH 24	/* components plus mount crossings */
+/* d_path() rebuilt for file_mprotect (see ipe_walk_path): the walk's state between steps. */
+struct ipe_walk {
+	struct ipe_path_scratch *s;
+	void *dentry;
+	void *vfsmnt;
+	__u32 pos;		/* the path so far is s->buf[pos .. IPE_PATH_MAX) */
+	__u8 done;		/* reached the root */
+	__u8 failed;		/* too long, or unreadable */
+};
+
+/* One step up: cross to the parent mount at a mount's root, else prepend one name. */
+static __always_inline int ipe_walk_step(struct ipe_walk *w)
+{
+	void *root = NULL, *mnt, *parent = NULL, *up = NULL;
+	const unsigned char *name = NULL;
+	__u32 len = 0, pos = w->pos;
+
+	IPE_FIELD(root, w->vfsmnt, struct vfsmount, mnt_root);
+	if (w->dentry == root) {
+		mnt = w->vfsmnt - IPE_OFF_MOUNT_MNT;
+		IPE_READ(parent, mnt + IPE_OFF_MOUNT_PARENT);
+		if (!parent || parent == mnt) {
+			w->done = 1;
+			return 1;
+		}
+		IPE_READ(w->dentry, mnt + IPE_OFF_MOUNT_MOUNTPOINT);
+		w->vfsmnt = parent + IPE_OFF_MOUNT_MNT;
+		return 0;
+	}
+	IPE_FIELD(up, w->dentry, struct dentry, d_parent);
+	if (!up || up == w->dentry) {
+		w->done = 1;
+		return 1;
+	}
+	IPE_FIELD(len, w->dentry, struct dentry, d_name.len);
+	IPE_FIELD(name, w->dentry, struct dentry, d_name.name);
+	if (len + 1 > pos || len > 0xff) {
+		w->failed = 1;
+		return 1;
+	}
+	IPE_CORE_BARRIER(len);
+	len &= 0xff;
+	pos -= len;
+	bpf_probe_read_kernel(&w->s->buf[pos & (IPE_PATH_MAX - 1)], len, name);
+	pos -= 1;
+	w->s->buf[pos & (IPE_PATH_MAX - 1)] = '/';
+	w->pos = pos;
+	w->dentry = up;
+	return 0;
+}
+
+#ifdef IPE_CORE
+static long ipe_walk_loop(__u32 i, void *ctx)
+{
+	return ipe_walk_step(ctx);
+}
+#endif
 
 /*
  * d_path() rebuilt by walking d_parent up to the root, crossing mounts through struct mount
- * (offsets from BTF), for hooks where bpf_d_path() is refused (file_mprotect).  Relative to
- * the initial namespace's root, without d_path's " (deleted)" suffix.  Returns the length,
- * or 0 (too deep or too long: the caller records the name only).
+ * (relocated: a private struct), where bpf_d_path() is refused (file_mprotect).  Relative to
+ * the initial namespace's root, without d_path's " (deleted)" suffix.  Any depth: a path of
+ * IPE_PATH_MAX - 1 bytes has at most IPE_PATH_MAX / 2 components, and at most as many mount
+ * crossings, so IPE_PATH_MAX steps reach the root of any path that fits.  Returns the
+ * length, or 0 (too long: the caller records the name only).
  */
 static __always_inline __u32 ipe_walk_path(struct ipe_event *e, struct file *file)
 {
-	struct ipe_path_scratch *s = ipe_scratch_get();
-	void *d = file->f_path.dentry, *vfsmnt = file->f_path.mnt;
-	void *mnt, *root = NULL, *parent = NULL, *up = NULL;
-	const unsigned char *name = NULL;
-	__u32 pos = IPE_PATH_MAX, len = 0, done = 0;
+	struct ipe_walk w = {};
+	__u32 len;
 
-	if (!s || !d || !vfsmnt)
+	if (!IPE_HAVE_MOUNT)
 		return 0;
+	w.s = ipe_map_lookup(ipe_scratch, &(__u32){0});
+	w.dentry = file->f_path.dentry;
+	w.vfsmnt = file->f_path.mnt;
+	w.pos = IPE_PATH_MAX;
+	if (!w.s || !w.dentry || !w.vfsmnt)
+		return 0;
+#ifdef IPE_CORE
+	bpf_loop(IPE_PATH_MAX, ipe_walk_loop, &w, 0);
+#else
+	/*
+	 * BCC cannot link a bpf_loop callback, and the verifier cannot prune a bounded loop of
+	 * this body (every step doubles its states): BCC builds walk IPE_BCC_PATH_STEPS steps,
+	 * unrolled, and record only the name of a deeper file.
+	 */
 #pragma unroll
-	for (int i = 0; i < IPE_PATH_DEPTH; i++) {
-		if (done)
+	for (int i = 0; i < IPE_BCC_PATH_STEPS; i++)
+		if (ipe_walk_step(&w))
 			break;
-		IPE_READ(root, vfsmnt + offsetof(struct vfsmount, mnt_root));
-		if (d == root) {
-			mnt = vfsmnt - IPE_OFF_MOUNT_MNT;
-			IPE_READ(parent, mnt + IPE_OFF_MOUNT_PARENT);
-			if (!parent || parent == mnt) {
-				done = 1;
-				break;
-			}
-			IPE_READ(d, mnt + IPE_OFF_MOUNT_MOUNTPOINT);
-			vfsmnt = parent + IPE_OFF_MOUNT_MNT;
-			continue;
-		}
-		IPE_READ(up, d + offsetof(struct dentry, d_parent));
-		if (!up || up == d) {
-			done = 1;
-			break;
-		}
-		IPE_READ(len, d + offsetof(struct dentry, d_name.len));
-		IPE_READ(name, d + offsetof(struct dentry, d_name.name));
-		if (len + 1 > pos || len > 0xff)
-			return 0;
-		asm volatile("" : "+r"(len));
-		len &= 0xff;
-		pos -= len;
-		bpf_probe_read_kernel(&s->buf[pos & (IPE_PATH_MAX - 1)], len, name);
-		pos -= 1;
-		s->buf[pos & (IPE_PATH_MAX - 1)] = '/';
-		d = up;
-	}
-	if (!done)
+#endif
+	if (!w.done || w.failed)
 		return 0;
-	if (pos == IPE_PATH_MAX) {	/* the root itself */
+	if (w.pos == IPE_PATH_MAX) {	/* the root itself */
 		e->path[0] = '/';
 		e->path[1] = 0;
 		return 1;
 	}
-	len = IPE_PATH_MAX - pos;
+	len = IPE_PATH_MAX - w.pos;
 	if (len >= IPE_PATH_MAX)
 		return 0;
 	/* keep the mask: clang would drop it after the check, and the verifier needs it */
-	asm volatile("" : "+r"(len));
+	IPE_CORE_BARRIER(len);
 	len &= IPE_PATH_MAX - 1;
-	bpf_probe_read_kernel(e->path, len, &s->buf[pos & (IPE_PATH_MAX - 1)]);
+	bpf_probe_read_kernel(e->path, len, &w.s->buf[w.pos & (IPE_PATH_MAX - 1)]);
 	e->path[len & (IPE_PATH_MAX - 1)] = 0;
 	return len;
 }
-#endif
 
 static __always_inline void ipe_fill_path(struct ipe_event *e, struct file *file, int use_d_path)
 {
-	struct dentry *dentry;
+	void *dentry;
+	const unsigned char *name = NULL;
 	long n = -1;
 
 	e->path[0] = 0;
@@ -365,9 +548,7 @@ static __always_inline void ipe_fill_path(struct ipe_event *e, struct file *file
 			e->path_len = n - 1;
 			return;
 		}
-	}
-#ifdef IPE_HAVE_MOUNT
-	else {
+	} else {
 		n = ipe_walk_path(e, file);
 		if (n > 0) {
 			e->path_kind = IPE_PATH_FULL;
@@ -375,10 +556,10 @@ static __always_inline void ipe_fill_path(struct ipe_event *e, struct file *file
 			return;
 		}
 	}
-#endif
 	dentry = file->f_path.dentry;
 	if (dentry) {
-		n = bpf_probe_read_kernel_str(e->path, IPE_PATH_MAX, dentry->d_name.name);
+		IPE_FIELD(name, dentry, struct dentry, d_name.name);
+		n = bpf_probe_read_kernel_str(e->path, IPE_PATH_MAX, name);
 		if (n > 0)
 			e->path_len = n - 1;
 	}
@@ -389,8 +570,9 @@ static __always_inline void ipe_audit(struct file *file, __u8 op, __u8 hook, __u
 				      struct ipe_decision *d, __u64 generation, int use_d_path,
 				      struct ipe_counters *c)
 {
-	struct ipe_event *e = ipe_event_reserve();
+	struct ipe_event *e = ipe_ringbuf_reserve(ipe_events, sizeof(struct ipe_event));
 	struct inode *inode;
+	void *sb = NULL;
 
 	if (!e) {
 		if (c)
@@ -419,24 +601,27 @@ static __always_inline void ipe_audit(struct file *file, __u8 op, __u8 hook, __u
 		ipe_fill_path(e, file, use_d_path);
 		inode = file->f_inode;
 		if (inode) {
-			e->ino = inode->i_ino;
-			if (inode->i_sb)
-				bpf_probe_read_kernel_str(e->dev, IPE_SID_LEN, inode->i_sb->s_id);
+			IPE_FIELD(e->ino, inode, struct inode, i_ino);
+			IPE_FIELD(sb, inode, struct inode, i_sb);
+			if (sb)
+				bpf_probe_read_kernel_str(e->dev, IPE_SID_LEN,
+							  sb + IPE_OFFSET(struct super_block, s_id));
 		}
 	}
-	ipe_event_submit(e);
+	ipe_ringbuf_submit(e);
 }
 
 /* The whole evaluation of one event; returns the hook's return value. */
 static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, int use_d_path)
 {
-	struct ipe_config *cfg = ipe_config_get();
+	__u32 zero = 0;
+	struct ipe_config *cfg = ipe_map_lookup(ipe_config, &zero);
 	struct ipe_policy_defaults *def;
 	struct ipe_counters *c;
 	struct ipe_attrs a = {};
 	struct ipe_decision d = {};
 	__u8 active, enforcing;
-	int slot;
+	__u32 slot;
 
 	if (!cfg)
 		return 0;
@@ -444,7 +629,7 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	if (active == IPE_ACTIVE_NONE || active > IPE_SLOTS)
 		return 0;
 	slot = active - 1;
-	def = ipe_defaults_get(slot);
+	def = ipe_map_lookup(ipe_defaults, &slot);
 	if (!def)
 		return 0;
 	if (file)
@@ -452,7 +637,7 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	ipe_decide(def, slot, op, &a, &d);
 	enforcing = !cfg->permissive;
 
-	c = ipe_counters_get();
+	c = ipe_map_lookup(ipe_counters, &zero);
 	if (c) {
 		if (d.action == IPE_ACTION_DENY)
 			c->deny[op & (IPE_NR_OPS - 1)]++;
@@ -466,53 +651,55 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	return 0;
 }
 
-/* kernel_read_file / kernel_load_data ids -> op (the READING_* and LOADING_* enums share order). */
+/*
+ * kernel_read_file / kernel_load_data ids -> op.  The ids' values come from the running
+ * kernel (IPE_ENUM relocates them: a kernel may renumber or add ids, as 7.x added the
+ * compressed-module ids, which are module loads: KMODULE).
+ */
 static __always_inline __u8 ipe_read_id_op(int id)
 {
-	switch (id) {
-	case READING_FIRMWARE:
+	if (id == IPE_ENUM(enum kernel_read_file_id, READING_FIRMWARE))
 		return IPE_OP_FIRMWARE;
-	case READING_MODULE:
+	if (id == IPE_ENUM(enum kernel_read_file_id, READING_MODULE))
 		return IPE_OP_KMODULE;
-	case READING_KEXEC_IMAGE:
+	if (IPE_HAVE_READING_MODULE_COMPRESSED && id == IPE_READING_MODULE_COMPRESSED)
+		return IPE_OP_KMODULE;
+	if (id == IPE_ENUM(enum kernel_read_file_id, READING_KEXEC_IMAGE))
 		return IPE_OP_KEXEC_IMAGE;
-	case READING_KEXEC_INITRAMFS:
+	if (id == IPE_ENUM(enum kernel_read_file_id, READING_KEXEC_INITRAMFS))
 		return IPE_OP_KEXEC_INITRAMFS;
-	case READING_POLICY:
+	if (id == IPE_ENUM(enum kernel_read_file_id, READING_POLICY))
 		return IPE_OP_POLICY;
-	case READING_X509_CERTIFICATE:
+	if (id == IPE_ENUM(enum kernel_read_file_id, READING_X509_CERTIFICATE))
 		return IPE_OP_X509_CERT;
-	default:
-		return IPE_OP_UNKNOWN;
-	}
+	return IPE_OP_UNKNOWN;
 }
 
 static __always_inline __u8 ipe_load_id_op(int id)
 {
-	switch (id) {
-	case LOADING_FIRMWARE:
+	if (id == IPE_ENUM(enum kernel_load_data_id, LOADING_FIRMWARE))
 		return IPE_OP_FIRMWARE;
-	case LOADING_MODULE:
+	if (id == IPE_ENUM(enum kernel_load_data_id, LOADING_MODULE))
 		return IPE_OP_KMODULE;
-	case LOADING_KEXEC_IMAGE:
+	if (IPE_HAVE_LOADING_MODULE_COMPRESSED && id == IPE_LOADING_MODULE_COMPRESSED)
+		return IPE_OP_KMODULE;
+	if (id == IPE_ENUM(enum kernel_load_data_id, LOADING_KEXEC_IMAGE))
 		return IPE_OP_KEXEC_IMAGE;
-	case LOADING_KEXEC_INITRAMFS:
+	if (id == IPE_ENUM(enum kernel_load_data_id, LOADING_KEXEC_INITRAMFS))
 		return IPE_OP_KEXEC_INITRAMFS;
-	case LOADING_POLICY:
+	if (id == IPE_ENUM(enum kernel_load_data_id, LOADING_POLICY))
 		return IPE_OP_POLICY;
-	case LOADING_X509_CERTIFICATE:
+	if (id == IPE_ENUM(enum kernel_load_data_id, LOADING_X509_CERTIFICATE))
 		return IPE_OP_X509_CERT;
-	default:
-		return IPE_OP_UNKNOWN;
-	}
+	return IPE_OP_UNKNOWN;
 }
 
 /* ---------------------------------------------------------------- decision hooks */
 
 /*
- * 6.12's verifier cannot give a BPF LSM program a `const void *` argument (the BTF walk
- * stops at the const modifier: "arg2 type UNKNOWN is not a struct"), so `value` (ctx[2])
- * is read with bpf_probe_read_kernel from the context instead of being declared.
+ * The verifier cannot give a BPF LSM program a `const void *` argument (the BTF walk stops at
+ * the const modifier: "arg2 type UNKNOWN is not a struct"), and treats trusted pointer
+ * arguments as non-NULL; such arguments are read from the context with bpf_probe_read_kernel.
  */
 static __always_inline const void *ipe_ctx_ptr(unsigned long long *ctx, int i)
 {
@@ -521,7 +708,6 @@ static __always_inline const void *ipe_ctx_ptr(unsigned long long *ctx, int i)
 	bpf_probe_read_kernel(&p, sizeof(p), &ctx[i]);
 	return p;
 }
-
 
 IPE_HOOK(bprm_check_security, struct linux_binprm *bprm)
 {
@@ -558,7 +744,7 @@ IPE_HOOK(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsig
 
 IPE_HOOK(kernel_read_file, struct file *file, enum kernel_read_file_id id, bool contents)
 {
-	if (!file)
+	if (!ipe_ctx_ptr(ctx, 0))
 		return ipe_evaluate(NULL, ipe_read_id_op(id), IPE_HOOK_KERNEL_READ, 0);
 	return ipe_evaluate(file, ipe_read_id_op(id), IPE_HOOK_KERNEL_READ, 1);
 }
@@ -576,18 +762,19 @@ IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type t
 	size_t size = ctx[3];
 	struct ipe_bdev_state st = {};
 	struct ipe_bdev_state *old;
-	struct dm_verity_digest dg = {};
+	const char *alg = NULL;
+	const __u8 *digest = NULL;
 	__u32 dev = bdev->bd_dev;
 	__u32 alg_len;
-	__u64 len;
+	__u64 len = 0;
 
-	if (type != LSM_INT_DMVERITY_SIG_VALID && type != LSM_INT_DMVERITY_ROOTHASH)
+	if (type != IPE_ENUM(enum lsm_integrity_type, LSM_INT_DMVERITY_SIG_VALID) &&
+	    type != IPE_ENUM(enum lsm_integrity_type, LSM_INT_DMVERITY_ROOTHASH))
 		return 0;
-	old = ipe_device_lookup(dev);
+	old = ipe_map_lookup(ipe_devices, &dev);
 	if (old)
 		__builtin_memcpy(&st, old, sizeof(st));
-	st.seeded = 0;
-	if (type == LSM_INT_DMVERITY_SIG_VALID) {
+	if (type == IPE_ENUM(enum lsm_integrity_type, LSM_INT_DMVERITY_SIG_VALID)) {
 		st.sig_valid = value && size ? 1 : 0;
 	} else if (!value) {
 		st.has_roothash = 0;
@@ -596,31 +783,31 @@ IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type t
 		__builtin_memset(st.alg, 0, sizeof(st.alg));
 		__builtin_memset(st.digest, 0, sizeof(st.digest));
 	} else {
-		bpf_probe_read_kernel(&dg, sizeof(dg), value);
+		IPE_FIELD(alg, value, struct dm_verity_digest, alg);
+		IPE_FIELD(digest, value, struct dm_verity_digest, digest);
+		IPE_FIELD(len, value, struct dm_verity_digest, digest_len);
 		__builtin_memset(st.alg, 0, sizeof(st.alg));
 		__builtin_memset(st.digest, 0, sizeof(st.digest));
-		alg_len = dg.alg ? ipe_read_alg(st.alg, dg.alg) : IPE_ALG_MAX + 1;
-		len = dg.digest_len;
+		alg_len = alg ? ipe_read_alg(st.alg, alg) : IPE_ALG_MAX + 1;
 		st.has_roothash = 1;
 		st.alg_len = alg_len > 255 ? 255 : alg_len;
-		if (len > IPE_DIGEST_MAX || !dg.digest) {
+		if (len > IPE_DIGEST_MAX || !digest) {
 			st.digest_len = 255;	/* can never match */
 		} else {
-			ipe_read_digest(st.digest, dg.digest, len);
-#pragma unroll
-			for (int i = 0; i < IPE_DIGEST_MAX; i++)
-				if (i >= len)
-					st.digest[i] = 0;
+			ipe_read_digest(st.digest, digest, len);
+			ipe_clear_tail(st.digest, len);
 			st.digest_len = len;
 		}
 	}
-	ipe_device_update(dev, &st);
+	ipe_map_update(ipe_devices, &dev, &st);
 	return 0;
 }
 
 IPE_HOOK(bdev_free_security, struct block_device *bdev)
 {
-	ipe_device_delete((__u32)bdev->bd_dev);
+	__u32 dev = bdev->bd_dev;
+
+	ipe_map_delete(ipe_devices, &dev);
 	return 0;
 }
 
@@ -630,10 +817,14 @@ IPE_HOOK(inode_setintegrity, const struct inode *inode, enum lsm_integrity_type 
 	size_t size = ctx[3];
 	struct ipe_inode_state *st;
 
-	if (type != LSM_INT_FSVERITY_BUILTINSIG_VALID)
+	if (type != IPE_ENUM(enum lsm_integrity_type, LSM_INT_FSVERITY_BUILTINSIG_VALID))
 		return 0;
-	st = ipe_inode_get(inode, 1);
+	st = ipe_inode_storage(ipe_inodes, inode, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (st)
 		st->fsv_sig_valid = value && size ? 1 : 0;
 	return 0;
 }
+
+#ifdef IPE_CORE
+char LICENSE[] SEC("license") = "GPL";
+#endif

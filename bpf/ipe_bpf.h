@@ -142,14 +142,17 @@ struct ipe_counters {
 	__u64 dropped;		/* ring buffer full: the event was lost, the decision was not */
 };
 
-/* devices map (hash, key: kernel dev_t as __u32 = major << 20 | minor): dm-verity state. */
+/*
+ * devices map (hash, key: kernel dev_t as __u32 = major << 20 | minor): dm-verity state the
+ * bdev_setintegrity hook captured.  Devices it did not see (set up before load, or kernels
+ * without the hook) are recognised from their live device-mapper table instead.
+ */
 struct ipe_bdev_state {
 	__u8 has_roothash;
 	__u8 sig_valid;		/* LSM_INT_DMVERITY_SIG_VALID with a non-empty value */
-	__u8 seeded;		/* written from userspace for a device set up before load */
 	__u8 alg_len;		/* strlen of the algorithm name (may exceed IPE_ALG_MAX) */
 	__u8 digest_len;
-	__u8 pad[3];
+	__u8 pad[4];
 	char alg[IPE_ALG_MAX];
 	__u8 digest[IPE_DIGEST_MAX];
 };

@@ -7,7 +7,7 @@ function of ipe_bpf.kernel / ipe_bpf.audit.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -34,17 +34,21 @@ def load_cmd(
     permissive: Annotated[bool, typer.Option("--permissive", help="Audit DENY decisions but do not enforce them.")] = False,
     rule_entries: Annotated[int, typer.Option(help="Capacity of the rules map (both slots).")] = 1 << 21,
     digest_entries: Annotated[int, typer.Option(help="Capacity of the digests map (both slots).")] = 1 << 19,
+    loader: Annotated[Optional[str], typer.Option(
+        help="core: the prebuilt CO-RE object through libbpf (default, or $IPE_BPF_LOADER); "
+             "bcc: compile with BCC (development).")] = None,
 ) -> None:
-    """Compile and attach the BPF-LSM program; pin it so enforcement outlives this process."""
-    from ..kernel import loader
+    """Load and attach the BPF-LSM program; pin it so enforcement outlives this process."""
+    from ..kernel import loader as loader_mod
 
     with reported_errors():
-        r = loader.load(loader.LoadOptions(permissive=permissive, rule_entries=rule_entries,
-                                           digest_entries=digest_entries))
-    note = "" if r.fsverity else f" (fs-verity properties unavailable: {r.fsverity_missing})"
+        r = loader_mod.load(loader_mod.LoadOptions(permissive=permissive, rule_entries=rule_entries,
+                                                   digest_entries=digest_entries, loader=loader))
+    unsupported = [p.property for p in r.features.properties().values() if not p.supported]
+    note = f"; this kernel cannot evaluate {', '.join(unsupported)} (see `ipe-bpf doctor`)" if unsupported else ""
     console.print(
-        f"loaded: {len(r.hooks)} hooks, {'permissive' if permissive else 'enforcing'}, "
-        f"{r.seeded_devices} dm-verity devices seeded, compiled in {r.compile_seconds:.1f} s{note}",
+        f"loaded ({r.loader}): {len(r.hooks)} hooks, {'permissive' if permissive else 'enforcing'}, "
+        f"in {r.seconds:.1f} s{note}",
         markup=False,
     )
     applied = _apply_stored_policy(permissive)
@@ -170,8 +174,7 @@ def _print_counters(counters: dict[str, Any], devices: list[dict[str, Any]]) -> 
     console.print(f"audited {counters['audited']}, ring buffer drops {counters['dropped']}", markup=False)
     for d in devices:
         console.print(
-            f"dm-verity {d['device']}: {d['alg']}:{d['roothash']} signed={d['signature_valid']} "
-            f"{'(seeded)' if d['seeded'] else ''}",
+            f"dm-verity {d['device']}: {d['alg']}:{d['roothash']} signed={d['signature_valid']}",
             markup=False,
         )
 

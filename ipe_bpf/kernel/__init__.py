@@ -1,4 +1,4 @@
-"""Everything that touches the running kernel: BCC load/attach, pinned maps, BTF, devices.
+"""Everything that touches the running kernel: loading (CO-RE or BCC), pinned maps, probes.
 
 BCC (python3-bpfcc) is imported lazily, inside loader.load() only.
 """

@@ -1,10 +1,10 @@
-"""Struct member offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux).
+"""Struct member offsets from the running kernel's BTF, for the BCC loader only.
 
-BCC cannot call kfuncs (bpf_get_fsverity_digest), so the BPF program reads fs-verity's
-private structs with bpf_probe_read_kernel at offsets passed in as -D constants at load
-time.  Those offsets come from here, never from a table in the source: a kernel whose
-layout differs simply yields different numbers, and a kernel without the types yields
-none (fs-verity properties then never match, and `doctor` says so).
+BCC has no CO-RE: the private structs the program reads (fs-verity's, overlayfs', struct
+mount, device-mapper's and dm-verity's) are reached at offsets passed as -D constants at
+compile time, under the names bpf/libbpf_compat.h gives its CO-RE relocations (IPE_OFF_*),
+with IPE_HAVE_* saying which groups were found.  Those offsets come from here, never from a
+table in the source.  The CO-RE loader never parses BTF in Python (libbpf does).
 
 Only the parts of the BTF format needed for struct/union member offsets are decoded
 (see the kernel's Documentation/bpf/btf.rst, "Type encoding").
@@ -179,90 +179,88 @@ def load_vmlinux(path: Path = VMLINUX_BTF) -> Btf:
     return Btf(data)
 
 
-# name of the -D define -> (struct, member path)
-FSVERITY_OFFSETS: dict[str, tuple[str, str]] = {
-    "IPE_OFF_INODE_VERITY": ("inode", "i_verity_info"),
-    "IPE_OFF_VI_HASH_ALG": ("fsverity_info", "tree_params.hash_alg"),
-    "IPE_OFF_VI_DIGEST": ("fsverity_info", "file_digest"),
-    "IPE_OFF_ALG_NAME": ("fsverity_hash_alg", "name"),
-    "IPE_OFF_ALG_SIZE": ("fsverity_hash_alg", "digest_size"),
+# -D name -> (BTF object, struct, member path); grouped by the IPE_HAVE_* flag they enable.
+_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "IPE_HAVE_INODE_VERITY": {
+        "IPE_OFF_INODE_VERITY": ("vmlinux", "inode", "i_verity_info"),
+        "IPE_OFF_FSVERITY_INFO_HASH_ALG": ("vmlinux", "fsverity_info", "tree_params.hash_alg"),
+        "IPE_OFF_FSVERITY_INFO_DIGEST": ("vmlinux", "fsverity_info", "file_digest"),
+        "IPE_OFF_HASH_ALG_NAME": ("vmlinux", "fsverity_hash_alg", "name"),
+        "IPE_OFF_HASH_ALG_SIZE": ("vmlinux", "fsverity_hash_alg", "digest_size"),
+    },
+    "IPE_HAVE_OVL": {
+        "IPE_OFF_OVL_INODE_VFS_INODE": ("overlay", "ovl_inode", "vfs_inode"),
+        "IPE_OFF_OVL_INODE_UPPER": ("overlay", "ovl_inode", "__upperdentry"),
+        "IPE_OFF_OVL_INODE_OE": ("overlay", "ovl_inode", "oe"),
+        "IPE_OFF_OVL_ENTRY_NUMLOWER": ("overlay", "ovl_entry", "__numlower"),
+        "IPE_OFF_OVL_ENTRY_LOWERSTACK": ("overlay", "ovl_entry", "__lowerstack"),
+        "IPE_OFF_OVL_PATH_DENTRY": ("overlay", "ovl_path", "dentry"),
+    },
+    "IPE_HAVE_MOUNT": {
+        "IPE_OFF_MOUNT_MNT": ("vmlinux", "mount", "mnt"),
+        "IPE_OFF_MOUNT_PARENT": ("vmlinux", "mount", "mnt_parent"),
+        "IPE_OFF_MOUNT_MOUNTPOINT": ("vmlinux", "mount", "mnt_mountpoint"),
+    },
+    "IPE_HAVE_DM_TABLE": {
+        "IPE_OFF_MAPPED_DEVICE_MAP": ("dm_mod", "mapped_device", "map"),
+        "IPE_OFF_DM_TABLE_NUM_TARGETS": ("dm_mod", "dm_table", "num_targets"),
+        "IPE_OFF_DM_TABLE_TARGETS": ("dm_mod", "dm_table", "targets"),
+        "IPE_OFF_DM_TARGET_TYPE": ("dm_mod", "dm_target", "type"),
+        "IPE_OFF_DM_TARGET_PRIVATE": ("dm_mod", "dm_target", "private"),
+        "IPE_OFF_TARGET_TYPE_NAME": ("dm_mod", "target_type", "name"),
+        "IPE_OFF_DM_VERITY_ALG_NAME": ("dm_verity", "dm_verity", "alg_name"),
+        "IPE_OFF_DM_VERITY_ROOT_DIGEST": ("dm_verity", "dm_verity", "root_digest"),
+        "IPE_OFF_DM_VERITY_DIGEST_SIZE": ("dm_verity", "dm_verity", "digest_size"),
+    },
+    "IPE_HAVE_DM_SIG": {
+        "IPE_OFF_DM_VERITY_ROOT_DIGEST_SIG": ("dm_verity", "dm_verity", "root_digest_sig"),
+    },
 }
+_SIZES = {"IPE_SIZEOF_OVL_PATH": ("overlay", "ovl_path")}
+MODULE_BTF = Path("/sys/kernel/btf")
 
 
 @dataclass(frozen=True)
-class FsverityOffsets:
-    """The offsets the BPF program needs for fs-verity, or why they are missing."""
+class KernelOffsets:
+    """The -D defines found, and per IPE_HAVE_* group why it is missing (if it is)."""
 
     values: dict[str, int]
-    missing: str | None = None
+    missing: dict[str, str]
 
     def defines(self) -> list[str]:
-        if self.missing is not None:
-            return []
-        return [f"-D{k}={v}" for k, v in sorted(self.values.items())] + ["-DIPE_HAVE_FSVERITY=1"]
+        return [f"-D{k}={v}" for k, v in sorted(self.values.items())]
 
 
-def fsverity_offsets(btf: Btf | None = None) -> FsverityOffsets:
-    btf = load_vmlinux() if btf is None else btf
-    values: dict[str, int] = {}
-    for define, (struct_name, member) in FSVERITY_OFFSETS.items():
+def _btf_of(name: str, vmlinux: Btf, loaded: dict[str, Btf]) -> Btf:
+    if name == "vmlinux":
+        return vmlinux
+    if name not in loaded:
+        path = MODULE_BTF / name
         try:
-            values[define] = btf.offset(struct_name, member)
+            loaded[name] = Btf(path.read_bytes(), base=vmlinux)
+        except OSError:
+            raise KernelError("ENOENT", f"{path} missing (module {name} not loaded)") from None
+    return loaded[name]
+
+
+def kernel_offsets(vmlinux: Btf | None = None) -> KernelOffsets:
+    vmlinux = load_vmlinux() if vmlinux is None else vmlinux
+    loaded: dict[str, Btf] = {}
+    values: dict[str, int] = {}
+    missing: dict[str, str] = {}
+    for flag, members in _GROUPS.items():
+        try:
+            found = {d: _btf_of(where, vmlinux, loaded).offset(s, m) for d, (where, s, m) in members.items()}
+            if flag == "IPE_HAVE_OVL":
+                found.update({d: _btf_of(w, vmlinux, loaded).size(s) for d, (w, s) in _SIZES.items()})
         except KernelError as exc:
-            return FsverityOffsets(values, missing=exc.message)
-    return FsverityOffsets(values)
+            missing[flag] = exc.message
+            continue
+        values.update(found)
+        values[flag] = 1
+    return KernelOffsets(values, missing)
 
 
-# overlayfs (a module: its types live in /sys/kernel/btf/overlay while it is loaded).
-OVERLAY_OFFSETS: dict[str, tuple[str, str]] = {
-    "IPE_OFF_OVL_VFS_INODE": ("ovl_inode", "vfs_inode"),
-    "IPE_OFF_OVL_UPPER": ("ovl_inode", "__upperdentry"),
-    "IPE_OFF_OVL_OE": ("ovl_inode", "oe"),
-    "IPE_OFF_OE_NUMLOWER": ("ovl_entry", "__numlower"),
-    "IPE_OFF_OE_LOWERSTACK": ("ovl_entry", "__lowerstack"),
-    "IPE_OFF_OVLPATH_DENTRY": ("ovl_path", "dentry"),
-}
-
-
-@dataclass(frozen=True)
-class OverlayOffsets:
-    """What the BPF program needs to find an overlayfs file's real inode (d_real_inode)."""
-
-    values: dict[str, int]
-    missing: str | None = None
-
-    def defines(self) -> list[str]:
-        if self.missing is not None:
-            return []
-        return [f"-D{k}={v}" for k, v in sorted(self.values.items())] + ["-DIPE_HAVE_OVL=1"]
-
-
-def overlay_offsets(vmlinux: Btf | None = None, module: Path = Path("/sys/kernel/btf/overlay")) -> OverlayOffsets:
-    vmlinux = load_vmlinux() if vmlinux is None else vmlinux
-    if not vmlinux.has_struct("ovl_inode") and not module.exists():
-        return OverlayOffsets({}, missing=f"{module} missing (overlay module not loaded)")
-    try:
-        btf = vmlinux if vmlinux.has_struct("ovl_inode") else Btf(module.read_bytes(), base=vmlinux)
-        values = {d: btf.offset(s, m) for d, (s, m) in OVERLAY_OFFSETS.items()}
-        values["IPE_SIZEOF_OVL_PATH"] = btf.size("ovl_path")
-    except (KernelError, OSError) as exc:
-        return OverlayOffsets({}, missing=str(exc))
-    return OverlayOffsets(values)
-
-
-# struct mount (fs/mount.h, private): file_mprotect rebuilds paths by crossing mounts.
-MOUNT_OFFSETS: dict[str, tuple[str, str]] = {
-    "IPE_OFF_MOUNT_MNT": ("mount", "mnt"),
-    "IPE_OFF_MOUNT_PARENT": ("mount", "mnt_parent"),
-    "IPE_OFF_MOUNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
-}
-
-
-def mount_defines(vmlinux: Btf | None = None) -> list[str]:
-    """-D defines for struct mount's layout, with IPE_HAVE_MOUNT; none if BTF lacks it."""
-    vmlinux = load_vmlinux() if vmlinux is None else vmlinux
-    try:
-        values = {d: vmlinux.offset(s, m) for d, (s, m) in MOUNT_OFFSETS.items()}
-    except KernelError:
-        return []  # MPROTECT records then carry the file's name only
-    return [f"-D{k}={v}" for k, v in sorted(values.items())] + ["-DIPE_HAVE_MOUNT=1"]
+def kernel_defines() -> list[str]:
+    """-D defines for the BCC build on the running kernel."""
+    return kernel_offsets().defines()

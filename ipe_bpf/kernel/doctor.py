@@ -1,7 +1,9 @@
 """What this machine has and lacks for enforcement (`ipe-bpf doctor`).
 
-Each check is cheap and side-effect free; `require_loadable()` turns the fatal ones into
-a KernelError before the (slow) BCC compile starts.
+Fatal checks (no enforcement without them) come first; then which loader `load` will use,
+and, from the kernel's BTF (features.probe), which hooks exist and, per policy property and
+per op, whether this kernel can evaluate it and how.  `require_loadable()` turns the fatal
+ones into a KernelError before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,11 +14,23 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..bpf_files import OBJECT, bpf_file
 from ..errors import KernelError
-from . import btf as btf_mod
 from .pins import BPFFS
 
 LSM_LIST = Path("/sys/kernel/security/lsm")
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+
+# Ops and the hooks that decide them (IPE's mapping).
+OP_HOOKS = {
+    "EXECUTE": ("bprm_check_security", "mmap_file", "file_mprotect"),
+    "FIRMWARE": ("kernel_read_file", "kernel_load_data"),
+    "KMODULE": ("kernel_read_file", "kernel_load_data"),
+    "KEXEC_IMAGE": ("kernel_read_file", "kernel_load_data"),
+    "KEXEC_INITRAMFS": ("kernel_read_file", "kernel_load_data"),
+    "POLICY": ("kernel_read_file", "kernel_load_data"),
+    "X509_CERT": ("kernel_read_file", "kernel_load_data"),
+}
 
 
 @dataclass(frozen=True)
@@ -37,39 +51,26 @@ def _active_lsms() -> list[str] | None:
         return None
 
 
+def check_root() -> Check:
+    if os.geteuid() != 0:
+        return Check("root", False, "not running as root: run ipe-bpf as root (it needs CAP_SYS_ADMIN "
+                     "and CAP_BPF)", True)
+    return Check("root", True, "uid 0", True)
+
+
 def check_bpf_lsm() -> Check:
     lsms = _active_lsms()
     if lsms is None:
-        return Check("bpf-lsm", False, f"{LSM_LIST} unreadable (securityfs not mounted?)", True)
+        return Check("bpf-lsm", False, f"{LSM_LIST} unreadable (securityfs not mounted, or not root?)", True)
     if "bpf" not in lsms:
         return Check("bpf-lsm", False, f"'bpf' not in active LSMs ({','.join(lsms)}); boot with lsm=...,bpf", True)
     return Check("bpf-lsm", True, ",".join(lsms), True)
 
 
 def check_btf() -> Check:
-    path = btf_mod.VMLINUX_BTF
-    if not path.exists():
-        return Check("btf", False, f"{path} missing (CONFIG_DEBUG_INFO_BTF)", True)
-    return Check("btf", True, str(path), True)
-
-
-def check_fsverity_btf() -> Check:
-    if not btf_mod.VMLINUX_BTF.exists():
-        return Check("fsverity-offsets", False, "no kernel BTF", False)
-    try:
-        found = btf_mod.fsverity_offsets()
-    except KernelError as exc:
-        return Check("fsverity-offsets", False, exc.message, False)
-    if found.missing is not None:
-        return Check("fsverity-offsets", False, f"{found.missing}: fsverity_digest rules can never match", False)
-    return Check("fsverity-offsets", True, " ".join(f"{k}={v}" for k, v in sorted(found.values.items())), False)
-
-
-def check_headers() -> Check:
-    build = Path("/lib/modules") / platform.release() / "build"
-    if not (build / "include").exists() and not (build / "Makefile").exists():
-        return Check("kernel-headers", False, f"{build} missing (install linux-headers-{platform.release()})", True)
-    return Check("kernel-headers", True, str(build.resolve()), True)
+    if not VMLINUX_BTF.exists():
+        return Check("btf", False, f"{VMLINUX_BTF} missing (CONFIG_DEBUG_INFO_BTF)", True)
+    return Check("btf", True, str(VMLINUX_BTF), True)
 
 
 def check_bpffs() -> Check:
@@ -84,25 +85,75 @@ def check_bpffs() -> Check:
     return Check("bpffs", False, f"no bpf filesystem on {BPFFS} (mount -t bpf bpf {BPFFS})", True)
 
 
-def check_bcc() -> Check:
+def check_core_loader() -> Check:
+    obj = bpf_file(OBJECT)
+    if not obj.is_file():
+        return Check("loader", False, f"{obj} missing (reinstall ipe-bpf, or run scripts/build-bpf)", True)
+    try:
+        from . import libbpf
+
+        libbpf.lib()
+    except KernelError as err:
+        return Check("loader", False, err.message, True)
+    return Check("loader", True, f"core: {obj.name} through the distribution's libbpf.so.1", True)
+
+
+def check_bcc_loader() -> Check:
+    build = Path("/lib/modules") / platform.release() / "build"
     if importlib.util.find_spec("bcc") is None:
-        return Check("bcc", False, "python3 module bcc missing (install python3-bpfcc)", True)
-    return Check("bcc", True, "python3-bpfcc", True)
+        return Check("loader", False, "bcc: python3 module bcc missing (install python3-bpfcc)", True)
+    if not (build / "include").exists() and not (build / "Makefile").exists():
+        return Check("loader", False, f"bcc: {build} missing (install linux-headers-{platform.release()})", True)
+    return Check("loader", True, f"bcc: python3-bpfcc with the headers in {build.resolve()}", True)
 
 
-def check_root() -> Check:
-    if os.geteuid() != 0:
-        return Check("root", False, "not running as root (needs CAP_SYS_ADMIN and CAP_BPF)", True)
-    return Check("root", True, "uid 0", True)
+def _loader_check(loader: str) -> Check:
+    return check_bcc_loader() if loader == "bcc" else check_core_loader()
 
 
-def run_checks() -> list[Check]:
-    return [check_root(), check_bpf_lsm(), check_btf(), check_bpffs(), check_headers(), check_bcc(), check_fsverity_btf()]
+def kernel_checks() -> list[Check]:
+    """Hooks, properties and ops, from the running kernel's BTF (not fatal: reported)."""
+    from . import features
+
+    try:
+        if os.geteuid() == 0:
+            features.load_modules()
+        found = features.probe()
+    except KernelError as err:
+        return [Check("kernel", False, err.message, True)]
+    checks = [Check("hooks", not found.missing_hooks,
+                    "all present" if not found.missing_hooks else
+                    f"missing {', '.join(found.missing_hooks)} (what they capture is read another way, or "
+                    f"the properties below are unavailable)", False)]
+    for prop in found.properties().values():
+        checks.append(Check(f"property {prop.property}", prop.supported, prop.how, False))
+    for op, hooks in OP_HOOKS.items():
+        have = [h for h in hooks if h in found.hooks]
+        detail = "judged at " + ", ".join(have) if have else "no hook"
+        if op == "KMODULE":
+            detail += ("; compressed modules too" if found.compressed_module_ids
+                       else "; (this kernel has no separate compressed-module ids)")
+        checks.append(Check(f"op {op}", len(have) == len(hooks), detail, False))
+    checks.append(Check("kernel-ipe", "ipe" in (_active_lsms() or []),
+                        "kernel IPE is active too" if "ipe" in (_active_lsms() or [])
+                        else "kernel IPE not in this kernel (ipe-bpf stands in for it)", False))
+    return checks
 
 
-def require_loadable() -> None:
+def run_checks(loader: str | None = None) -> list[Check]:
+    from .loader import default_loader
+
+    fatal = [check_root(), check_bpf_lsm(), check_btf(), check_bpffs(), _loader_check(loader or default_loader())]
+    if not all(c.ok for c in fatal[1:3]):
+        return fatal
+    return fatal + kernel_checks()
+
+
+_ERRNO = {"root": "EPERM", "loader": "ENOPKG"}
+
+
+def require_loadable(loader: str) -> None:
     """Raise a one-line KernelError for the first fatal problem."""
-    for check in (check_root(), check_bpf_lsm(), check_btf(), check_bpffs(), check_headers(), check_bcc()):
+    for check in (check_root(), check_bpf_lsm(), check_btf(), check_bpffs(), _loader_check(loader)):
         if not check.ok:
-            errno_name = {"root": "EPERM", "bcc": "ENOPKG", "kernel-headers": "ENOPKG"}.get(check.name, "EOPNOTSUPP")
-            raise KernelError(errno_name, f"{check.name}: {check.detail}")
+            raise KernelError(_ERRNO.get(check.name, "EOPNOTSUPP"), f"{check.name}: {check.detail}")

@@ -1,37 +1,50 @@
-"""Compile, attach and pin the BPF-LSM program (`load`), and take it away again (`unload`).
+"""Load the BPF-LSM program (attach and pin it), and take it away again (unload).
 
-`load()` compiles bpf/ipe_bpf.bpf.c with BCC (slow under emulation: once per boot),
-which attaches one LSM program per hook; it then pins every map and every program link
-under /sys/fs/bpf/ipe_bpf/ and drops all of its own references, so enforcement belongs
-to the pins and outlives this process.  Any failure removes whatever was pinned.
+Two loaders produce the same pinned result:
+  - core (default): the prebuilt CO-RE object through the distribution's libbpf
+    (core_loader.py): no compiler, no kernel headers, seconds;
+  - bcc (`--loader bcc` or IPE_BPF_LOADER=bcc): BCC compiles the source at load time
+    (bcc_loader.py), for development on kernels whose headers BCC understands.
+Either way `load()` pins every map and every program link under /sys/fs/bpf/ipe_bpf/ and
+drops its own references, so enforcement belongs to the pins and outlives this process; what
+the kernel offered is recorded in /run/ipe-bpf/loaded.json (status, doctor, the deploy-time
+property check read it).  Any failure removes whatever was pinned.
 
 `unload()` removes the pins and polls until the kernel has really released the links
 (detaching is asynchronous).
-
-BCC is imported lazily here only; everything else works without it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
+from ..bpf_files import OBJECT, bpf_file
 from ..errors import KernelError
-from . import bpfsys, btf, devices, doctor
-from .pins import HOOKS, MAP_NAMES, PIN_ROOT, control_lock, link_paths, links_dir, map_path, maps_dir
+from . import bpfsys, doctor, features
+from .features import DECISION_HOOKS, KernelFeatures
+from .pins import (LOADED_STATE, MAP_NAMES, PIN_ROOT, control_lock, link_paths, links_dir, map_path,
+                   maps_dir)
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-SOURCE = BPF_DIR / "ipe_bpf.bpf.c"
-COMPAT = BPF_DIR / "bcc_compat.h"
-
+LOADERS = ("core", "bcc")
+LOADER_ENV = "IPE_BPF_LOADER"
 DEFAULT_RULE_ENTRIES = 1 << 21  # both slots; a rule makes up to 8 entries
 DEFAULT_DIGEST_ENTRIES = 1 << 19
 DEFAULT_RINGBUF_PAGES = 64
+
+
+def default_loader(environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    name = env.get(LOADER_ENV) or "core"
+    if name not in LOADERS:
+        raise KernelError("EINVAL", f"{LOADER_ENV}={name!r}: expected one of {', '.join(LOADERS)}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -40,62 +53,52 @@ class LoadOptions:
     rule_entries: int = DEFAULT_RULE_ENTRIES
     digest_entries: int = DEFAULT_DIGEST_ENTRIES
     ringbuf_pages: int = DEFAULT_RINGBUF_PAGES
-    seed_devices: bool = True
+    loader: str | None = None  # None: $IPE_BPF_LOADER, else "core"
 
 
 @dataclass(frozen=True)
 class LoadResult:
+    loader: str
+    hooks: tuple[str, ...]  # attached
+    features: KernelFeatures
+    seconds: float
+
+    @property
+    def missing_hooks(self) -> tuple[str, ...]:
+        return self.features.missing_hooks
+
+
+class _Program(Protocol):
+    def map_fd(self, name: str) -> int: ...
+
+    def link_fds(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """What /run/ipe-bpf/loaded.json remembers about the program that is loaded."""
+
+    loader: str
     hooks: tuple[str, ...]
-    fsverity: bool
-    fsverity_missing: str | None
-    overlay_missing: str | None
-    seeded_devices: int
-    compile_seconds: float
+    features: KernelFeatures
+    object_sha256: str | None
+    loaded_at: float
 
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["features"] = self.features.as_dict()
+        return d
 
-def cflags(
-    options: LoadOptions, offsets: btf.FsverityOffsets, overlay: btf.OverlayOffsets | None = None,
-    mount: list[str] | None = None,
-) -> list[str]:
-    return [
-        f"-I{BPF_DIR}",
-        f"-DIPE_RULES_MAX={options.rule_entries}",
-        f"-DIPE_DIGESTS_MAX={options.digest_entries}",
-        f"-DIPE_RINGBUF_PAGES={options.ringbuf_pages}",
-        *offsets.defines(),
-        *(overlay.defines() if overlay is not None else []),
-        *(mount or []),
-    ]
-
-
-def overlay_offsets() -> btf.OverlayOffsets:
-    """overlayfs layout for d_real_inode(); loads the overlay module if it is not loaded."""
-    if not Path("/sys/kernel/btf/overlay").exists() and shutil.which("modprobe"):
-        subprocess.run(["modprobe", "-q", "overlay"], check=False, capture_output=True)
-    return btf.overlay_offsets()
-
-
-def program_text() -> str:
-    """The program source with bcc_compat.h inlined.
-
-    BCC rewrites map method calls (map.lookup(), ringbuf_reserve(), ...) only in the main
-    source buffer, not in included files, so the compatibility header is spliced in.
-    """
-    source = SOURCE.read_text()
-    include = '#include "bcc_compat.h"'
-    if include not in source:
-        raise KernelError("EINVAL", f"{SOURCE} does not include bcc_compat.h")
-    return source.replace(include, COMPAT.read_text(), 1)
-
-
-def _bcc_error(exc: BaseException) -> KernelError:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    if "Permission denied" in first or "Operation not permitted" in first:
-        return KernelError("EPERM", f"the kernel refused the BPF program: {first}")
-    if "compile" in first.lower():
-        return KernelError("EINVAL", f"BPF compile failed: {first} (details above)")
-    return KernelError("EINVAL", f"BPF load failed: {first}")
+    @classmethod
+    def read(cls, path: Path = LOADED_STATE) -> "LoadedState | None":
+        try:
+            d = json.loads(path.read_text())
+            return cls(d["loader"], tuple(d["hooks"]), KernelFeatures.from_dict(d["features"]),
+                       d.get("object_sha256"), float(d["loaded_at"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
 def _remove_pins(root: Path) -> None:
@@ -111,52 +114,68 @@ def _remove_pins(root: Path) -> None:
         root.rmdir()
 
 
-def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT) -> LoadResult:
-    """Compile, attach and pin; raises KernelError (EEXIST if already loaded)."""
-    doctor.require_loadable()
+def _load_program(loader: str, options: LoadOptions, found: KernelFeatures) -> _Program:
+    if loader == "bcc":
+        from . import bcc_loader
+
+        return bcc_loader.load_program(options.rule_entries, options.digest_entries, options.ringbuf_pages)
+    from . import core_loader
+
+    return core_loader.load_program(found, options.rule_entries, options.digest_entries, options.ringbuf_pages)
+
+
+def _pin(program: _Program, options: LoadOptions, root: Path) -> tuple[str, ...]:
+    maps_dir(root).mkdir(parents=True, exist_ok=True)
+    links_dir(root).mkdir(parents=True, exist_ok=True)
+    for name in MAP_NAMES:
+        bpfsys.obj_pin(program.map_fd(name), str(map_path(name, root)))
+    from .maps import PinnedPolicyMaps
+
+    with PinnedPolicyMaps(root) as maps:
+        maps.set_enforce(not options.permissive)
+    links = program.link_fds()
+    missing = [h for h in DECISION_HOOKS if h not in links]
+    if missing:
+        raise KernelError("EINVAL", f"hooks not attached: {', '.join(missing)}")
+    for hook, fd in links.items():  # enforcement starts here
+        bpfsys.obj_pin(fd, str(links_dir(root) / hook))
+    return tuple(sorted(links))
+
+
+def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT,
+         state_file: Path = LOADED_STATE) -> LoadResult:
+    """Load, attach and pin; raises KernelError (EEXIST if already loaded)."""
+    loader = options.loader or default_loader()
+    if loader not in LOADERS:
+        raise KernelError("EINVAL", f"unknown loader {loader!r} (expected {' or '.join(LOADERS)})")
+    doctor.require_loadable(loader)
     with control_lock():
         if root.exists() and (link_paths(root) or (maps_dir(root).is_dir() and any(maps_dir(root).iterdir()))):
             raise KernelError("EEXIST", f"ipe-bpf is already loaded ({root} exists); unload it first")
-        offsets = btf.fsverity_offsets()
-        overlay = overlay_offsets()
-        from bcc import BPF  # lazily: python3-bpfcc is a system package
-        from bcc.libbcc import lib
-
+        features.load_modules()
+        found = features.probe()
+        missing = [h for h in DECISION_HOOKS if h not in found.hooks]
+        if missing:
+            raise KernelError("EOPNOTSUPP", f"this kernel lacks the LSM hooks {', '.join(missing)}")
         started = time.monotonic()
+        program = _load_program(loader, options, found)
         try:
-            b = BPF(text=program_text().encode(),
-                    cflags=cflags(options, offsets, overlay, btf.mount_defines()))
-        except Exception as exc:  # BCC raises plain Exception for compile/load/attach errors
-            raise _bcc_error(exc) from None
-        compile_seconds = time.monotonic() - started
-        attached = {name.decode().removeprefix("lsm__"): fd for name, fd in b.lsm_fds.items()}
-        try:
-            missing = [h for h in HOOKS if h not in attached]
-            if missing:
-                raise KernelError("EINVAL", f"hooks not attached: {', '.join(missing)}")
-            maps_dir(root).mkdir(parents=True, exist_ok=True)
-            links_dir(root).mkdir(parents=True, exist_ok=True)
-            for name in MAP_NAMES:
-                fd = lib.bpf_table_fd(b.module, name.encode())
-                if fd < 0:
-                    raise KernelError("ENOENT", f"map {name} not found in the compiled program")
-                bpfsys.obj_pin(fd, str(map_path(name, root)))
-            from .maps import PinnedPolicyMaps
-
-            with PinnedPolicyMaps(root) as maps:
-                maps.set_enforce(not options.permissive)
-                seeded = devices.seed(maps) if options.seed_devices else 0
-            for hook in HOOKS:
-                bpfsys.obj_pin(attached[hook], str(links_dir(root) / hook))
+            hooks = _pin(program, options, root)
         except BaseException:
-            b.cleanup()
+            program.close()
             _remove_pins(root)
             raise
-        b.cleanup()  # drop this process's fds: the pins own everything now
-    return LoadResult(tuple(HOOKS), offsets.missing is None, offsets.missing, overlay.missing, seeded, compile_seconds)
+        program.close()  # drop this process's fds: the pins own everything now
+        seconds = time.monotonic() - started
+    obj = bpf_file(OBJECT)
+    digest = hashlib.sha256(obj.read_bytes()).hexdigest() if loader == "core" else None
+    state = LoadedState(loader, hooks, found, digest, time.time())
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(state.to_json(), indent=1) + "\n")
+    return LoadResult(loader, hooks, found, seconds)
 
 
-def unload(root: Path = PIN_ROOT, timeout: float = 10.0) -> float:
+def unload(root: Path = PIN_ROOT, timeout: float = 10.0, state_file: Path = LOADED_STATE) -> float:
     """Remove the pins and wait until every link is gone; returns the seconds waited."""
     with control_lock():
         links = link_paths(root)
@@ -173,6 +192,7 @@ def unload(root: Path = PIN_ROOT, timeout: float = 10.0) -> float:
             links_ids.append(info.id)
             prog_ids.append(info.prog_id)
         _remove_pins(root)
+        state_file.unlink(missing_ok=True)
         started = time.monotonic()
         # A link's id disappears just before it detaches; its program's id only once the
         # detach is complete and nothing else holds the program.
@@ -201,7 +221,7 @@ if __name__ == "__main__":  # python3 -m ipe_bpf.kernel.loader load|unload (for 
     cmd = sys.argv[1] if len(sys.argv) > 1 else "load"
     if cmd == "load":
         r = load(LoadOptions(permissive="--permissive" in sys.argv))
-        print(f"loaded in {r.compile_seconds:.1f}s", flush=True)
+        print(f"loaded with {r.loader} in {r.seconds:.1f}s; hooks: {' '.join(r.hooks)}", flush=True)
         if "--hold" in sys.argv:
             print("READY", flush=True)
             while True:

@@ -8,7 +8,7 @@
         maps.state()                          # KernelState: active slot, generation, ...
         maps.counters()                       # Counters: allow/deny per op, audited, dropped
         maps.drops()                          # ring-buffer records lost
-        maps.devices()                        # dm-verity devices known to the kernel side
+        maps.devices()                        # dm-verity devices the setintegrity hook captured
         maps.deactivate()                     # back to "no policy" (tests; IPE has no such op)
 
 `install(compiled, generation)`: writes the compiled tables into the inactive slot
@@ -81,7 +81,6 @@ class DeviceState:
     alg: str
     roothash: str  # hex
     signature_valid: bool
-    seeded: bool
 
     @property
     def major(self) -> int:
@@ -266,32 +265,9 @@ class PinnedPolicyMaps:
                     alg=bytes(s["alg"])[:alg_len].decode("ascii", "replace"),  # type: ignore[arg-type]
                     roothash=bytes(s["digest"])[: min(dlen, 64)].hex(),  # type: ignore[arg-type]
                     signature_valid=bool(s["sig_valid"]),
-                    seeded=bool(s["seeded"]),
                 )
             )
         return sorted(out, key=lambda d: d.dev)
-
-    def seed_device(self, dev: int, alg: bytes, roothash: bytes, signature_valid: bool = False) -> None:
-        """Record a dm-verity device that was set up before load (marked seeded)."""
-        layout = self.header.struct("ipe_bdev_state")
-        alg_max = self.header.constant("IPE_ALG_MAX")
-        digest_max = self.header.constant("IPE_DIGEST_MAX")
-        value = layout.pack(
-            has_roothash=1,
-            sig_valid=1 if signature_valid else 0,
-            seeded=1,
-            alg_len=min(len(alg), 255),
-            digest_len=len(roothash) if len(roothash) <= digest_max else 255,
-            alg=alg[:alg_max],
-            digest=roothash[:digest_max],
-        )
-        m = self._map("ipe_devices")
-        # BPF_NOEXIST: never overwrite what the kernel itself captured.
-        try:
-            bpfsys.update(m.fd, struct.pack("=I", dev), value, flags=1)
-        except KernelError as exc:
-            if exc.errno_name != "EEXIST":
-                raise
 
 
 def kernel_dev(major: int, minor: int) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "ipe_bpf"
 LOCK_FILE = Path("/run/ipe-bpf.lock")
+LOADED_STATE = Path("/run/ipe-bpf/loaded.json")  # what the loaded program found (loader.py)
 
 MAP_NAMES: tuple[str, ...] = (
     "ipe_config",

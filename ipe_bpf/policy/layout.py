@@ -430,8 +430,10 @@ def parse_header(text: str) -> Header:
 
 
 def default_header_path() -> Path:
-    """bpf/ipe_bpf.h of the source tree this package lives in."""
-    return Path(__file__).resolve().parents[2] / "bpf" / "ipe_bpf.h"
+    """bpf/ipe_bpf.h of the source tree, or of the installed package."""
+    from ..bpf_files import HEADER, bpf_file
+
+    return bpf_file(HEADER)
 
 
 def load_header(path: Path | None = None) -> Header:

@@ -85,8 +85,12 @@ def test_load_whose_stored_policy_cannot_be_applied_unloads_again(
         def __exit__(self, *exc: object) -> None:
             pass
 
+    from ipe_bpf.kernel.features import KernelFeatures
+    from ipe_bpf.kernel.pins import HOOKS
+
+    found = KernelFeatures(HOOKS, "inode", None, True, True, True, False)
     monkeypatch.setattr(loader, "load", lambda options: events.append("load") or loader.LoadResult(
-        ("bprm_check_security",), True, None, None, 0, 1.0))
+        "core", HOOKS, found, 1.0))
     monkeypatch.setattr(loader, "unload", lambda: events.append("unload") or 0.01)
     monkeypatch.setattr(maps, "PinnedPolicyMaps", Maps)
     result = runner.invoke(APP, ["load"])

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from ipe_bpf.errors import KernelError
-from ipe_bpf.kernel.btf import Btf, fsverity_offsets
+from ipe_bpf.kernel.btf import Btf, kernel_offsets
 
 
 def _blob() -> bytes:
@@ -43,6 +43,16 @@ def test_nested_and_anonymous_members() -> None:
     assert e.value.errno_name == "ENOENT"
 
 
-def test_missing_fsverity_types_are_reported_not_guessed() -> None:
-    found = fsverity_offsets(Btf(_blob()))
-    assert found.missing is not None and found.defines() == []
+def test_missing_types_are_reported_not_guessed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ipe_bpf.kernel import btf as btf_mod
+
+    btf_mod.MODULE_BTF, saved = tmp_path, btf_mod.MODULE_BTF  # no module BTF at all
+    try:
+        found = kernel_offsets(Btf(_blob()))
+    finally:
+        btf_mod.MODULE_BTF = saved
+    assert found.defines() == []
+    assert set(found.missing) == {"IPE_HAVE_INODE_VERITY", "IPE_HAVE_OVL", "IPE_HAVE_MOUNT",
+                                  "IPE_HAVE_DM_TABLE", "IPE_HAVE_DM_SIG"}
+    assert "inode" in found.missing["IPE_HAVE_INODE_VERITY"]
+    assert "overlay" in found.missing["IPE_HAVE_OVL"]  # the module's BTF file is named

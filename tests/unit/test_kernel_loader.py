@@ -1,27 +1,81 @@
-"""Loader pieces that need no kernel: the program text BCC gets, and its -D flags."""
+"""Loader pieces that need no BPF-LSM kernel: loader choice, the BCC text and flags, the CO-RE
+object opened through this machine's libbpf, and what a kernel's features allow."""
 
 from __future__ import annotations
 
-from ipe_bpf.kernel import loader
-from ipe_bpf.kernel.btf import FsverityOffsets
+import pytest
+
+from ipe_bpf.errors import KernelError
+from ipe_bpf.kernel import bcc_loader, core_loader, libbpf, loader
+from ipe_bpf.kernel.features import KernelFeatures
 from ipe_bpf.kernel.maps import kernel_dev
+from ipe_bpf.kernel.pins import HOOKS, MAP_NAMES
 
 
-def test_compat_header_is_spliced_into_the_main_buffer() -> None:
-    text = loader.program_text()
+def test_loader_comes_from_the_environment_and_defaults_to_core() -> None:
+    assert loader.default_loader({}) == "core"
+    assert loader.default_loader({"IPE_BPF_LOADER": "bcc"}) == "bcc"
+    with pytest.raises(KernelError) as err:
+        loader.default_loader({"IPE_BPF_LOADER": "llvm"})
+    assert err.value.errno_name == "EINVAL" and "IPE_BPF_LOADER" in str(err.value)
+
+
+def test_bcc_gets_the_compat_header_spliced_into_the_main_buffer() -> None:
+    text = bcc_loader.program_text()
     assert '#include "bcc_compat.h"' not in text
     assert "BPF_RINGBUF_OUTPUT(ipe_events" in text
     assert text.index("BPF_RINGBUF_OUTPUT") < text.index("IPE_HOOK(bprm_check_security")
 
 
-def test_cflags_carry_sizes_and_btf_offsets_only_when_complete() -> None:
-    opts = loader.LoadOptions(rule_entries=123, digest_entries=45)
-    full = FsverityOffsets({"IPE_OFF_INODE_VERITY": 8})
-    flags = loader.cflags(opts, full)
-    assert "-DIPE_RULES_MAX=123" in flags and "-DIPE_DIGESTS_MAX=45" in flags
-    assert "-DIPE_OFF_INODE_VERITY=8" in flags and "-DIPE_HAVE_FSVERITY=1" in flags
-    none = loader.cflags(opts, FsverityOffsets({}, missing="no fsverity_info"))
-    assert not any("FSVERITY" in f or "IPE_OFF" in f for f in none)
+def test_bcc_flags_carry_sizes_and_the_offsets_given() -> None:
+    flags = bcc_loader.cflags(123, 45, 8, offsets=["-DIPE_OFF_MOUNT_MNT=32", "-DIPE_HAVE_MOUNT=1"])
+    assert {"-DIPE_RULES_MAX=123", "-DIPE_DIGESTS_MAX=45", "-DIPE_RINGBUF_PAGES=8"} <= set(flags)
+    assert "-DIPE_HAVE_MOUNT=1" in flags
+
+
+def test_core_object_opens_with_this_machines_libbpf() -> None:
+    """Open (not load) the object: every hook's program and every pinned map is there, the
+    maps can be sized and the load settings written, as core_loader does before loading."""
+    lib = libbpf.lib()
+    path = str(core_loader.bpf_file(core_loader.OBJECT)).encode()
+    with libbpf.collecting_log():
+        obj = libbpf.check_ptr(lib.bpf_object__open_file(path, None), "open")
+    try:
+        assert set(core_loader._programs(obj)) == set(HOOKS)
+        for name in MAP_NAMES:
+            assert lib.bpf_object__find_map_by_name(obj, name.encode()), name
+        core_loader._set_max_entries(obj, "ipe_rules", 4096)
+        features = KernelFeatures(HOOKS, "kfunc", None, False, False, True, True)
+        core_loader._set_rodata(obj, features)
+    finally:
+        lib.bpf_object__close(obj)
+
+
+def _features(**changes: object) -> KernelFeatures:
+    base: dict[str, object] = dict(hooks=HOOKS, fsverity="inode", overlay="6.5+", dm_table=True,
+                                   dm_table_signature=True, mount_walk=True, compressed_module_ids=False)
+    base.update(changes)
+    return KernelFeatures(**base)  # type: ignore[arg-type]
+
+
+def test_a_6_1_like_kernel_cannot_evaluate_the_signature_properties() -> None:
+    no_hooks = tuple(h for h in HOOKS if "integrity" not in h and h != "bdev_free_security")
+    props = _features(hooks=no_hooks, dm_table_signature=False).properties()
+    assert props["dmverity_roothash"].supported and "live dm table" in props["dmverity_roothash"].how
+    assert not props["dmverity_signature"].supported
+    assert not props["fsverity_signature"].supported
+    assert props["fsverity_digest"].supported and props["boot_verified"].supported
+
+
+def test_without_fsverity_neither_fsverity_property_is_claimed() -> None:
+    props = _features(fsverity=None).properties()
+    assert not props["fsverity_digest"].supported and not props["fsverity_signature"].supported
+    assert "kfunc" in _features(fsverity="kfunc").properties()["fsverity_digest"].how
+
+
+def test_features_round_trip_through_the_loaded_state_file() -> None:
+    f = _features(overlay=None, compressed_module_ids=True)
+    assert KernelFeatures.from_dict(f.as_dict()) == f
 
 
 def test_kernel_dev_t_encoding() -> None:

@@ -6,8 +6,8 @@ compile.  It loads through a separate process that is SIGKILLed once the program
 pinned, so every test also checks that enforcement outlives the loader.
 
 Scratch files live on a loop-mounted ext4 with the verity feature (fs-verity) and on
-two dm-verity volumes: one opened before the load (seeded from userspace), one after
-(captured by the bdev_setintegrity hook).
+two dm-verity volumes: one opened before the load (recognised from its live device-mapper
+table), one after (captured by the bdev_setintegrity hook where the kernel has it).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class Kernel:
     lib_good_digest: str
     lib_bad: Path
     lib_bad_digest: str
-    seeded_volume: DmVerityVolume
+    early_volume: DmVerityVolume
     hooked_volume: DmVerityVolume
     loader_seconds: float
     compiled: dict[int, CompiledPolicy] = field(default_factory=dict)
@@ -228,16 +228,16 @@ def get_kernel() -> Kernel:
         sh("modprobe", m, check=False)
     _mount_fsverity_scratch()
     bins = _build_helpers()
-    seeded = (
-        make_verity_volume("ipe-seeded", {"prog": bins["attack-pie"], "other": bins["attack-static"]})
-        if not Path("/dev/mapper/ipe-seeded").exists()
+    early = (
+        make_verity_volume("ipe-early", {"prog": bins["attack-pie"], "other": bins["attack-static"]})
+        if not Path("/dev/mapper/ipe-early").exists()
         else None
     )
     loader_seconds = 0.0
     if not pins.is_loaded():
         loader_seconds = _load_with_killed_loader()
     hooked = make_verity_volume("ipe-hooked", {"prog": bins["attack-pie"], "other": bins["attack-static"]})
-    assert seeded is not None
+    assert early is not None
     k = Kernel(
         attack=FSV / "attack",
         attack_digest=verity_copy(bins["attack-static"], FSV / "attack"),
@@ -250,7 +250,7 @@ def get_kernel() -> Kernel:
         lib_good_digest=verity_copy(bins["lib.so"], FSV / "libgood.so"),
         lib_bad=FSV / "libbad.so",
         lib_bad_digest=verity_copy(bins["lib.so"], FSV / "libbad.so", extra=b"\0"),
-        seeded_volume=seeded,
+        early_volume=early,
         hooked_volume=hooked,
         loader_seconds=loader_seconds,
     )

@@ -34,13 +34,13 @@ def _files(k: Kernel) -> dict[Path, FileAttributes]:
         k.bad: FileAttributes(fsverity_digest=_digest(k.bad_digest)),
         k.plain: FileAttributes(),
         k.hooked_volume.mount / "prog": FileAttributes(dmverity_roothash=dmv(k.hooked_volume)),
-        k.seeded_volume.mount / "prog": FileAttributes(dmverity_roothash=dmv(k.seeded_volume)),
+        k.early_volume.mount / "prog": FileAttributes(dmverity_roothash=dmv(k.early_volume)),
     }
 
 
 def _random_policy(rng: random.Random, k: Kernel, n: int) -> str:
     fsv = [k.good_digest, k.bad_digest, "sha256:" + "ab" * 32, "sha512:" + "cd" * 64]
-    dmv = [f"sha256:{k.hooked_volume.roothash}", f"sha256:{k.seeded_volume.roothash}", "sha256:" + "ef" * 32]
+    dmv = [f"sha256:{k.hooked_volume.roothash}", f"sha256:{k.early_volume.roothash}", "sha256:" + "ef" * 32]
     lines = [f"policy_name=diff{n} policy_version=0.0.1",
              f"op=EXECUTE fsverity_digest={k.attack_digest} action=ALLOW"]  # the helper runs
     if rng.random() < 0.8:

@@ -13,19 +13,23 @@ def test_hook_captured_root_hash_of_a_volume_opened_after_load(ipe: Kernel) -> N
         dev = {d.dev: d for d in maps.devices()}
     assert vol.dev in dev, dev
     d = dev[vol.dev]
-    assert (d.alg, d.roothash, d.seeded, d.signature_valid) == ("sha256", vol.roothash, False, False)
+    assert (d.alg, d.roothash, d.signature_valid) == ("sha256", vol.roothash, False)
 
 
-def test_volume_opened_before_load_is_seeded(ipe: Kernel) -> None:
-    vol = ipe.seeded_volume
+def test_volume_opened_before_load_is_read_from_its_live_table(ipe: Kernel) -> None:
+    """The hook never saw it (not in the devices map), yet its root hash decides."""
+    vol = ipe.early_volume
     with ipe.maps() as maps:
-        dev = {d.dev: d for d in maps.devices()}
-    assert vol.dev in dev
-    assert (dev[vol.dev].roothash, dev[vol.dev].seeded) == (vol.roothash, True)
+        assert vol.dev not in {d.dev for d in maps.devices()}
+    ipe.activate(policy(f"op=EXECUTE {vol.property} action=DENY"))
+    assert ipe.exec_status(vol.mount / "prog") == EACCES
+    other = ipe.hooked_volume.property
+    ipe.activate(policy(f"op=EXECUTE {other} action=DENY"))
+    assert ipe.exec_status(vol.mount / "prog") == 0  # a different root hash does not match
 
 
 def test_exec_by_roothash(ipe: Kernel) -> None:
-    for vol in (ipe.hooked_volume, ipe.seeded_volume):
+    for vol in (ipe.hooked_volume, ipe.early_volume):
         prog = vol.mount / "prog"
         ipe.activate(policy(f"op=EXECUTE {vol.property} action=DENY"))
         assert ipe.exec_status(prog) == EACCES, vol.name
@@ -33,7 +37,7 @@ def test_exec_by_roothash(ipe: Kernel) -> None:
 
 
 def test_static_binary_on_volume_allowed_by_roothash_under_strict_policy(ipe: Kernel) -> None:
-    for vol in (ipe.hooked_volume, ipe.seeded_volume):
+    for vol in (ipe.hooked_volume, ipe.early_volume):
         ipe.activate(policy(
             f"op=EXECUTE {vol.property} action=ALLOW",
             f"op=EXECUTE fsverity_digest={ipe.attack_digest} action=ALLOW",

@@ -67,13 +67,30 @@ def test_dmverity_signature_true_on_a_volume_with_a_signed_root_hash(
         ipe: Kernel, signed_volume: DmVerityVolume) -> None:
     with ipe.maps() as maps:
         devices = {d.dev: d for d in maps.devices()}
-    assert devices[signed_volume.dev].signature_valid and not devices[signed_volume.dev].seeded
+    assert devices[signed_volume.dev].signature_valid
     assert not devices[ipe.hooked_volume.dev].signature_valid
     ipe.activate(policy("op=EXECUTE dmverity_signature=TRUE action=DENY"))
     assert ipe.exec_status(signed_volume.mount / "prog") == EACCES
     assert ipe.exec_status(ipe.hooked_volume.mount / "prog") == 0
     ipe.activate(policy(f"op=EXECUTE {signed_volume.property} dmverity_signature=FALSE action=DENY"))
     assert ipe.exec_status(signed_volume.mount / "prog") == 0
+
+
+def test_live_table_gives_the_signature_state_the_hook_would(
+        ipe: Kernel, signed_volume: DmVerityVolume) -> None:
+    """Drop what the bdev_setintegrity hook captured: the program then reads the device's live
+    dm-verity table, root hash and verified signature included (a device set up before load)."""
+    import struct
+
+    from ipe_bpf.kernel import bpfsys
+
+    with ipe.maps() as maps:
+        assert bpfsys.delete(maps._map("ipe_devices").fd, struct.pack("=I", signed_volume.dev))
+        assert signed_volume.dev not in {d.dev for d in maps.devices()}
+    ipe.activate(policy(f"op=EXECUTE {signed_volume.property} dmverity_signature=TRUE action=DENY"))
+    assert ipe.exec_status(signed_volume.mount / "prog") == EACCES
+    ipe.activate(policy(f"op=EXECUTE {ipe.early_volume.property} dmverity_signature=FALSE action=DENY"))
+    assert ipe.exec_status(ipe.early_volume.mount / "prog") == EACCES  # unsigned, also walked
 
 
 # ------------------------------------------------------------------ kernel IPE as a peer
@@ -172,7 +189,7 @@ def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
         ipe: Kernel, kernel_ipe_peer: None, signed_volume: DmVerityVolume, tmp_path: Path) -> None:
     """Per policy: deploy + activate (1422, 1421) and every decision (1420) of 6 real execs."""
     files = [ipe.good, ipe.bad, ipe.plain, ipe.hooked_volume.mount / "prog",
-             ipe.seeded_volume.mount / "prog", signed_volume.mount / "prog"]
+             ipe.early_volume.mount / "prog", signed_volume.mount / "prog"]
 
     def exec_all() -> None:
         for path in files:

@@ -1,0 +1,186 @@
+"""What the running kernel offers ipe-bpf, probed from its BTF (never from its version).
+
+The probe asks libbpf (btf__load_vmlinux_btf, btf__load_module_btf) the same questions the
+CO-RE object asks itself at load time (bpf/libbpf_compat.h's IPE_HAVE_*): which LSM hooks
+exist, whether struct inode still has i_verity_info or the bpf_get_fsverity_digest kfunc
+is there, overlayfs' layout, device-mapper's and dm-verity's structs.  From those facts it
+derives, per policy property, whether this kernel can evaluate it and how; `doctor`,
+`status` and the deploy-time check use that table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from ..errors import KernelError
+from . import libbpf
+from .pins import HOOKS
+
+BTF_KIND_STRUCT, BTF_KIND_ENUM, BTF_KIND_FUNC, BTF_KIND_ENUM64 = 4, 6, 12, 19
+
+DECISION_HOOKS = HOOKS[:5]  # without these there is no enforcement at all
+MODULES = ("overlay", "dm_mod", "dm_verity")  # their BTF must be there before a CO-RE load
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
+
+
+class _Btf:
+    """One BTF object (vmlinux or a module's split BTF) asked through libbpf."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def _find(self, name: str, kind: int) -> int:
+        return int(libbpf.lib().btf__find_by_name_kind(self.handle, name.encode(), kind))
+
+    def has_func(self, name: str) -> bool:
+        return self._find(name, BTF_KIND_FUNC) > 0
+
+    def _items(self, type_id: int, item_size: int) -> list[str]:
+        lib = libbpf.lib()
+        ptr = lib.btf__type_by_id(self.handle, type_id)
+        t = _BtfType.from_address(ptr)
+        vlen = t.info & 0xFFFF
+        names = []
+        for i in range(vlen):
+            name_off = ctypes.c_uint32.from_address(ptr + ctypes.sizeof(_BtfType) + i * item_size).value
+            names.append((lib.btf__name_by_offset(self.handle, name_off) or b"").decode())
+        return names
+
+    def members(self, struct: str) -> frozenset[str]:
+        type_id = self._find(struct, BTF_KIND_STRUCT)
+        return frozenset(self._items(type_id, 12)) if type_id > 0 else frozenset()
+
+    def enum_values(self, enum: str) -> frozenset[str]:
+        for kind, size in ((BTF_KIND_ENUM, 8), (BTF_KIND_ENUM64, 12)):
+            type_id = self._find(enum, kind)
+            if type_id > 0:
+                return frozenset(self._items(type_id, size))
+        return frozenset()
+
+
+@dataclass(frozen=True)
+class PropertySupport:
+    property: str
+    supported: bool
+    how: str  # the mechanism, or why it cannot work on this kernel
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    hooks: tuple[str, ...]  # LSM hooks this kernel has (of HOOKS)
+    fsverity: str | None  # "inode" (i_verity_info), "kfunc" (bpf_get_fsverity_digest) or None
+    overlay: str | None  # overlayfs layout: "6.5+", "6.1", or None (module not loaded)
+    dm_table: bool  # device-mapper and dm-verity structs readable (live table walk)
+    dm_table_signature: bool  # dm-verity keeps its verified root hash signature (6.12+)
+    mount_walk: bool  # struct mount readable (MPROTECT paths)
+    compressed_module_ids: bool  # READING_MODULE_COMPRESSED exists (7.x)
+
+    @property
+    def missing_hooks(self) -> tuple[str, ...]:
+        return tuple(h for h in HOOKS if h not in self.hooks)
+
+    def properties(self) -> dict[str, PropertySupport]:
+        """Per policy property: can this kernel evaluate it, and how."""
+        hook = set(self.hooks)
+        dm = "bdev_setintegrity hook" if "bdev_setintegrity" in hook else None
+        if self.dm_table:
+            dm = (dm + " + " if dm else "") + "live dm table"
+        if "bdev_setintegrity" in hook:
+            dm_sig = "bdev_setintegrity hook"
+        elif self.dm_table_signature:
+            dm_sig = "dm-verity's kept signature"
+        else:
+            dm_sig = None
+        fsv = {"inode": "inode verity info", "kfunc": "bpf_get_fsverity_digest kfunc"}.get(self.fsverity or "")
+        found = {
+            "boot_verified": (True, "rootfs superblock"),
+            "dmverity_roothash": (dm is not None, dm or "no dm-verity structs in BTF (dm_verity module?)"),
+            "dmverity_signature": (dm_sig is not None, dm_sig or "kernel keeps no dm-verity signature state "
+                                   "(no bdev_setintegrity hook, dm-verity without root_digest_sig)"),
+            "fsverity_digest": (fsv is not None, fsv or "neither inode.i_verity_info nor the kfunc"),
+            "fsverity_signature": ("inode_setintegrity" in hook and fsv is not None,
+                                   "no fs-verity" if fsv is None else "inode_setintegrity hook"
+                                   if "inode_setintegrity" in hook else "no inode_setintegrity hook"),
+        }
+        return {name: PropertySupport(name, ok, how) for name, (ok, how) in found.items()}
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["properties"] = {k: asdict(v) for k, v in self.properties().items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> "KernelFeatures":
+        fields = {k: d[k] for k in cls.__dataclass_fields__}  # type: ignore[attr-defined]
+        fields["hooks"] = tuple(fields["hooks"])  # type: ignore[arg-type]
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def load_modules() -> None:
+    """Load overlay and dm-verity (and so dm-mod) when they are modules: their BTF must be
+    there for CO-RE to relocate overlayfs and device-mapper accesses."""
+    if shutil.which("modprobe") is None:
+        return
+    for module in ("overlay", "dm-verity"):
+        subprocess.run(["modprobe", "-q", module], check=False, capture_output=True)
+
+
+def probe() -> KernelFeatures:
+    """Ask the running kernel's BTF; KernelError if it has none."""
+    lib = libbpf.lib()
+    vmlinux = lib.btf__load_vmlinux_btf()
+    if not vmlinux:
+        raise KernelError("ENOENT", "the kernel has no BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)")
+    modules: dict[str, int] = {}
+    try:
+        for name in MODULES:
+            handle = lib.btf__load_module_btf(name.encode(), vmlinux)
+            if handle:
+                modules[name] = handle
+        return _features(_Btf(vmlinux), {k: _Btf(v) for k, v in modules.items()})
+    finally:
+        for handle in modules.values():
+            lib.btf__free(handle)
+        lib.btf__free(vmlinux)
+
+
+def _features(vmlinux: _Btf, modules: dict[str, _Btf]) -> KernelFeatures:
+    def members(struct: str, *where: str) -> frozenset[str]:
+        for btf in [vmlinux, *(modules[m] for m in where if m in modules)]:
+            found = btf.members(struct)
+            if found:
+                return found
+        return frozenset()
+
+    hooks = tuple(h for h in HOOKS if vmlinux.has_func(f"bpf_lsm_{h}"))
+    if "i_verity_info" in members("inode"):
+        fsverity: str | None = "inode"
+    elif vmlinux.has_func("bpf_get_fsverity_digest"):
+        fsverity = "kfunc"
+    else:
+        fsverity = None
+    ovl = members("ovl_inode", "overlay")
+    overlay = "6.5+" if "oe" in ovl else "6.1" if "lowerpath" in ovl else None
+    dm_verity = members("dm_verity", "dm_verity")
+    dm_table = "map" in members("mapped_device", "dm_mod") and "root_digest" in dm_verity
+    return KernelFeatures(
+        hooks=hooks,
+        fsverity=fsverity,
+        overlay=overlay,
+        dm_table=dm_table,
+        dm_table_signature=dm_table and "root_digest_sig" in dm_verity,
+        mount_walk="mnt_parent" in members("mount"),
+        compressed_module_ids="READING_MODULE_COMPRESSED" in vmlinux.enum_values("kernel_read_file_id"),
+    )
+
+
+@lru_cache(maxsize=1)
+def cached_probe() -> KernelFeatures:
+    return probe()
