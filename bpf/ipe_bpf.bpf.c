@@ -35,17 +35,24 @@
 /* Set by the loader before load from what it probed (frozen: the verifier prunes by them). */
 const volatile struct {
 	__u8 fsverity_kfunc;	/* call bpf_get_fsverity_digest (no i_verity_info) */
+	__u8 fsv_sig_hook;	/* inode_setintegrity is attached: fs-verity signatures are reported */
 } ipe_load = {};
 #define IPE_USE_FSVERITY_KFUNC (ipe_load.fsverity_kfunc && !IPE_HAVE_INODE_VERITY)
+#define IPE_FSV_SIG_HOOK ipe_load.fsv_sig_hook
 #else
 #define IPE_USE_FSVERITY_KFUNC 0
+#define IPE_FSV_SIG_HOOK 1	/* BCC runs on 6.12, which has inode_setintegrity */
 #endif
+
+#define S_VERITY (1 << 16)	/* include/linux/fs.h: inode->i_flags, stable since 5.4 */
+#define FS_IOC_ENABLE_VERITY 0x40806685	/* _IOW('f', 133, struct fsverity_enable_arg) */
 
 /* What the decision needs to know about the file behind the event. */
 struct ipe_attrs {
 	__u32 roothash_id;	/* id of the file's dm-verity root hash in the slot, or 0 */
 	__u32 digest_id;	/* id of the file's fs-verity digest in the slot, or 0 */
-	__u8 bools;		/* IPE_BOOL_* */
+	__u8 bools;		/* IPE_BOOL_* the file has */
+	__u8 unknown;		/* IPE_BOOL_* whose value this kernel cannot tell (not guessed FALSE) */
 };
 
 struct ipe_decision {
@@ -154,7 +161,7 @@ static __always_inline void *ipe_real_inode(void *inode)
 /*
  * A device-mapper device's live table, when it is one dm-verity target: its root hash and
  * algorithm into key, and whether its root hash signature verified (6.12+ keeps the signature
- * only then) into *signed.  Covers devices set up before ipe-bpf was loaded and kernels
+ * only then) into *signed_ (-1: unknown, older dm-verity keeps no such state).  Covers devices set up before ipe-bpf was loaded and kernels
  * without the bdev_setintegrity hook (6.1).  Returns 0 if bdev is not such a device, 1 if it
  * is (key->len is 0 when its root hash cannot match a policy digest).
  */
@@ -196,9 +203,12 @@ static __always_inline int ipe_dm_table_roothash(void *bdev, struct ipe_digest_k
 	IPE_READ(v, targets + IPE_OFF_DM_TARGET_PRIVATE);
 	if (!v)
 		return 0;
-	if (IPE_HAVE_DM_SIG)
+	if (IPE_HAVE_DM_SIG) {
 		IPE_READ(sig, v + IPE_OFF_DM_VERITY_ROOT_DIGEST_SIG);
-	*signed_ = sig ? 1 : 0;
+		*signed_ = sig ? 1 : 0;
+	} else {
+		*signed_ = -1;	/* dm-verity keeps no signature state (before 6.12) */
+	}
 	IPE_READ(alg, v + IPE_OFF_DM_VERITY_ALG_NAME);
 	IPE_READ(digest, v + IPE_OFF_DM_VERITY_ROOT_DIGEST);
 	IPE_READ(len, v + IPE_OFF_DM_VERITY_DIGEST_SIZE);
@@ -248,8 +258,10 @@ static __always_inline void ipe_dmverity_attrs(void *inode, int slot, struct ipe
 	IPE_FIELD(dev, bdev, struct block_device, bd_dev);
 	if (!ipe_dm_hooked_roothash(dev, &key, &signed_) && !ipe_dm_table_roothash(bdev, &key, &signed_))
 		return;
-	if (signed_)
+	if (signed_ > 0)
 		a->bools |= IPE_BOOL_DMV_SIGNATURE;
+	else if (signed_ < 0)
+		a->unknown |= IPE_BOOL_DMV_SIGNATURE;
 	if (!key.len)
 		return;
 	key.slot = slot;
@@ -321,7 +333,8 @@ static __always_inline int ipe_fsverity_from_kfunc(struct file *file, struct ipe
 /*
  * fsverity_digest and fsverity_signature.  btf_file / btf_inode are the event's own file and
  * inode as the hook got them (NULL when the properties come from another inode: overlayfs),
- * which the kfunc and inode storage need.
+ * which the kfunc and inode storage need.  The signature is known only for files whose verity
+ * set-up the program watched (ipe_inode_state); for others it is unknown, never FALSE.
  */
 static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_inode, struct file *btf_file,
 					       int slot, struct ipe_attrs *a)
@@ -338,11 +351,11 @@ static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_in
 #endif
 	if (!verity)
 		return;
-	if (btf_inode) {
-		ist = ipe_inode_storage(ipe_inodes, btf_inode, 0);
-		if (ist && ist->fsv_sig_valid)
-			a->bools |= IPE_BOOL_FSV_SIGNATURE;
-	}
+	ist = btf_inode && IPE_FSV_SIG_HOOK ? ipe_inode_storage(ipe_inodes, btf_inode, 0) : NULL;
+	if (ist && ist->fsv_sig_valid)
+		a->bools |= IPE_BOOL_FSV_SIGNATURE;
+	else if (!ist || !ist->fsv_observed)
+		a->unknown |= IPE_BOOL_FSV_SIGNATURE;	/* checked before load, or not reported */
 	key.slot = slot;
 	key.kind = IPE_DIGEST_FSVERITY;
 	a->digest_id = ipe_digest_id(&key);
@@ -388,7 +401,7 @@ static __always_inline void ipe_rule_try(struct ipe_rule_key *k, __u8 shape, str
 
 /* First matching rule (lowest index over the shapes), else op default, else global default. */
 static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot, __u8 op,
-				       struct ipe_attrs *a, struct ipe_decision *d)
+				       struct ipe_attrs *a, __u8 bools, struct ipe_decision *d)
 {
 	struct ipe_rule_key k = {};
 	__u8 shapes = def->shapes;
@@ -399,7 +412,7 @@ static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot
 	if (op < IPE_OP_UNKNOWN) {
 		k.slot = slot;
 		k.op = op;
-		k.bools = a->bools;
+		k.bools = bools;
 		if (shapes & (1 << 0))
 			ipe_rule_try(&k, 0, a, d);
 		if ((shapes & (1 << IPE_SHAPE_ROOTHASH)) && a->roothash_id)
@@ -421,6 +434,37 @@ static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot
 		d->action = def->global_default;
 		d->source = IPE_SOURCE_GLOBAL_DEFAULT;
 	}
+}
+
+/*
+ * The decision when some boolean properties are unknown: the policy is asked with every value
+ * they could have.  If the answers agree, that is the decision; if not, it hangs on what this
+ * kernel cannot tell, and the event is denied (fail-closed) with the denying rule.  Returns 1
+ * in that case.
+ */
+static __always_inline int ipe_decide_all(struct ipe_policy_defaults *def, int slot, __u8 op,
+					  struct ipe_attrs *a, struct ipe_decision *d)
+{
+	struct ipe_decision alt = {};
+	__u8 known = a->bools & ~a->unknown;
+	int split = 0;
+
+	ipe_decide(def, slot, op, a, known, d);
+	if (!a->unknown)
+		return 0;
+#pragma unroll
+	for (__u8 extra = IPE_BOOL_DMV_SIGNATURE; extra <= (IPE_BOOL_DMV_SIGNATURE | IPE_BOOL_FSV_SIGNATURE);
+	     extra += IPE_BOOL_DMV_SIGNATURE) {
+		if (extra & ~a->unknown)
+			continue;
+		ipe_decide(def, slot, op, a, known | extra, &alt);
+		if (alt.action == d->action)
+			continue;
+		split = 1;
+		if (alt.action == IPE_ACTION_DENY)
+			*d = alt;
+	}
+	return split;
 }
 
 /* d_path() rebuilt for file_mprotect (see ipe_walk_path): the walk's state between steps. */
@@ -622,6 +666,7 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	struct ipe_decision d = {};
 	__u8 active, enforcing;
 	__u32 slot;
+	int split;
 
 	if (!cfg)
 		return 0;
@@ -634,11 +679,13 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 		return 0;
 	if (file)
 		ipe_file_attrs(file, slot, &a);
-	ipe_decide(def, slot, op, &a, &d);
+	split = ipe_decide_all(def, slot, op, &a, &d);
 	enforcing = !cfg->permissive;
 
 	c = ipe_map_lookup(ipe_counters, &zero);
 	if (c) {
+		if (split)
+			c->undecidable++;
 		if (d.action == IPE_ACTION_DENY)
 			c->deny[op & (IPE_NR_OPS - 1)]++;
 		else
@@ -820,8 +867,64 @@ IPE_HOOK(inode_setintegrity, const struct inode *inode, enum lsm_integrity_type 
 	if (type != IPE_ENUM(enum lsm_integrity_type, LSM_INT_FSVERITY_BUILTINSIG_VALID))
 		return 0;
 	st = ipe_inode_storage(ipe_inodes, inode, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (st)
+	if (st) {
 		st->fsv_sig_valid = value && size ? 1 : 0;
+		st->fsv_observed = 1;
+	}
+	return 0;
+}
+
+/*
+ * Which fs-verity files' signature checks happen while the program is loaded: fs-verity sets a
+ * file's verity info up (and reports a verified built-in signature through inode_setintegrity)
+ * on its first open, after file_open has run, or when FS_IOC_ENABLE_VERITY turns verity on.
+ * Marking the inode here makes "no signature reported" mean FALSE for it.
+ */
+static __always_inline int ipe_verity_set_up(void *inode, struct file *file)
+{
+	void *vi = NULL;
+
+	if (IPE_HAVE_INODE_VERITY) {
+		IPE_READ(vi, inode + IPE_OFF_INODE_VERITY);
+		return vi != NULL;
+	}
+#ifdef IPE_CORE
+	if (IPE_USE_FSVERITY_KFUNC) {
+		struct ipe_digest_key key = {};
+
+		return ipe_fsverity_from_kfunc(file, &key);
+	}
+#endif
+	return 1;	/* no way to tell: leave it unknown */
+}
+
+IPE_HOOK(file_open, struct file *file)
+{
+	struct inode *inode = file->f_inode;
+	struct ipe_inode_state *st;
+	unsigned int flags = 0;
+
+	if (!IPE_FSV_SIG_HOOK || !inode)
+		return 0;
+	IPE_FIELD(flags, inode, struct inode, i_flags);
+	if (!(flags & S_VERITY) || ipe_verity_set_up(inode, file))
+		return 0;
+	st = ipe_inode_storage(ipe_inodes, inode, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (st)
+		st->fsv_observed = 1;
+	return 0;
+}
+
+IPE_HOOK(file_ioctl, struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct inode *inode = file->f_inode;
+	struct ipe_inode_state *st;
+
+	if (!IPE_FSV_SIG_HOOK || cmd != FS_IOC_ENABLE_VERITY || !inode)
+		return 0;
+	st = ipe_inode_storage(ipe_inodes, inode, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (st)
+		st->fsv_observed = 1;
 	return 0;
 }
 

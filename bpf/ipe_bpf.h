@@ -140,6 +140,7 @@ struct ipe_counters {
 	__u64 deny[IPE_NR_OPS];
 	__u64 audited;
 	__u64 dropped;		/* ring buffer full: the event was lost, the decision was not */
+	__u64 undecidable;	/* the answer hung on a signature state this kernel could not give: denied */
 };
 
 /*
@@ -157,10 +158,16 @@ struct ipe_bdev_state {
 	__u8 digest[IPE_DIGEST_MAX];
 };
 
-/* inode storage: fs-verity built-in signature verified (LSM_INT_FSVERITY_BUILTINSIG_VALID). */
+/*
+ * inode storage: what the program saw of an fs-verity file.  fsv_observed: its verity info was
+ * set up while the program was loaded (first open, or FS_IOC_ENABLE_VERITY), so a built-in
+ * signature would have been reported through inode_setintegrity: fsv_sig_valid is the truth.
+ * A verity file without fsv_observed had its signature checked before load: unknown.
+ */
 struct ipe_inode_state {
-	__u8 fsv_sig_valid;
-	__u8 pad[7];
+	__u8 fsv_sig_valid;	/* LSM_INT_FSVERITY_BUILTINSIG_VALID with a signature */
+	__u8 fsv_observed;
+	__u8 pad[6];
 };
 
 #endif /* IPE_BPF_H */

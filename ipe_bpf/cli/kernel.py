@@ -172,6 +172,9 @@ def _print_counters(counters: dict[str, Any], devices: list[dict[str, Any]]) -> 
         table.add_row(op, str(n), str(counters["deny"][op]))
     console.print(table)
     console.print(f"audited {counters['audited']}, ring buffer drops {counters['dropped']}", markup=False)
+    if counters["undecidable"]:
+        console.print(f"denied because a signature state was unknown (checked before load): "
+                      f"{counters['undecidable']}", markup=False)
     for d in devices:
         console.print(
             f"dm-verity {d['device']}: {d['alg']}:{d['roothash']} signed={d['signature_valid']}",

@@ -114,6 +114,19 @@ def _remove_pins(root: Path) -> None:
         root.rmdir()
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def _forget_unused_inodes() -> None:
+    """Evict unused inodes, so that fs-verity files whose signature was checked before load
+    are checked again, in view of the program, when next opened.  Files in use keep an
+    unknown signature state (decisions that hang on it are denied; `status` counts them)."""
+    try:
+        DROP_CACHES.write_text("3\n")  # page cache too: an inode with cached pages stays otherwise
+    except OSError:
+        pass
+
+
 def _load_program(loader: str, options: LoadOptions, found: KernelFeatures) -> _Program:
     if loader == "bcc":
         from . import bcc_loader
@@ -167,6 +180,8 @@ def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT,
             raise
         program.close()  # drop this process's fds: the pins own everything now
         seconds = time.monotonic() - started
+        if "inode_setintegrity" in hooks:
+            _forget_unused_inodes()
     obj = bpf_file(OBJECT)
     digest = hashlib.sha256(obj.read_bytes()).hexdigest() if loader == "core" else None
     state = LoadedState(loader, hooks, found, digest, time.time())

@@ -69,6 +69,7 @@ class Counters:
     deny: dict[str, int]
     audited: int
     dropped: int
+    undecidable: int  # denied because the answer hung on a signature state the kernel could not give
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -228,7 +229,7 @@ class PinnedPolicyMaps:
         assert raw is not None
         allow = [0] * len(Op)
         deny = [0] * len(Op)
-        audited = dropped = 0
+        audited = dropped = undecidable = 0
         for cpu in range(ncpu):
             c = layout.unpack(raw[cpu * stride : cpu * stride + layout.size])
             for i in range(len(Op)):
@@ -236,11 +237,13 @@ class PinnedPolicyMaps:
                 deny[i] += c["deny"][i]  # type: ignore[index]
             audited += int(c["audited"])  # type: ignore[arg-type]
             dropped += int(c["dropped"])  # type: ignore[arg-type]
+            undecidable += int(c["undecidable"])  # type: ignore[arg-type]
         return Counters(
             allow={op.name: allow[op] for op in Op},
             deny={op.name: deny[op] for op in Op},
             audited=audited,
             dropped=dropped,
+            undecidable=undecidable,
         )
 
     def drops(self) -> int:

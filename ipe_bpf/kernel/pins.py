@@ -41,6 +41,8 @@ HOOKS: tuple[str, ...] = (
     "bdev_setintegrity",
     "bdev_free_security",
     "inode_setintegrity",
+    "file_open",  # with file_ioctl: which verity files' signature checks the program saw
+    "file_ioctl",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,26 @@ def test_mprotect_adding_exec_to_a_denied_file_mapping(ipe: Kernel) -> None:
     assert recs and recs[0].action == "DENY"
     # the full path, rebuilt in BPF (bpf_d_path is refused in file_mprotect)
     assert recs[0].path == str(ipe.bad).encode() and not recs[0].path_is_name_only
+
+
+def test_mprotect_records_the_whole_path_at_any_depth(ipe: Kernel) -> None:
+    """40 short components and a mount crossing (about 90 bytes): the rebuilt path is complete,
+    as kernel IPE's d_path() is; a path over the 511-byte record limit becomes the name."""
+    deep = FSV.joinpath(*["d"] * 40)
+    deep.mkdir(parents=True, exist_ok=True)
+    long_dir = FSV.joinpath(*["x" * 60] * 9)  # 9 * 61 bytes: over the limit
+    long_dir.mkdir(parents=True, exist_ok=True)
+    for where in (deep, long_dir):
+        shutil.copy(ipe.bad, where / "bad")
+    # the copies have no fs-verity: deny every exec but the (fs-verity) attack helper's own
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.attack_digest} action=ALLOW",
+                        extra_defaults="DEFAULT op=EXECUTE action=DENY"))
+    for where in (deep, long_dir):
+        assert ipe.run("mprotect", where / "bad") == EACCES
+    recs = [r for r in ipe.drain() if r.hook == "MPROTECT"]
+    paths = {r.path: r.path_is_name_only for r in recs}
+    assert paths.get(str(deep / "bad").encode()) is False, paths
+    assert paths.get(b"bad") is True, paths  # the 560-byte path: name only, marked so
 
 
 def test_dlopen_of_a_denied_library(ipe: Kernel) -> None:
