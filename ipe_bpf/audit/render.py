@@ -1,4 +1,4 @@
-"""Render AccessRecords as IPE's 1420 text (spec section 5) or as JSON lines."""
+"""Render AccessRecords as IPE's 1420 text (docs/audit-records.md) or as JSON lines."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The policy lifecycle: deploy, activate, update, delete, list, enforce, success_audit.
 
-Each operation follows kernel IPE's securityfs behaviour (spec section 4), with the same errno
+Each operation follows kernel IPE's securityfs behaviour (docs/design.md, section 5), with the same errno
 names, in the same order:
 
 - ``deploy``: signature (``ENOKEY``, ``EKEYREJECTED``, ``EBADMSG``, ...; plain text only when

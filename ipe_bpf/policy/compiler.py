@@ -1,4 +1,4 @@
-"""The policy compiler: a Policy becomes the kernel's O(1) decision tables (DESIGN §2).
+"""The policy compiler: a Policy becomes the kernel's O(1) decision tables (docs/design.md, section 3).
 
 Tables (structs in bpf/ipe_bpf.h; every entry carries the slot it belongs to):
 

@@ -1,4 +1,4 @@
-"""The reference evaluator: IPE's decision semantics (spec section 2), in plain Python.
+"""The reference evaluator: IPE's decision semantics (docs/policy-language.md, section 4), in plain Python.
 
 This is the definition the compiled kernel tables are proven against.
 """
@@ -56,7 +56,7 @@ def _bool_attribute(key: BoolKey, attrs: FileAttributes) -> bool:
 
 
 def property_holds(prop: Property, attrs: FileAttributes) -> bool:
-    """Whether one property is true of the file (spec section 2)."""
+    """Whether one property is true of the file (docs/policy-language.md, section 3)."""
     attrs = attrs.normalised()
     if isinstance(prop, BoolProperty):
         return _bool_attribute(prop.key, attrs) == prop.value

@@ -1,6 +1,6 @@
 """IPE policy text parser: the grammar of Linux 6.12's security/ipe/policy_parser.c.
 
-Every rule of spec section 1 is reproduced, including its errno classes: syntax errors
+Every rule of docs/policy-language.md (sections 1-3) is reproduced, including its errno classes: syntax errors
 are EBADMSG, a non-numeric version component or bad digest hex is EINVAL, a version
 component above 65535 is ERANGE. The first failing line wins; the coverage check
 (a global DEFAULT, or a DEFAULT for every op) runs last.
