@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..policy.layout import Header, load_header
-from ..policy.model import Action, Op, Rule
+from ..policy.model import Action, Op, Rule, default_text
 
 HOOK_NAMES = ("BPRM_CHECK", "MMAP", "MPROTECT", "KERNEL_READ", "KERNEL_LOAD")
 SOURCE_NAMES = ("rule", "op_default", "global_default", "none")
@@ -57,17 +57,14 @@ def _boot_to_wall(boot_ns: int) -> float:
     return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - boot_ns / 1e9)
 
 
-def default_rule_text(op: str, action: str, source: str, index: int | None, found: "Rule | str | None") -> str:
+def rule_text(op: Op | None, action: Action, source: str, index: int | None, found: "Rule | str | None") -> str:
+    """The `rule="..."` text of a decision: a default's, else the rule found for `index`."""
     if source == "op_default":
-        return f"DEFAULT op={op} action={action}"
+        return default_text(op, action)
     if source in ("global_default", "none"):
-        return f"DEFAULT action={action}"
-    if isinstance(found, str):
-        return found
+        return default_text(None, action)
     if found is not None:
-        from .render import rule_audit_text
-
-        return rule_audit_text(found)
+        return str(found)
     return f"rule#{index}"
 
 
@@ -76,10 +73,12 @@ def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
     layout = _header().struct("ipe_event")
     e = layout.unpack(bytes(raw[: layout.size]))
     op_num = int(e["op"])  # type: ignore[arg-type]
-    op = Op(op_num).name if op_num < len(Op) else f"OP{op_num}"
+    op_member = Op(op_num) if op_num < len(Op) else None
+    op = op_member.name if op_member is not None else f"OP{op_num}"
     hook_num = int(e["hook"])  # type: ignore[arg-type]
     hook = HOOK_NAMES[hook_num] if hook_num < len(HOOK_NAMES) else f"HOOK{hook_num}"
-    action = Action(int(e["action"])).name  # type: ignore[arg-type]
+    action_member = Action(int(e["action"]))  # type: ignore[arg-type]
+    action = action_member.name
     src_num = int(e["source"])  # type: ignore[arg-type]
     source = SOURCE_NAMES[src_num] if src_num < len(SOURCE_NAMES) else "none"
     index = int(e["rule_index"]) if source == "rule" else None  # type: ignore[arg-type]
@@ -107,7 +106,7 @@ def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
         path_is_name_only=kind == PATH_NAME,
         dev=dev,
         ino=ino,
-        rule=default_rule_text(op, action, source, index, found),
+        rule=rule_text(op_member, action_member, source, index, found),
     )
 
 

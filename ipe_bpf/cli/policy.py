@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import IpeBpfError
@@ -115,10 +116,12 @@ def explain(
         })
         return
     for rule, prop in misses:
-        console.print(f"  line {rule.line}: {rule}  [dim](no: {prop})[/]", markup=True, highlight=False)
+        console.print(f"  line {rule.line}: {escape(str(rule))}  [dim](no: {escape(str(prop))})[/]",
+                      markup=True, highlight=False)
     colour = "green" if decision.action.name == "ALLOW" else "red"
     where = f" (line {decision.rule.line})" if decision.rule else ""
-    console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: {decision.rule_text}{where}", highlight=False)
+    console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: "
+                  f"{escape(decision.rule_text)}{where}", highlight=False)
 
 
 @app.command("format")

@@ -28,7 +28,6 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import NamedTuple
 
-from ..audit.render import rule_audit_text
 from ..errors import IpeBpfError
 from .evaluate import Decision, Source
 from .layout import Header, HeaderError, load_header
@@ -309,7 +308,7 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
         digests=MappingProxyType(digests),
         rules=MappingProxyType(rules),
         defaults=_defaults(policy, abi, shapes),
-        rule_texts=tuple(rule_audit_text(rule) for rule in policy.rules),
+        rule_texts=tuple(str(rule) for rule in policy.rules),
         policy=policy,
         abi=abi,
     )

@@ -18,6 +18,7 @@ from .model import (
     Policy,
     Property,
     Rule,
+    default_text,
 )
 
 
@@ -42,9 +43,7 @@ class Decision:
         """The `rule="..."` text of an IPE 1420 audit record."""
         if self.rule is not None:
             return str(self.rule)
-        if self.source is Source.OP_DEFAULT:
-            return f"DEFAULT op={self.op.name} action={self.action.name}"
-        return f"DEFAULT action={self.action.name}"
+        return default_text(self.op if self.source is Source.OP_DEFAULT else None, self.action)
 
 
 def _bool_attribute(key: BoolKey, attrs: FileAttributes) -> bool:

@@ -88,6 +88,15 @@ def test_explain_rule_and_misses(good: Path) -> None:
     ]
 
 
+def test_explain_shows_the_rule_as_the_kernel_audits_it(good: Path) -> None:
+    """The rule text of `explain` is the rule="..." of the kernel's 1420 record (quoted alg, HEX)."""
+    args = ["policy", "explain", str(good), "--op", "EXECUTE", "--fsverity-digest", "sha256:abcd"]
+    body = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert body["rule"] == 'op=EXECUTE fsverity_digest="sha256":ABCD action=ALLOW'
+    human = runner.invoke(app, args)
+    assert 'ALLOW by rule: op=EXECUTE fsverity_digest="sha256":ABCD action=ALLOW (line 5)' in human.stdout
+
+
 def test_explain_default_and_no_file(good: Path) -> None:
     denied = json.loads(runner.invoke(app, ["policy", "explain", str(good), "--op", "EXECUTE", "--boot-verified", "--json"]).stdout)
     assert (denied["action"], denied["source"], denied["rule"]) == ("DENY", "op_default", "DEFAULT op=EXECUTE action=DENY")
@@ -123,3 +132,4 @@ def test_unknown_command_is_usage_error() -> None:
 def test_console_script_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "ipe_bpf", "policy", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "check" in result.stdout
+
