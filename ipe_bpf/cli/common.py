@@ -8,15 +8,24 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 import typer
 from rich.console import Console
 
 from ..errors import IpeBpfError
 
-console = Console()
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _console(stream: TextIO, **options: Any) -> Console:
+    """Lines are never hard-wrapped; to a pipe or a file, tables are never narrowed either
+    (rich would assume 80 columns and split digests and records over lines)."""
+    wide = None if stream.isatty() else PIPE_WIDTH
+    return Console(soft_wrap=True, width=wide, **options)
+
+
+PIPE_WIDTH = 1 << 16
+console = _console(sys.stdout)
+err_console = _console(sys.stderr, stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

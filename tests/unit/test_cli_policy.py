@@ -95,6 +95,8 @@ def test_explain_shows_the_rule_as_the_kernel_audits_it(good: Path) -> None:
     assert body["rule"] == 'op=EXECUTE fsverity_digest="sha256":ABCD action=ALLOW'
     human = runner.invoke(app, args)
     assert 'ALLOW by rule: op=EXECUTE fsverity_digest="sha256":ABCD action=ALLOW (line 5)' in human.stdout
+    missed = runner.invoke(app, ["policy", "explain", str(good), "--op", "EXECUTE"])
+    assert 'no: fsverity_digest="sha256":ABCD' in missed.stdout
 
 
 def test_explain_default_and_no_file(good: Path) -> None:
@@ -133,3 +135,19 @@ def test_console_script_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "ipe_bpf", "policy", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "check" in result.stdout
 
+
+def test_output_to_a_pipe_is_never_wrapped(tmp_path: Path) -> None:
+    """A long rule stays on one line, in the explain output and in the check summary table."""
+    props = " ".join(["boot_verified=TRUE", "dmverity_signature=FALSE", "fsverity_signature=TRUE"] * 4)
+    digest = "ab" * 64
+    text = (b"policy_name=" + b"n" * 120 + b" policy_version=1.0.0\nDEFAULT action=DENY\n"
+            + f"op=EXECUTE {props} fsverity_digest=sha512:{digest} action=ALLOW\n".encode())
+    path = write(tmp_path, text)
+    out = subprocess.run([sys.executable, "-m", "ipe_bpf", "policy", "explain", str(path), "--op", "EXECUTE"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rule = f'op=EXECUTE {props} fsverity_digest="sha512":{digest.upper()} action=ALLOW'
+    assert f"  line 3: {rule}  (no: boot_verified=TRUE)" in out.stdout.splitlines()
+    check = subprocess.run([sys.executable, "-m", "ipe_bpf", "policy", "check", str(path)],
+                           capture_output=True, text=True)
+    assert any(line.strip() == "n" * 120 + " 1.0.0" for line in check.stdout.splitlines()), check.stdout
