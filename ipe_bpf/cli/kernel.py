@@ -230,7 +230,7 @@ def audit_tail_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of IPE 1420 text.")] = False,
 ) -> None:
     """Print audited decisions from the ring buffer (consumes them)."""
-    from ..audit.tail import tail
+    from ..kernel.events import tail
 
     rules = _store_rule_lookup()
 
