@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..policy.layout import Header, load_header
+from ..policy.evaluate import Source
+from ..policy.layout import Header, abi_constant, load_header
 from ..policy.model import Action, Op, Rule, default_text
 
-HOOK_NAMES = ("BPRM_CHECK", "MMAP", "MPROTECT", "KERNEL_READ", "KERNEL_LOAD")
-SOURCE_NAMES = ("rule", "op_default", "global_default", "none")
 
-PATH_NONE, PATH_FULL, PATH_NAME = 0, 1, 2
+
+class Hook(enum.IntEnum):
+    """The LSM hook of a decision (`ipe_hook=`); the value is bpf/ipe_bpf.h's IPE_HOOK_*."""
+
+    BPRM_CHECK = abi_constant("IPE_HOOK_BPRM_CHECK")
+    MMAP = abi_constant("IPE_HOOK_MMAP")
+    MPROTECT = abi_constant("IPE_HOOK_MPROTECT")
+    KERNEL_READ = abi_constant("IPE_HOOK_KERNEL_READ")
+    KERNEL_LOAD = abi_constant("IPE_HOOK_KERNEL_LOAD")
+
+
+class PathKind(enum.IntEnum):
+    """What the record's path holds; the value is bpf/ipe_bpf.h's IPE_PATH_*."""
+
+    NONE = abi_constant("IPE_PATH_NONE")  # no file: path=? dev=? ino=?
+    FULL = abi_constant("IPE_PATH_FULL")  # the file's d_path()
+    NAME = abi_constant("IPE_PATH_NAME")  # only the file's name
 
 RuleLookup = Callable[[int, int], "Rule | str | None"]
 """(generation, rule index) -> the rule (or its text), or None if unknown."""
@@ -76,17 +92,17 @@ def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
     op_member = Op(op_num) if op_num < len(Op) else None
     op = op_member.name if op_member is not None else f"OP{op_num}"
     hook_num = int(e["hook"])  # type: ignore[arg-type]
-    hook = HOOK_NAMES[hook_num] if hook_num < len(HOOK_NAMES) else f"HOOK{hook_num}"
+    hook = Hook(hook_num).name if hook_num in Hook._value2member_map_ else f"HOOK{hook_num}"
     action_member = Action(int(e["action"]))  # type: ignore[arg-type]
     action = action_member.name
     src_num = int(e["source"])  # type: ignore[arg-type]
-    source = SOURCE_NAMES[src_num] if src_num < len(SOURCE_NAMES) else "none"
+    source = (Source.of_number(src_num) or Source.NONE).value
     index = int(e["rule_index"]) if source == "rule" else None  # type: ignore[arg-type]
     generation = int(e["generation"])  # type: ignore[arg-type]
     kind = int(e["path_kind"])  # type: ignore[arg-type]
     path = dev = None
     ino = None
-    if kind != PATH_NONE:
+    if kind != PathKind.NONE:
         path = bytes(e["path"])[: int(e["path_len"])]  # type: ignore[arg-type]
         dev = _cstr(bytes(e["dev"]))  # type: ignore[arg-type]
         ino = int(e["ino"])  # type: ignore[arg-type]
@@ -103,7 +119,7 @@ def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
         pid=int(e["pid"]),  # type: ignore[arg-type]
         comm=_cstr(bytes(e["comm"])),  # type: ignore[arg-type]
         path=path,
-        path_is_name_only=kind == PATH_NAME,
+        path_is_name_only=kind == PathKind.NAME,
         dev=dev,
         ino=ino,
         rule=rule_text(op_member, action_member, source, index, found),

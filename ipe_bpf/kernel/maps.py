@@ -36,16 +36,15 @@ from ..errors import KernelError
 from ..policy.compiler import CompiledPolicy, encode
 from ..policy.layout import Header, load_header
 from ..policy.model import Op
-from . import bpfsys
+from . import bpfsys, syscalls
 from .pins import PIN_ROOT, control_lock, map_path
 
 _MEMBARRIER_CMD_GLOBAL = 1
-_SYS_MEMBARRIER = 324  # x86_64
 
 
 def _grace_period() -> None:
     """Wait until every BPF program that may have seen the old slot has finished."""
-    ret = bpfsys.libc().syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0)
+    ret = bpfsys.libc().syscall(syscalls.number("membarrier"), _MEMBARRIER_CMD_GLOBAL, 0, 0)
     if ret != 0 or os.cpu_count() == 1:
         time.sleep(0.05)  # membarrier unavailable (nohz_full) or a single CPU: be generous
 
@@ -264,7 +263,7 @@ class PinnedPolicyMaps:
                     dev=struct.unpack("=I", k)[0],
                     has_roothash=bool(s["has_roothash"]),
                     alg=bytes(s["alg"])[:alg_len].decode("ascii", "replace"),  # type: ignore[arg-type]
-                    roothash=bytes(s["digest"])[: min(dlen, 64)].hex(),  # type: ignore[arg-type]
+                    roothash=bytes(s["digest"])[: min(dlen, self.header.constant("IPE_DIGEST_MAX"))].hex(),  # type: ignore[arg-type]
                     signature_valid=bool(s["sig_valid"]),
                     seeded=bool(s["seeded"]),
                 )

@@ -511,7 +511,7 @@ def lookup_maps(maps: KernelMaps, slot: int, op: int, attrs: FileAttributes) -> 
     if op == abi.op_unknown:
         if global_default != abi.default_none:
             return MapDecision(global_default, Source.GLOBAL_DEFAULT, None)
-        return MapDecision(int(Action.ALLOW), Source.NO_POLICY_DEFAULT, None)
+        return MapDecision(int(Action.ALLOW), Source.NONE, None)
     # Step 2
     if not attrs.has_file:
         ids = (0, 0, 0)
@@ -530,7 +530,7 @@ def lookup_maps(maps: KernelMaps, slot: int, op: int, attrs: FileAttributes) -> 
         return MapDecision(op_default[op], Source.OP_DEFAULT, None)
     if global_default != abi.default_none:
         return MapDecision(global_default, Source.GLOBAL_DEFAULT, None)
-    return MapDecision(int(Action.ALLOW), Source.NO_POLICY_DEFAULT, None)
+    return MapDecision(int(Action.ALLOW), Source.NONE, None)
 
 
 def lookup(compiled: CompiledPolicy, op: Op, attrs: FileAttributes) -> Decision:

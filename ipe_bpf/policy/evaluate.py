@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .layout import abi_constant
 from .model import (
     Action,
     BoolKey,
@@ -23,12 +24,20 @@ from .model import (
 
 
 class Source(enum.Enum):
-    """What made a decision."""
+    """What made a decision; `number` is bpf/ipe_bpf.h's IPE_SOURCE_<NAME>."""
 
     RULE = "rule"
     OP_DEFAULT = "op_default"
     GLOBAL_DEFAULT = "global_default"
-    NO_POLICY_DEFAULT = "none"  # UNKNOWN op and no global default: allow
+    NONE = "none"  # UNKNOWN op and no global default: allow
+
+    @property
+    def number(self) -> int:
+        return abi_constant(f"IPE_SOURCE_{self.name}")
+
+    @classmethod
+    def of_number(cls, number: int) -> "Source | None":
+        return next((source for source in cls if source.number == number), None)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ def evaluate(policy: Policy, op: Op, attrs: FileAttributes) -> Decision:
     """Decide an event: first matching rule of the op, else the op default, else the global one."""
     if op is Op.UNKNOWN:
         if policy.global_default is None:
-            return Decision(Action.ALLOW, Source.NO_POLICY_DEFAULT, op=op)
+            return Decision(Action.ALLOW, Source.NONE, op=op)
         return Decision(policy.global_default, Source.GLOBAL_DEFAULT, op=op)
     for rule in policy.rules_for(op):
         if first_failing_property(rule, attrs) is None:

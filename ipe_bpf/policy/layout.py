@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from functools import lru_cache
 from types import MappingProxyType
 
 from ..errors import IpeBpfError
@@ -36,6 +37,8 @@ __all__ = [
     "Header",
     "HeaderError",
     "StructLayout",
+    "abi_constant",
+    "default_header",
     "default_header_path",
     "load_header",
     "parse_header",
@@ -432,6 +435,17 @@ def parse_header(text: str) -> Header:
 def default_header_path() -> Path:
     """bpf/ipe_bpf.h of the source tree this package lives in."""
     return Path(__file__).resolve().parents[2] / "bpf" / "ipe_bpf.h"
+
+
+@lru_cache(maxsize=1)
+def default_header() -> Header:
+    """The source tree's header, parsed once per process."""
+    return load_header()
+
+
+def abi_constant(name: str) -> int:
+    """A `#define` of the default header: how Python reads every number it shares with C."""
+    return default_header().constant(name)
 
 
 def load_header(path: Path | None = None) -> Header:

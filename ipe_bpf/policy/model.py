@@ -14,26 +14,30 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .layout import abi_constant
+
 
 class Op(enum.IntEnum):
-    """Operations a rule can govern; the value is the op number in the BPF maps."""
+    """Operations a rule can govern; the value is the op number of bpf/ipe_bpf.h (IPE_OP_*)."""
 
-    EXECUTE = 0
-    FIRMWARE = 1
-    KMODULE = 2
-    KEXEC_IMAGE = 3
-    KEXEC_INITRAMFS = 4
-    POLICY = 5
-    X509_CERT = 6
-    UNKNOWN = 7  # an unmapped kernel read/load id; never written in a policy
+    EXECUTE = abi_constant("IPE_OP_EXECUTE")
+    FIRMWARE = abi_constant("IPE_OP_FIRMWARE")
+    KMODULE = abi_constant("IPE_OP_KMODULE")
+    KEXEC_IMAGE = abi_constant("IPE_OP_KEXEC_IMAGE")
+    KEXEC_INITRAMFS = abi_constant("IPE_OP_KEXEC_INITRAMFS")
+    POLICY = abi_constant("IPE_OP_POLICY")
+    X509_CERT = abi_constant("IPE_OP_X509_CERT")
+    UNKNOWN = abi_constant("IPE_OP_UNKNOWN")  # an unmapped kernel read/load id; never in a policy
 
 
 POLICY_OPS: tuple[Op, ...] = tuple(op for op in Op if op is not Op.UNKNOWN)
 
 
 class Action(enum.IntEnum):
-    ALLOW = 0
-    DENY = 1
+    """A decision; the value is bpf/ipe_bpf.h's IPE_ACTION_*."""
+
+    ALLOW = abi_constant("IPE_ACTION_ALLOW")
+    DENY = abi_constant("IPE_ACTION_DENY")
 
 
 class BoolKey(enum.Enum):

@@ -281,7 +281,7 @@ def test_unknown_op() -> None:
     with_global = policy_of(rule, global_default=Action.DENY)
     assert decide(with_global, Op.UNKNOWN, FileAttributes()) == Decision(Action.DENY, Source.GLOBAL_DEFAULT, op=Op.UNKNOWN)
     per_op = policy_of(rule, global_default=None, op_defaults=[(op, Action.DENY) for op in POLICY_OPS])
-    assert decide(per_op, Op.UNKNOWN, NO_FILE) == Decision(Action.ALLOW, Source.NO_POLICY_DEFAULT, op=Op.UNKNOWN)
+    assert decide(per_op, Op.UNKNOWN, NO_FILE) == Decision(Action.ALLOW, Source.NONE, op=Op.UNKNOWN)
     # A rule for UNKNOWN (no parser produces one) is never consulted, as in the reference.
     odd = policy_of(Rule(Op.UNKNOWN, (), Action.ALLOW), global_default=Action.DENY)
     assert not compile_policy(odd).rules
