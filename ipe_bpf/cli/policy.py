@@ -38,9 +38,10 @@ def _summary(policy: Policy) -> Table:
     table.add_column("rules", justify="right")
     table.add_column("default")
     for op in POLICY_OPS:
-        default = policy.op_default(op) or policy.global_default
-        origin = "op" if policy.op_default(op) else "global"
-        table.add_row(op.name, str(len(policy.rules_for(op))), f"{default.name} ({origin})" if default else "-")
+        own = policy.op_default(op)  # Action.ALLOW is 0: compare with None, never by truth
+        default, origin = (own, "op") if own is not None else (policy.global_default, "global")
+        shown = f"{default.name} ({origin})" if default is not None else "-"
+        table.add_row(op.name, str(len(policy.rules_for(op))), shown)
     return table
 
 

@@ -151,3 +151,13 @@ def test_output_to_a_pipe_is_never_wrapped(tmp_path: Path) -> None:
     check = subprocess.run([sys.executable, "-m", "ipe_bpf", "policy", "check", str(path)],
                            capture_output=True, text=True)
     assert any(line.strip() == "n" * 120 + " 1.0.0" for line in check.stdout.splitlines()), check.stdout
+
+
+def test_check_summary_shows_allow_defaults(tmp_path: Path) -> None:
+    """ALLOW is 0: a global ALLOW and a per-op ALLOW must show as such, not as '-' or 'global'."""
+    path = write(tmp_path, b"policy_name=d policy_version=1.0.0\nDEFAULT action=ALLOW\n"
+                           b"DEFAULT op=KMODULE action=DENY\nDEFAULT op=FIRMWARE action=ALLOW\n")
+    out = runner.invoke(app, ["policy", "check", str(path)]).stdout
+    cells = [line.replace("\u2502", " ").split() for line in out.splitlines()]
+    rows = {c[0]: c[2:] for c in cells if c and c[0] in {"EXECUTE", "KMODULE", "FIRMWARE"}}
+    assert rows == {"EXECUTE": ["ALLOW", "(global)"], "KMODULE": ["DENY", "(op)"], "FIRMWARE": ["ALLOW", "(op)"]}
