@@ -28,9 +28,18 @@ console = _console(sys.stdout)
 err_console = _console(sys.stderr, stderr=True, highlight=False)
 
 
+MESSAGE_MAX = 1000  # an error line never echoes more (a 1 MB token stays a short line)
+
+
+def one_line(message: str) -> str:
+    """`message` on one line, at most MESSAGE_MAX characters."""
+    flat = " ".join(message.splitlines())
+    return flat if len(flat) <= MESSAGE_MAX else flat[: MESSAGE_MAX - 20] + f"... ({len(flat)} chars)"
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit."""
-    err_console.print(message, markup=False)
+    err_console.print(one_line(message), markup=False)
     raise typer.Exit(code)
 
 

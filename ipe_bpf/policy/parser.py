@@ -45,9 +45,14 @@ def _fail(errno_name: str, line: int, message: str) -> PolicyError:
     return PolicyError(errno_name, message, line=line)
 
 
+_SHOWN_MAX = 64  # longest token echoed whole in an error message
+
+
 def _show(token: bytes) -> str:
-    """A token quoted for an error message, unprintable bytes escaped."""
-    return repr(token.decode("latin-1"))
+    """A token quoted for an error message, unprintable bytes escaped, long ones cut."""
+    if len(token) <= _SHOWN_MAX:
+        return repr(token.decode("latin-1"))
+    return f"{token[:_SHOWN_MAX - 16].decode('latin-1')!r}... ({len(token)} bytes)"
 
 
 def _lines(text: bytes) -> Iterator[tuple[int, bytes]]:

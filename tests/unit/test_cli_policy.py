@@ -161,3 +161,17 @@ def test_check_summary_shows_allow_defaults(tmp_path: Path) -> None:
     cells = [line.replace("\u2502", " ").split() for line in out.splitlines()]
     rows = {c[0]: c[2:] for c in cells if c and c[0] in {"EXECUTE", "KMODULE", "FIRMWARE"}}
     assert rows == {"EXECUTE": ["ALLOW", "(global)"], "KMODULE": ["DENY", "(op)"], "FIRMWARE": ["ALLOW", "(op)"]}
+
+
+@pytest.mark.parametrize("bad", [b"op=EXECUTE " + b"x" * (1 << 20) + b" action=ALLOW",
+                                 b"op=EXECUTE fsverity_digest=sha256:" + b"g" * (1 << 20) + b" action=ALLOW"])
+def test_error_lines_are_capped(tmp_path: Path, bad: bytes) -> None:
+    """A 1 MB bad token is named, not echoed whole."""
+    path = write(tmp_path, b"policy_name=t policy_version=0.0.0\nDEFAULT action=ALLOW\n" + bad + b"\n")
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert line.startswith(f"{path}:3: ") and "\n" not in line and len(line) < 300, line[:400]
+    assert f"({len(bad.split()[1])} bytes)" in line
+    body = json.loads(runner.invoke(app, ["policy", "check", "--json", str(path)]).stdout)
+    assert len(body["message"]) < 200
