@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from ..errors import IpeBpfError
+from ..policy.files import read_input
 
 
 def _console(stream: TextIO, **options: Any) -> Console:
@@ -59,8 +60,9 @@ def reported_errors(path: str | None = None) -> Iterator[None]:
 
 
 def read_bytes(path: Path) -> bytes:
+    """A file named on the command line (size-limited, no devices), or a one-line error."""
     with reported_errors(str(path)):
-        return path.read_bytes()
+        return read_input(path)
 
 
 def print_json(obj: object) -> None:

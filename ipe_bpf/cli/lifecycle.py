@@ -20,6 +20,7 @@ from rich.table import Table
 from ..errors import IpeBpfError
 from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget, policy_name
 from ..kernel.store import PolicyStore
+from ..policy.files import read_input
 from .common import console, err_console, fail, print_json
 
 DEFAULT_TRUST = Path("/etc/ipe-bpf/")
@@ -65,9 +66,9 @@ def open_lifecycle(command: str) -> Iterator[Lifecycle]:
 
 def _read(command: str, path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as err:
-        fail(f"{command}: {errno.errorcode.get(err.errno or 0, 'EIO')}: {path}: {err.strerror}")
+        return read_input(path)
+    except IpeBpfError as err:
+        fail(f"{command}: {err.errno_name}: {path}: {err.message}")
 
 
 def _say(message: str) -> None:

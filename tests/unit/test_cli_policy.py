@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,41 @@ def test_error_lines_are_capped(tmp_path: Path, bad: bytes) -> None:
     assert f"({len(bad.split()[1])} bytes)" in line
     body = json.loads(runner.invoke(app, ["policy", "check", "--json", str(path)]).stdout)
     assert len(body["message"]) < 200
+
+
+@pytest.mark.parametrize("command", [["policy", "check"], ["policy", "format"], ["policy", "deploy", "--unsigned"],
+                                     ["policy", "verify", "--trust", "/dev/null"]])
+def test_devices_are_refused_before_reading(command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/dev/zero used to be read until a MemoryError."""
+    monkeypatch.setenv("IPE_BPF_STATE_DIR", str(tmp_path / "state"))
+    result = subprocess.run([sys.executable, "-m", "ipe_bpf", *command, "/dev/zero"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "/dev/zero" in result.stderr and "EINVAL" in result.stderr and "character device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_policies_above_the_limit_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipe_bpf.policy import files
+
+    monkeypatch.setattr(files, "MAX_INPUT_BYTES", 1000)
+    path = write(tmp_path, GOOD + b"#" * 1000)
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"{path}: EFBIG: {len(GOOD) + 1000} bytes, more than the 1000 bytes ipe-bpf reads"
+
+
+def test_a_pipe_is_read_up_to_the_limit(tmp_path: Path) -> None:
+    from ipe_bpf.errors import InputError
+    from ipe_bpf.policy.files import read_input
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"head -c 5000 /dev/zero > {fifo}"])
+    with pytest.raises(InputError) as info:
+        read_input(fifo, limit=4096)
+    writer.wait(timeout=10)
+    assert info.value.errno_name == "EFBIG"
+    writer = subprocess.Popen(["sh", "-c", f"printf abc > {fifo}"])
+    assert read_input(fifo, limit=4096) == b"abc"
+    writer.wait(timeout=10)
