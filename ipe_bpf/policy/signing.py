@@ -89,15 +89,20 @@ class VerifiedPolicy:
 # --------------------------------------------------------------------------- signing
 
 
-def _load_private_key(key_pem: bytes) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def load_private_key(key_pem: bytes) -> SigningKey:
+    """An unencrypted RSA or EC (P-256/P-384) private key, PEM or DER; EINVAL otherwise."""
     loader = serialization.load_pem_private_key if b"-----BEGIN" in key_pem else (
         serialization.load_der_private_key)
     try:
         key = loader(key_pem, password=None)
-    except TypeError as exc:  # encrypted key, no password
-        raise SignatureError("EINVAL", f"cannot use the private key: {exc}") from None
-    except ValueError as exc:
-        raise SignatureError("EINVAL", f"not a private key in PEM or DER: {exc}") from None
+    except TypeError:  # encrypted key, no password
+        raise SignatureError("EINVAL", "the private key is encrypted; ipe-bpf needs it unencrypted "
+                                       "(openssl pkey -in KEY -out PLAIN.pem)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SignatureError("EINVAL", "not a private key (PEM or DER)") from None
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in SIGNING_CURVES:
         raise SignatureError("EINVAL", f"EC curve {key.curve.name} is not supported "
                                        f"(use P-256 or P-384)")
@@ -127,11 +132,20 @@ def sign_policy(content: bytes, key_pem: bytes, cert_pem: bytes, *,
     ``key_pem`` must be an unencrypted RSA or EC (P-256/P-384) private key that belongs to
     ``cert_pem``.  Raises SignatureError(EINVAL) for unusable keys or certificates.
     """
+    key = load_private_key(key_pem)
+    cert = load_certificate(cert_pem, "signing certificate")
+    return sign_with(content, key, cert, digest=digest)
+
+
+def check_digest(digest: str) -> None:
     if digest not in DIGESTS:
         raise SignatureError("EINVAL", f"unsupported digest {digest!r} "
                                        f"(choose from {', '.join(DIGESTS)})")
-    key = _load_private_key(key_pem)
-    cert = load_certificate(cert_pem, "signing certificate")
+
+
+def sign_with(content: bytes, key: SigningKey, cert: x509.Certificate, *, digest: str = "sha256") -> bytes:
+    """`sign_policy` with a loaded key and certificate (EINVAL if the key is not the cert's)."""
+    check_digest(digest)
     if _public_der(cert.public_key()) != _public_der(key.public_key()):
         raise SignatureError("EINVAL", "the private key does not belong to the certificate")
     options = [crypto_pkcs7.PKCS7Options.Binary, crypto_pkcs7.PKCS7Options.NoAttributes]
@@ -331,6 +345,9 @@ def verify_policy(blob: bytes, trusted: Sequence[x509.Certificate], *,
     EKEYREJECTED (bad signature, modified content, certificate outside its validity),
     ENOPKG (unsupported algorithm).
     """
+    if blob[:1] != b"\x30":  # not even a DER SEQUENCE: text, most likely
+        raise SignatureError("EBADMSG", "not signed: this is no PKCS#7 envelope (policy text? sign it "
+                                        "with `ipe-bpf policy sign`)")
     signed = cms.parse_signed_data(blob)
     content = _content_of(signed)
     if not signed.signers:
@@ -361,8 +378,8 @@ def _parse_certificates(data: bytes) -> list[x509.Certificate]:
         if b"-----BEGIN" in data:
             return [_decoded(c) for c in x509.load_pem_x509_certificates(data)]
         return [_decoded(x509.load_der_x509_certificate(data))]
-    except (*_MALFORMED_CERTIFICATE, UnsupportedAlgorithm) as exc:
-        raise SignatureError("EINVAL", f"not a PEM or DER certificate: {exc}") from None
+    except (*_MALFORMED_CERTIFICATE, UnsupportedAlgorithm):
+        raise SignatureError("EINVAL", "not a PEM or DER certificate") from None
 
 
 def _read(path: Path) -> bytes:
