@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import json
 import sys
 from collections.abc import Iterator
@@ -67,3 +68,16 @@ def read_bytes(path: Path) -> bytes:
 
 def print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
+
+
+def emit_line(line: str) -> None:
+    """Print one line of a stream (audit records) at once; a reader that went away (`| head`)
+    ends the command quietly instead of with a BrokenPipeError traceback."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        os.close(devnull)
+        raise typer.Exit(0) from None

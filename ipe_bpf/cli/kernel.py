@@ -6,14 +6,13 @@ function of ipe_bpf.kernel / ipe_bpf.audit.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from ..errors import IpeBpfError
-from .common import console, err_console, fail, print_json, reported_errors
+from .common import console, emit_line, err_console, fail, print_json, reported_errors
 
 if TYPE_CHECKING:
     from ..kernel.lifecycle import Outcome
@@ -233,14 +232,9 @@ def audit_tail_cmd(
     from ..kernel.events import tail
 
     rules = _store_rule_lookup()
-
-    def emit(line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
     try:
         with reported_errors():
-            tail(emit, follow=follow, as_json=as_json, rules=rules)  # type: ignore[arg-type]
+            tail(emit_line, follow=follow, as_json=as_json, rules=rules)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         pass
 

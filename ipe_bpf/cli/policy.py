@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import IpeBpfError
 from ..policy import signing
+from ..policy.files import read_input
 from ..policy.evaluate import evaluate, first_failing_property
 from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
 from ..policy.parser import format_policy, parse_policy
@@ -51,9 +52,8 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Parse a policy (text or signed .p7s; use `verify` for the signature)."""
-    data = read_bytes(file)
     try:
-        policy = parse_policy(policy_text(data))
+        policy = parse_policy(policy_text(read_input(file)))
     except IpeBpfError as err:
         err.located(str(file))
         if as_json:

@@ -214,3 +214,10 @@ def test_a_pipe_is_read_up_to_the_limit(tmp_path: Path) -> None:
     writer = subprocess.Popen(["sh", "-c", f"printf abc > {fifo}"])
     assert read_input(fifo, limit=4096) == b"abc"
     writer.wait(timeout=10)
+
+
+def test_check_json_of_a_missing_file_is_json(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["policy", "check", "--json", str(tmp_path / "nope.pol")])
+    assert result.exit_code == 1
+    body = json.loads(result.stdout)
+    assert (body["valid"], body["errno"], body["policy"]) == (False, "ENOENT", None)

@@ -46,3 +46,25 @@ def test_status_reports_an_unreadable_store(state: Path) -> None:
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["active_policy"] is None and data["store_error"]
+
+
+def test_audit_tail_into_head_ends_quietly(tmp_path: Path) -> None:
+    """`ipe-bpf audit tail | head -1`: no BrokenPipeError traceback when head exits."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "tail.py"
+    script.write_text(
+        "import ipe_bpf.kernel.events as events\n"
+        "def fake(emit, **kw):\n"
+        "    for n in range(200000):\n"
+        "        emit('type=1420 audit(1.000:%d): ipe_op=EXECUTE' % n)\n"
+        "    return 200000\n"
+        "events.tail = fake\n"
+        "from ipe_bpf.cli import main\n"
+        "import sys; sys.argv = ['ipe-bpf', 'audit', 'tail']\n"
+        "main()\n")
+    pipeline = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} {script} | head -1"],
+                              capture_output=True, text=True, timeout=60)
+    assert pipeline.stdout == "type=1420 audit(1.000:0): ipe_op=EXECUTE\n"
+    assert pipeline.stderr == "" and pipeline.returncode == 0
