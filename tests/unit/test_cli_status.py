@@ -68,3 +68,38 @@ def test_audit_tail_into_head_ends_quietly(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)
     assert pipeline.stdout == "type=1420 audit(1.000:0): ipe_op=EXECUTE\n"
     assert pipeline.stderr == "" and pipeline.returncode == 0
+
+
+def test_read_only_commands_work_on_a_read_only_store(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` and `policy list` take no write lock: every open for writing fails with EROFS."""
+    import errno
+    import os
+
+    from ipe_bpf.cli import app
+    from ipe_bpf.kernel.lifecycle import Lifecycle
+    from ipe_bpf.kernel.store import PolicyStore
+
+    life = Lifecycle(PolicyStore.default())
+    life.deploy(POLICY, [], allow_unsigned=True)
+    life.activate(b"web")
+    real_open, real_mkdir = os.open, os.mkdir
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def read_only_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).startswith(str(state / "state")) and flags & writing:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def read_only_mkdir(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).startswith(str(state / "state")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    status = runner.invoke(APP, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["active_policy"]["name"] == "web"
+    listing = runner.invoke(app, ["policy", "list", "--json"])
+    assert listing.exit_code == 0, listing.output
+    assert [p["name"] for p in json.loads(listing.stdout)["policies"]] == ["web"]
