@@ -21,7 +21,7 @@ POLICY = b"policy_name=web policy_version=1.2.3\nDEFAULT action=DENY\n"
 @pytest.fixture()
 def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("IPE_BPF_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(pins, "is_loaded", lambda: False)
+    monkeypatch.setattr(pins, "is_loaded", lambda *root: False)
     return tmp_path
 
 
@@ -43,7 +43,7 @@ def test_status_not_loaded_shows_the_store(state: Path) -> None:
 def test_status_reports_an_unreadable_store(state: Path) -> None:
     (state / "state").write_text("not a directory")
     result = runner.invoke(APP, ["status", "--json"])
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     data = json.loads(result.stdout)
     assert data["active_policy"] is None and data["store_error"]
 
@@ -103,3 +103,110 @@ def test_read_only_commands_work_on_a_read_only_store(state: Path, monkeypatch: 
     listing = runner.invoke(app, ["policy", "list", "--json"])
     assert listing.exit_code == 0, listing.output
     assert [p["name"] for p in json.loads(listing.stdout)["policies"]] == ["web"]
+
+
+class FakeKernel:
+    """The pinned maps of a loaded program enforcing `generation` (None: no policy)."""
+
+    generation: int | None = 5
+
+    def __init__(self, root: Path) -> None:
+        pass
+
+    def __enter__(self) -> "FakeKernel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def state(self):  # type: ignore[no-untyped-def]
+        from ipe_bpf.kernel.maps import KernelState
+
+        slot = None if self.generation is None else 0
+        return KernelState(True, slot, self.generation, True, False, 3)
+
+    def counters(self):  # type: ignore[no-untyped-def]
+        from ipe_bpf.kernel.maps import Counters
+
+        return Counters({"EXECUTE": 1}, {"EXECUTE": 2}, 2, 0)
+
+    def devices(self) -> list:
+        return []
+
+
+@pytest.fixture()
+def loaded(state: Path, monkeypatch: pytest.MonkeyPatch) -> type[FakeKernel]:
+    from ipe_bpf.kernel import control
+
+    monkeypatch.setattr(pins, "is_loaded", lambda *root: True)
+    monkeypatch.setattr(pins, "link_paths", lambda *root: [Path("bprm_check_security"), Path("mmap_file")])
+    monkeypatch.setattr(control, "PinnedPolicyMaps", FakeKernel)
+    return FakeKernel
+
+
+def _deploy_active() -> None:
+    from ipe_bpf.kernel.lifecycle import Lifecycle
+    from ipe_bpf.kernel.store import PolicyStore
+
+    life = Lifecycle(PolicyStore.default())
+    life.deploy(POLICY, [], allow_unsigned=True)
+    life.activate(b"web")
+
+
+def test_status_with_a_damaged_state_file_fails_and_says_what_the_kernel_enforces(
+        loaded: type[FakeKernel], state: Path) -> None:
+    _deploy_active()
+    (state / "state" / "state.json").write_text("{ damaged")
+    result = runner.invoke(APP, ["status"])
+    assert result.exit_code == 1
+    assert "everything is allowed" not in result.stdout
+    assert "state.json is corrupt" in result.stderr and "the kernel still enforces generation 5" in result.stderr
+    as_json = runner.invoke(APP, ["status", "--json"])
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["generation"] == 5
+
+
+def test_status_with_a_damaged_copy_of_the_active_policy_fails(loaded: type[FakeKernel], state: Path) -> None:
+    _deploy_active()
+    (blob,) = (state / "state" / "policies").iterdir()
+    blob.write_bytes(blob.read_bytes() + b"op=EXECUTE action=ALLOW\n")
+    result = runner.invoke(APP, ["status"])
+    assert result.exit_code == 1
+    assert "stored copy of the active policy is damaged" in result.stderr and str(blob) in result.stderr
+    assert "the kernel still enforces generation 5" in result.stderr
+
+
+def test_status_loaded_without_a_policy_says_so(loaded: type[FakeKernel], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeKernel, "generation", None)
+    result = runner.invoke(APP, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "no policy in the kernel (everything is allowed)" in result.stdout
+    assert "generation None" not in result.stdout
+
+
+def test_load_unloads_again_when_the_stored_policy_cannot_be_applied(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load` = load + apply stored policy; a failure of the second leaves nothing loaded."""
+    from ipe_bpf.errors import LifecycleError
+    from ipe_bpf.kernel import control, loader
+    from ipe_bpf.kernel.lifecycle import Lifecycle
+
+    calls: list[str] = []
+    result = loader.LoadResult(("bprm_check_security",), True, None, None, 0, 1.0)
+    monkeypatch.setattr(loader, "load", lambda options, root: calls.append(f"load {options.permissive}") or result)
+    monkeypatch.setattr(loader, "unload", lambda root: calls.append("unload") or 0.0)
+    monkeypatch.setattr(control, "PinnedPolicyMaps", FakeKernel)
+
+    def broken(self, target, *, enforce=None):  # type: ignore[no-untyped-def]
+        raise LifecycleError("EUCLEAN", "state.json is corrupt")
+
+    monkeypatch.setattr(Lifecycle, "apply_active", broken)
+    out = runner.invoke(APP, ["load", "--permissive"])
+    assert out.exit_code == 1
+    assert calls == ["load True", "unload"]
+    assert out.stderr.strip() == ("EUCLEAN: the stored active policy could not be applied (unloaded again): "
+                                  "EUCLEAN: state.json is corrupt")
+    monkeypatch.setattr(Lifecycle, "apply_active", lambda self, target, *, enforce=None: None)
+    calls.clear()
+    ok = runner.invoke(APP, ["load"])
+    assert ok.exit_code == 0 and calls == ["load False"]
+    assert "active policy: none" in ok.stdout
