@@ -53,11 +53,18 @@ def reported_errors(path: str | None = None) -> Iterator[None]:
     except IpeBpfError as err:
         if path is not None and err.path is None:
             err.located(path)
-        fail(str(err))
+        fail(str(err) + root_hint(err.errno_name))
     except OSError as err:
         name = errno.errorcode.get(err.errno or 0, "EIO")
         where = err.filename if err.filename is not None else path
-        fail(f"{where}: {name}: {err.strerror}")
+        fail(f"{where}: {name}: {err.strerror}" + root_hint(name))
+
+
+def root_hint(errno_name: str) -> str:
+    """' (run as root)' after a permission error of a user who is not root, else ''."""
+    if errno_name in ("EPERM", "EACCES") and os.geteuid() != 0:
+        return " (run as root)"
+    return ""
 
 
 def read_bytes(path: Path) -> bytes:

@@ -6,6 +6,7 @@ function of ipe_bpf.kernel / ipe_bpf.audit.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -182,14 +183,28 @@ def doctor_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
     from ..kernel.doctor import run_checks
 
     checks = run_checks()
+    fatal = [c.name for c in checks if c.fatal and not c.ok]
     if as_json:
         print_json([c.as_dict() for c in checks])
     else:
         for c in checks:
             mark = "ok  " if c.ok else ("FAIL" if c.fatal else "warn")
             console.print(f"{mark} {c.name}: {c.detail}", markup=False)
-    if any(c.fatal and not c.ok for c in checks):
+        console.print(doctor_verdict(fatal, root=os.geteuid() == 0), markup=False)
+    if fatal:
         raise typer.Exit(1)
+
+
+def doctor_verdict(fatal: list[str], *, root: bool) -> str:
+    """The last line of `doctor`: can this machine enforce, and if not, where to go instead."""
+    if not fatal:
+        return "verdict: this machine can enforce IPE policies (`ipe-bpf load` as root)"
+    failed = ", ".join(fatal)
+    if not root:
+        return (f"verdict: not ready ({failed}); run `ipe-bpf doctor` as root to see what the kernel "
+                f"lacks, or try ipe-bpf in the test VM: `ipe-bpf vm run -- ipe-bpf doctor`")
+    return (f"verdict: enforcement is impossible on this machine ({failed}); try ipe-bpf in the test VM, "
+            f"whose kernel has BPF LSM: `ipe-bpf vm run -- ipe-bpf doctor`")
 
 
 def audit_tail_cmd(

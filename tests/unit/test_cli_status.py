@@ -210,3 +210,53 @@ def test_load_unloads_again_when_the_stored_policy_cannot_be_applied(
     ok = runner.invoke(APP, ["load"])
     assert ok.exit_code == 0 and calls == ["load False"]
     assert "active policy: none" in ok.stdout
+
+
+@pytest.mark.parametrize(("fatal", "root", "expected"), [
+    ([], True, "verdict: this machine can enforce"),
+    (["bpf-lsm", "btf"], True, "enforcement is impossible on this machine (bpf-lsm, btf); try ipe-bpf in the test VM"),
+    (["root", "bpf-lsm"], False, "run `ipe-bpf doctor` as root"),
+])
+def test_doctor_ends_with_a_verdict(monkeypatch: pytest.MonkeyPatch, fatal: list[str], root: bool, expected: str) -> None:
+    import os
+
+    from ipe_bpf.kernel import doctor
+
+    checks = [doctor.Check(name, name not in fatal, "detail", True) for name in ("root", "bpf-lsm", "btf")]
+    monkeypatch.setattr(doctor, "run_checks", lambda: checks)
+    monkeypatch.setattr(os, "geteuid", lambda: 0 if root else 1000)
+    result = runner.invoke(APP, ["doctor"])
+    assert result.exit_code == (1 if fatal else 0)
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("verdict: ") and expected in last
+    assert ("ipe-bpf vm run" in last) == bool(fatal)
+
+
+def test_permission_errors_of_a_user_say_to_run_as_root(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from ipe_bpf.cli import app
+    from ipe_bpf.errors import KernelError
+    from ipe_bpf.kernel import control
+
+    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KernelError("EPERM", "the kernel refused the BPF program: Operation not permitted")
+
+    monkeypatch.setattr(control, "load_and_apply", refused)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = runner.invoke(app, ["load"])
+    assert result.exit_code == 1 and result.stderr.strip().endswith("(run as root)")
+    (state / "state").mkdir()
+    (state / "state" / "lock").write_text("")
+    real_open = os.open
+
+    def no_access(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).startswith(str(state / "state")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_access)
+    listing = runner.invoke(app, ["policy", "list"])
+    assert listing.exit_code == 1 and "EACCES" in listing.stderr and listing.stderr.strip().endswith("(run as root)")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert not runner.invoke(app, ["policy", "list"]).stderr.strip().endswith("(run as root)")
