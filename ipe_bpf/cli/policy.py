@@ -15,9 +15,10 @@ from ..policy import signing
 from ..policy.files import read_input
 from ..policy.evaluate import evaluate, first_failing_property
 from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
-from ..policy.parser import format_policy, parse_policy
+from ..policy.lint import lint
+from ..policy.parser import format_text, parse_policy
 from . import lifecycle, sign
-from .common import console, fail, print_json, read_bytes, reported_errors
+from .common import console, err_console, fail, print_json, read_bytes, reported_errors
 
 app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
 
@@ -53,16 +54,22 @@ def check(
 ) -> None:
     """Parse a policy (text or signed .p7s; use `verify` for the signature)."""
     try:
-        policy = parse_policy(policy_text(read_input(file)))
+        text = policy_text(read_input(file))
+        policy = parse_policy(text)
     except IpeBpfError as err:
         err.located(str(file))
         if as_json:
-            print_json({"valid": False, "errno": err.errno_name, "line": err.line, "message": err.message, "policy": None})
+            print_json({"valid": False, "errno": err.errno_name, "line": err.line, "message": err.message,
+                        "policy": None, "warnings": []})
             raise typer.Exit(1)
         fail(str(err))
+    warnings = lint(text, policy)
     if as_json:
-        print_json({"valid": True, "errno": None, "line": None, "message": "valid", "policy": policy_to_dict(policy)})
+        print_json({"valid": True, "errno": None, "line": None, "message": "valid", "policy": policy_to_dict(policy),
+                    "warnings": [{"line": w.line, "message": w.message} for w in warnings]})
         return
+    for warning in warnings:
+        err_console.print(f"warning: {file}:{warning.line}: {warning.message}", markup=False)
     console.print(_summary(policy))
     console.print(f"[green]valid[/]: {len(policy.rules)} rules")
 
@@ -127,9 +134,11 @@ def explain(
 
 @app.command("format")
 def format_command(file: Path) -> None:
-    """Print the canonical text of a policy."""
-    policy = load_policy(file)
-    sys.stdout.buffer.write(format_policy(policy))
+    """Print a policy with each line in canonical form (comments and order kept)."""
+    data = read_bytes(file)
+    with reported_errors(str(file)):
+        formatted = format_text(policy_text(data))
+    sys.stdout.buffer.write(formatted)
 
 
 lifecycle.register(app)

@@ -51,6 +51,7 @@ from ..audit.policy_records import (
 from ..errors import IpeBpfError, KernelError, LifecycleError, SignatureError
 from ..policy import signing
 from ..policy.compiler import CompiledPolicy, compile_policy
+from ..policy.lint import nul_truncation
 from ..policy.model import Policy, text
 from ..policy.parser import parse_policy
 from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_text
@@ -145,6 +146,7 @@ class Submission:
     policy: Policy
     compiled: CompiledPolicy
     signer: str | None  # None: unsigned (allowed explicitly)
+    warnings: tuple[str, ...] = ()  # what the kernel accepts silently (a NUL cutting the policy)
 
     @property
     def signed(self) -> bool:
@@ -192,7 +194,9 @@ def open_submission(blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
             raise SignatureError("EBADMSG", "not a PKCS#7 signed policy (sign it with `ipe-bpf "
                                  "policy sign`; plain text needs --unsigned, for test machines only)")
         policy = parse_policy(content)
-        return Submission(blob, content, policy, compile_policy(policy), signer)
+        cut = nul_truncation(content)
+        warnings = () if cut is None else (f"{source or 'the policy'}:{cut.line}: {cut.message}",)
+        return Submission(blob, content, policy, compile_policy(policy), signer, warnings)
     except IpeBpfError as err:
         if source is not None and err.path is None:
             err.located(source)
@@ -292,8 +296,9 @@ class Lifecycle:
             stored = self._new_record(state, sub)
             records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
             new_state = state.with_deployed(stored)
-            return self._commit(state, new_state, records, stored, applied=False,
-                                blobs={stored.blob_name: sub.blob})
+            outcome = self._commit(state, new_state, records, stored, applied=False,
+                                   blobs={stored.blob_name: sub.blob})
+            return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
     def activate(self, name: bytes) -> Outcome:
         """Make ``name`` the active policy (installed now if loaded, else at `load`)."""
@@ -340,9 +345,10 @@ class Lifecycle:
                 records.append(Record(AUDIT_IPE_CONFIG_CHANGE,
                                       config_change(_ref(old), _ref(stored), self.identity)))
                 applied = self._install(sub.compiled, stored.generation)
-            return self._commit(state, state.with_deployed(stored), records, stored,
-                                applied=applied, blobs={stored.blob_name: sub.blob},
-                                undo=lambda: self._restore(old))
+            outcome = self._commit(state, state.with_deployed(stored), records, stored,
+                                   applied=applied, blobs={stored.blob_name: sub.blob},
+                                   undo=lambda: self._restore(old))
+            return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
     def delete(self, name: bytes) -> Outcome:
         """Remove a deployed policy that is not active."""

@@ -61,7 +61,7 @@ def test_check_json_contract(good: Path, tmp_path: Path) -> None:
     ok = runner.invoke(app, ["policy", "check", "--json", str(good)])
     assert ok.exit_code == 0
     body = json.loads(ok.stdout)
-    assert set(body) == {"valid", "errno", "line", "message", "policy"}
+    assert set(body) == {"valid", "errno", "line", "message", "policy", "warnings"}
     assert body["valid"] is True and body["errno"] is None and body["line"] is None
     assert body["policy"]["name"] == "demo" and body["policy"]["rules_per_op"]["EXECUTE"] == 2
     bad = runner.invoke(app, ["policy", "check", "--json", str(write(tmp_path, b"policy_name=x policy_version=1.0.70000\n"))])
@@ -221,3 +221,69 @@ def test_check_json_of_a_missing_file_is_json(tmp_path: Path) -> None:
     assert result.exit_code == 1
     body = json.loads(result.stdout)
     assert (body["valid"], body["errno"], body["policy"]) == (False, "ENOENT", None)
+
+
+HEADER = b"policy_name=t policy_version=0.0.0\nDEFAULT action=ALLOW\n"
+
+
+def test_a_nul_byte_cutting_the_policy_is_accepted_with_a_warning(tmp_path: Path) -> None:
+    """The kernel stops at a NUL: the rules after it are lost, so say so (line of the NUL)."""
+    path = write(tmp_path, HEADER + b"op=EXECUTE boot_verified=TRUE action=ALLOW\0\nop=EXECUTE action=DENY\n")
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 0
+    assert result.stderr.startswith(f"warning: {path}:3: a NUL byte ends the policy here")
+    body = json.loads(runner.invoke(app, ["policy", "check", "--json", str(path)]).stdout)
+    assert body["valid"] and body["policy"]["rules_per_op"]["EXECUTE"] == 1 and body["warnings"][0]["line"] == 3
+    assert runner.invoke(app, ["policy", "check", str(write(tmp_path, HEADER + b"\0\0\n"))]).stderr == ""
+
+
+def test_deploy_warns_about_a_nul_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPE_BPF_STATE_DIR", str(tmp_path / "state"))
+    path = write(tmp_path, HEADER + b"\0op=EXECUTE action=DENY\n")
+    result = runner.invoke(app, ["policy", "deploy", "--unsigned", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {path}:3: a NUL byte ends the policy here" in result.stderr
+
+
+@pytest.mark.parametrize(("rule", "why"), [
+    (b"op=EXECUTE boot_verified=TRUE boot_verified=FALSE action=ALLOW", "boot_verified=TRUE and boot_verified=FALSE"),
+    (b"op=EXECUTE fsverity_digest=sha256:aa fsverity_digest=sha256:bb action=ALLOW", "two different fsverity_digest"),
+])
+def test_lint_rules_that_can_never_match(tmp_path: Path, rule: bytes, why: str) -> None:
+    path = write(tmp_path, HEADER + rule + b"\n")
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 0
+    assert result.stderr.strip() == f"warning: {path}:3: this rule can never match: " + (
+        why if "TRUE" in why else why + " values (a file has one)")
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    (b"op=EXECUTE op=KMODULE action=ALLOW", "a second op= ('op=KMODULE'): a line has one op"),
+    (b"op=EXECUTE boot_verifed=TRUE action=ALLOW", "unknown property 'boot_verifed=TRUE' (did you mean boot_verified?)"),
+    (b"op=EXECUTE fsverity_digests=sha256:aa action=ALLOW", "(did you mean fsverity_digest?)"),
+    (b"opp=EXECUTE action=ALLOW", "found 'opp=EXECUTE' (did you mean op?)"),
+])
+def test_second_op_and_misspelt_keys_are_explained(tmp_path: Path, rule: bytes, message: str) -> None:
+    path = write(tmp_path, HEADER + rule + b"\n")
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"{path}:3: EBADMSG: ") and message in result.stderr
+
+
+def test_format_keeps_comments_and_order(tmp_path: Path) -> None:
+    text = (b"# header comment\r\n"
+            b"policy_name=x   policy_version=01.0.0   # trailing\n"
+            b"\n"
+            b"op=EXECUTE\tfsverity_digest=sha256:ABCD action=DENY   # why\n"
+            b"  DEFAULT   op=KMODULE action=ALLOW\n"
+            b"DEFAULT action=DENY\n\n")
+    result = runner.invoke(app, ["policy", "format", str(write(tmp_path, text))])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("# header comment\n"
+                             "policy_name=x policy_version=1.0.0  # trailing\n"
+                             "\n"
+                             "op=EXECUTE fsverity_digest=sha256:abcd action=DENY  # why\n"
+                             "DEFAULT op=KMODULE action=ALLOW\n"
+                             "DEFAULT action=DENY\n")
+    again = runner.invoke(app, ["policy", "format", str(write(tmp_path, result.stdout.encode()))])
+    assert again.stdout == result.stdout
