@@ -15,10 +15,9 @@ from ipe_bpf.policy.compiler import (
     KernelMaps,
     compile_policy,
     encode,
-    lookup,
-    lookup_maps,
     normalise,
 )
+from ipe_bpf.policy.lookup import lookup, lookup_maps
 from ipe_bpf.policy.evaluate import Decision, Source, evaluate
 from ipe_bpf.policy.layout import load_header
 from ipe_bpf.policy.model import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ipe_bpf.policy.compiler import Abi
+from ipe_bpf.policy.abi import Abi
 from ipe_bpf.policy.layout import Header, HeaderError, default_header_path, load_header, parse_header
 
 GCC = shutil.which("gcc")
