@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..policy.evaluate import Source
-from ..policy.layout import Header, abi_constant, load_header
+from ..policy.layout import StructView, abi_constant, default_header
 from ..policy.model import Action, Op, Rule, default_text
 
 
@@ -56,13 +56,34 @@ class AccessRecord:
     rule: str  # the rule="..." text
 
 
+@dataclass(frozen=True)
+class Event:
+    """struct ipe_event of bpf/ipe_bpf.h, as the ring buffer carries it."""
+
+    boot_ns: int
+    generation: int
+    ino: int
+    pid: int
+    rule_index: int
+    op: int
+    hook: int
+    enforcing: int
+    action: int
+    source: int
+    path_kind: int
+    path_len: int
+    comm: bytes
+    dev: bytes
+    path: bytes
+
+
 @lru_cache(maxsize=1)
-def _header() -> Header:
-    return load_header()
+def _events() -> StructView[Event]:
+    return default_header().struct("ipe_event").view(Event)
 
 
 def event_size() -> int:
-    return _header().struct("ipe_event").size
+    return _events().layout.size
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -86,42 +107,31 @@ def rule_text(op: Op | None, action: Action, source: str, index: int | None, fou
 
 def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
     """Decode a ring-buffer record; `rules` gives rule texts (else `rule#N`)."""
-    layout = _header().struct("ipe_event")
-    e = layout.unpack(bytes(raw[: layout.size]))
-    op_num = int(e["op"])  # type: ignore[arg-type]
-    op_member = Op(op_num) if op_num < len(Op) else None
-    op = op_member.name if op_member is not None else f"OP{op_num}"
-    hook_num = int(e["hook"])  # type: ignore[arg-type]
-    hook = Hook(hook_num).name if hook_num in Hook._value2member_map_ else f"HOOK{hook_num}"
-    action_member = Action(int(e["action"]))  # type: ignore[arg-type]
-    action = action_member.name
-    src_num = int(e["source"])  # type: ignore[arg-type]
-    source = (Source.of_number(src_num) or Source.NONE).value
-    index = int(e["rule_index"]) if source == "rule" else None  # type: ignore[arg-type]
-    generation = int(e["generation"])  # type: ignore[arg-type]
-    kind = int(e["path_kind"])  # type: ignore[arg-type]
-    path = dev = None
-    ino = None
-    if kind != PathKind.NONE:
-        path = bytes(e["path"])[: int(e["path_len"])]  # type: ignore[arg-type]
-        dev = _cstr(bytes(e["dev"]))  # type: ignore[arg-type]
-        ino = int(e["ino"])  # type: ignore[arg-type]
-    found = rules(generation, index) if (rules is not None and index is not None) else None
+    view = _events()
+    e = view.unpack(bytes(raw[: view.layout.size]))
+    op_member = Op(e.op) if e.op in Op._value2member_map_ else None
+    op = op_member.name if op_member is not None else f"OP{e.op}"
+    hook = Hook(e.hook).name if e.hook in Hook._value2member_map_ else f"HOOK{e.hook}"
+    action_member = Action(e.action)
+    source = (Source.of_number(e.source) or Source.NONE).value
+    index = e.rule_index if source == "rule" else None
+    has_file = e.path_kind != PathKind.NONE
+    found = rules(e.generation, index) if (rules is not None and index is not None) else None
     return AccessRecord(
-        timestamp=_boot_to_wall(int(e["boot_ns"])),  # type: ignore[arg-type]
+        timestamp=_boot_to_wall(e.boot_ns),
         op=op,
         hook=hook,
-        enforcing=bool(e["enforcing"]),
-        action=action,
+        enforcing=bool(e.enforcing),
+        action=action_member.name,
         source=source,
         rule_index=index,
-        generation=generation,
-        pid=int(e["pid"]),  # type: ignore[arg-type]
-        comm=_cstr(bytes(e["comm"])),  # type: ignore[arg-type]
-        path=path,
-        path_is_name_only=kind == PathKind.NAME,
-        dev=dev,
-        ino=ino,
+        generation=e.generation,
+        pid=e.pid,
+        comm=_cstr(e.comm),
+        path=e.path[: e.path_len] if has_file else None,
+        path_is_name_only=e.path_kind == PathKind.NAME,
+        dev=_cstr(e.dev) if has_file else None,
+        ino=e.ino if has_file else None,
         rule=rule_text(op_member, action_member, source, index, found),
     )
 
