@@ -38,11 +38,14 @@ def load_cmd(
 ) -> None:
     """Compile and attach the BPF-LSM program, pin it, install the stored active policy."""
     from ..kernel import loader
-    from ..kernel.control import load_and_apply
+    from ..kernel.control import ApplyError, load_and_apply
 
     options = loader.LoadOptions(permissive=permissive, rule_entries=rule_entries, digest_entries=digest_entries)
     with reported_errors():
-        report = load_and_apply(options)
+        try:
+            report = load_and_apply(options)
+        except ApplyError as err:
+            fail(f"load: {err.message}")
     r = report.loaded
     note = "" if r.fsverity else f" (fs-verity properties unavailable: {r.fsverity_missing})"
     console.print(

@@ -10,6 +10,7 @@ problem to report (the kernel keeps enforcing what it was given), never "no poli
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Protocol
 from ..errors import IpeBpfError, KernelError
 from . import loader, pins
 from .lifecycle import Lifecycle, Listing, PolicyInfo
-from .maps import Counters, DeviceState, KernelState, PinnedPolicyMaps
+from . import maps
+from .maps import Counters, DeviceState, KernelState
 from .store import PolicyStore
 
 
@@ -28,22 +30,27 @@ class LoadReport:
     active: PolicyInfo | None  # the stored active policy, now installed (None: no policy)
 
 
-def load_and_apply(options: loader.LoadOptions, store: PolicyStore | None = None,
-                   root: Path = pins.PIN_ROOT) -> LoadReport:
+class ApplyError(KernelError):
+    """The program loaded, but the stored policy or settings could not be installed (so it was
+    unloaded again)."""
+
+
+def load_and_apply(options: loader.LoadOptions, store: PolicyStore | None = None) -> LoadReport:
     """Load, then apply the stored policy and settings (boot mode: `options.permissive`)."""
     store = PolicyStore.default() if store is None else store
-    result = loader.load(options, root)
+    result = loader.load(options)
     try:
-        with PinnedPolicyMaps(root) as maps:
-            active = Lifecycle(store).apply_active(maps, enforce=not options.permissive)
+        with maps.PinnedPolicyMaps() as target:
+            active = Lifecycle(store).apply_active(target, enforce=not options.permissive)
     except (IpeBpfError, OSError) as err:
         try:
-            loader.unload(root)
+            loader.unload()
         except IpeBpfError:
             pass  # the first error is the one to report
-        errno_name = err.errno_name if isinstance(err, IpeBpfError) else "EIO"
-        raise KernelError(errno_name, f"the stored active policy could not be applied "
-                                      f"(unloaded again): {err}") from None
+        errno_name = err.errno_name if isinstance(err, IpeBpfError) else errno.errorcode.get(err.errno or 0, "EIO")
+        raise ApplyError(errno_name, f"the stored active policy could not be applied (unloaded again): "
+                                     f"{err if isinstance(err, IpeBpfError) else f'{errno_name}: {err.strerror}'}"
+                         ) from None
     return LoadReport(result, active)
 
 
@@ -109,14 +116,14 @@ def status(store: PolicyStore | None = None, *, root: Path = pins.PIN_ROOT,
     """The kernel side (if loaded; read through `open_kernel`, the pinned maps by default)
     and the store, as one value."""
     store = PolicyStore.default() if store is None else store
-    open_kernel = PinnedPolicyMaps if open_kernel is None else open_kernel
+    open_kernel = maps.PinnedPolicyMaps if open_kernel is None else open_kernel
     loaded = pins.is_loaded(root)
     kernel = counters = None
     devices: tuple[DeviceState, ...] = ()
     hooks: tuple[str, ...] = ()
     if loaded:
-        with open_kernel(root) as maps:
-            kernel, counters, devices = maps.state(), maps.counters(), tuple(maps.devices())
+        with open_kernel(root) as view:
+            kernel, counters, devices = view.state(), view.counters(), tuple(view.devices())
         hooks = tuple(p.name for p in pins.link_paths(root))
     listing, problem = _store_view(store)
     return Status(loaded, kernel, hooks, counters, devices, listing, problem)

@@ -110,7 +110,7 @@ class FakeKernel:
 
     generation: int | None = 5
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path | None = None) -> None:
         pass
 
     def __enter__(self) -> "FakeKernel":
@@ -140,7 +140,7 @@ def loaded(state: Path, monkeypatch: pytest.MonkeyPatch) -> type[FakeKernel]:
 
     monkeypatch.setattr(pins, "is_loaded", lambda *root: True)
     monkeypatch.setattr(pins, "link_paths", lambda *root: [Path("bprm_check_security"), Path("mmap_file")])
-    monkeypatch.setattr(control, "PinnedPolicyMaps", FakeKernel)
+    monkeypatch.setattr(control.maps, "PinnedPolicyMaps", FakeKernel)
     return FakeKernel
 
 
@@ -192,9 +192,9 @@ def test_load_unloads_again_when_the_stored_policy_cannot_be_applied(
 
     calls: list[str] = []
     result = loader.LoadResult(("bprm_check_security",), True, None, None, 0, 1.0)
-    monkeypatch.setattr(loader, "load", lambda options, root: calls.append(f"load {options.permissive}") or result)
-    monkeypatch.setattr(loader, "unload", lambda root: calls.append("unload") or 0.0)
-    monkeypatch.setattr(control, "PinnedPolicyMaps", FakeKernel)
+    monkeypatch.setattr(loader, "load", lambda options: calls.append(f"load {options.permissive}") or result)
+    monkeypatch.setattr(loader, "unload", lambda: calls.append("unload") or 0.0)
+    monkeypatch.setattr(control.maps, "PinnedPolicyMaps", FakeKernel)
 
     def broken(self, target, *, enforce=None):  # type: ignore[no-untyped-def]
         raise LifecycleError("EUCLEAN", "state.json is corrupt")
@@ -203,7 +203,7 @@ def test_load_unloads_again_when_the_stored_policy_cannot_be_applied(
     out = runner.invoke(APP, ["load", "--permissive"])
     assert out.exit_code == 1
     assert calls == ["load True", "unload"]
-    assert out.stderr.strip() == ("EUCLEAN: the stored active policy could not be applied (unloaded again): "
+    assert out.stderr.strip() == ("load: the stored active policy could not be applied (unloaded again): "
                                   "EUCLEAN: state.json is corrupt")
     monkeypatch.setattr(Lifecycle, "apply_active", lambda self, target, *, enforce=None: None)
     calls.clear()
