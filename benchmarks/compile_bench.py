@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ipe_bpf.policy.compiler import compile_policy, encode, lookup  # noqa: E402
+from ipe_bpf.policy.compiler import compile_policy, encode  # noqa: E402
+from ipe_bpf.policy.lookup import lookup  # noqa: E402
 from ipe_bpf.policy.model import (  # noqa: E402
     POLICY_OPS,
     Action,

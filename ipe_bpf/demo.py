@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .audit.render import ipe_text
-from .audit.tail import records
+from .kernel.events import records
 from .kernel.lifecycle import Lifecycle
 from .kernel.maps import PinnedPolicyMaps
 from .kernel.store import PolicyStore

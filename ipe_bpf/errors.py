@@ -58,3 +58,7 @@ class KernelError(IpeBpfError):
 
 class VmError(IpeBpfError):
     """The test VM could not be built or booted."""
+
+
+class InputError(IpeBpfError):
+    """A file named on the command line is no input ipe-bpf reads (a device, far too large)."""

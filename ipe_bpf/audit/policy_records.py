@@ -1,6 +1,6 @@
 """Control-plane audit records: 1421 CONFIG_CHANGE, 1422 POLICY_LOAD, 1404 MAC_STATUS.
 
-The bodies are rendered field for field as kernel IPE 6.12 writes them (spec section 5):
+The bodies are rendered field for field as kernel IPE 6.12 writes them (docs/audit-records.md):
 
 - 1421 ``old_active_pol_name="<n>" old_active_pol_version=<v> old_policy_digest=sha256:<HEX>
   new_active_pol_name="<n>" new_active_pol_version=<v> new_policy_digest=sha256:<HEX>

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..policy.layout import Header, load_header
-from ..policy.model import Action, Op, Rule
+from ..policy.evaluate import Source
+from ..policy.layout import StructView, abi_constant, default_header
+from ..policy.model import Action, Op, Rule, default_text
 
-HOOK_NAMES = ("BPRM_CHECK", "MMAP", "MPROTECT", "KERNEL_READ", "KERNEL_LOAD")
-SOURCE_NAMES = ("rule", "op_default", "global_default", "none")
 
-PATH_NONE, PATH_FULL, PATH_NAME = 0, 1, 2
+
+class Hook(enum.IntEnum):
+    """The LSM hook of a decision (`ipe_hook=`); the value is bpf/ipe_bpf.h's IPE_HOOK_*."""
+
+    BPRM_CHECK = abi_constant("IPE_HOOK_BPRM_CHECK")
+    MMAP = abi_constant("IPE_HOOK_MMAP")
+    MPROTECT = abi_constant("IPE_HOOK_MPROTECT")
+    KERNEL_READ = abi_constant("IPE_HOOK_KERNEL_READ")
+    KERNEL_LOAD = abi_constant("IPE_HOOK_KERNEL_LOAD")
+
+
+class PathKind(enum.IntEnum):
+    """What the record's path holds; the value is bpf/ipe_bpf.h's IPE_PATH_*."""
+
+    NONE = abi_constant("IPE_PATH_NONE")  # no file: path=? dev=? ino=?
+    FULL = abi_constant("IPE_PATH_FULL")  # the file's d_path()
+    NAME = abi_constant("IPE_PATH_NAME")  # only the file's name
 
 RuleLookup = Callable[[int, int], "Rule | str | None"]
 """(generation, rule index) -> the rule (or its text), or None if unknown."""
@@ -40,13 +56,34 @@ class AccessRecord:
     rule: str  # the rule="..." text
 
 
+@dataclass(frozen=True)
+class Event:
+    """struct ipe_event of bpf/ipe_bpf.h, as the ring buffer carries it."""
+
+    boot_ns: int
+    generation: int
+    ino: int
+    pid: int
+    rule_index: int
+    op: int
+    hook: int
+    enforcing: int
+    action: int
+    source: int
+    path_kind: int
+    path_len: int
+    comm: bytes
+    dev: bytes
+    path: bytes
+
+
 @lru_cache(maxsize=1)
-def _header() -> Header:
-    return load_header()
+def _events() -> StructView[Event]:
+    return default_header().struct("ipe_event").view(Event)
 
 
 def event_size() -> int:
-    return _header().struct("ipe_event").size
+    return _events().layout.size
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -57,57 +94,45 @@ def _boot_to_wall(boot_ns: int) -> float:
     return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - boot_ns / 1e9)
 
 
-def default_rule_text(op: str, action: str, source: str, index: int | None, found: "Rule | str | None") -> str:
+def rule_text(op: Op | None, action: Action, source: str, index: int | None, found: "Rule | str | None") -> str:
+    """The `rule="..."` text of a decision: a default's, else the rule found for `index`."""
     if source == "op_default":
-        return f"DEFAULT op={op} action={action}"
+        return default_text(op, action)
     if source in ("global_default", "none"):
-        return f"DEFAULT action={action}"
-    if isinstance(found, str):
-        return found
+        return default_text(None, action)
     if found is not None:
-        from .render import rule_audit_text
-
-        return rule_audit_text(found)
+        return str(found)
     return f"rule#{index}"
 
 
 def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
     """Decode a ring-buffer record; `rules` gives rule texts (else `rule#N`)."""
-    layout = _header().struct("ipe_event")
-    e = layout.unpack(bytes(raw[: layout.size]))
-    op_num = int(e["op"])  # type: ignore[arg-type]
-    op = Op(op_num).name if op_num < len(Op) else f"OP{op_num}"
-    hook_num = int(e["hook"])  # type: ignore[arg-type]
-    hook = HOOK_NAMES[hook_num] if hook_num < len(HOOK_NAMES) else f"HOOK{hook_num}"
-    action = Action(int(e["action"])).name  # type: ignore[arg-type]
-    src_num = int(e["source"])  # type: ignore[arg-type]
-    source = SOURCE_NAMES[src_num] if src_num < len(SOURCE_NAMES) else "none"
-    index = int(e["rule_index"]) if source == "rule" else None  # type: ignore[arg-type]
-    generation = int(e["generation"])  # type: ignore[arg-type]
-    kind = int(e["path_kind"])  # type: ignore[arg-type]
-    path = dev = None
-    ino = None
-    if kind != PATH_NONE:
-        path = bytes(e["path"])[: int(e["path_len"])]  # type: ignore[arg-type]
-        dev = _cstr(bytes(e["dev"]))  # type: ignore[arg-type]
-        ino = int(e["ino"])  # type: ignore[arg-type]
-    found = rules(generation, index) if (rules is not None and index is not None) else None
+    view = _events()
+    e = view.unpack(bytes(raw[: view.layout.size]))
+    op_member = Op(e.op) if e.op in Op._value2member_map_ else None
+    op = op_member.name if op_member is not None else f"OP{e.op}"
+    hook = Hook(e.hook).name if e.hook in Hook._value2member_map_ else f"HOOK{e.hook}"
+    action_member = Action(e.action)
+    source = (Source.of_number(e.source) or Source.NONE).value
+    index = e.rule_index if source == "rule" else None
+    has_file = e.path_kind != PathKind.NONE
+    found = rules(e.generation, index) if (rules is not None and index is not None) else None
     return AccessRecord(
-        timestamp=_boot_to_wall(int(e["boot_ns"])),  # type: ignore[arg-type]
+        timestamp=_boot_to_wall(e.boot_ns),
         op=op,
         hook=hook,
-        enforcing=bool(e["enforcing"]),
-        action=action,
+        enforcing=bool(e.enforcing),
+        action=action_member.name,
         source=source,
         rule_index=index,
-        generation=generation,
-        pid=int(e["pid"]),  # type: ignore[arg-type]
-        comm=_cstr(bytes(e["comm"])),  # type: ignore[arg-type]
-        path=path,
-        path_is_name_only=kind == PATH_NAME,
-        dev=dev,
-        ino=ino,
-        rule=default_rule_text(op, action, source, index, found),
+        generation=e.generation,
+        pid=e.pid,
+        comm=_cstr(e.comm),
+        path=e.path[: e.path_len] if has_file else None,
+        path_is_name_only=e.path_kind == PathKind.NAME,
+        dev=_cstr(e.dev) if has_file else None,
+        ino=e.ino if has_file else None,
+        rule=rule_text(op_member, action_member, source, index, found),
     )
 
 

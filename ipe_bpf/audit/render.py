@@ -1,32 +1,13 @@
-"""Render AccessRecords as IPE's 1420 text (spec section 5) or as JSON lines."""
+"""Render AccessRecords as IPE's 1420 text (docs/audit-records.md) or as JSON lines."""
 
 from __future__ import annotations
 
 import json
 
-from ..policy.model import BoolProperty, Rule
+from ..policy.model import untrusted
 from .record import AccessRecord
 
 AUDIT_IPE_ACCESS = 1420
-
-
-def untrusted(value: bytes) -> str:
-    """The kernel's audit_log_untrustedstring(): quoted, or uppercase hex if it needs escaping."""
-    if any(b == 0x22 or b < 0x21 or b > 0x7E for b in value):
-        return value.hex().upper()
-    return '"' + value.decode("ascii") + '"'
-
-
-def rule_audit_text(rule: Rule) -> str:
-    """A rule as IPE's audit reprints it: booleans key=TRUE|FALSE, digests key=<alg u>:<HEX>."""
-    parts = [f"op={rule.op.name}"]
-    for prop in rule.properties:
-        if isinstance(prop, BoolProperty):
-            parts.append(str(prop))
-        else:
-            parts.append(f"{prop.key.value}={untrusted(prop.digest.alg)}:{prop.digest.value.hex().upper()}")
-    parts.append(f"action={rule.action.name}")
-    return " ".join(parts)
 
 
 def ipe_fields(r: AccessRecord) -> str:

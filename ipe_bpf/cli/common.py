@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import errno
+import os
 import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 import typer
 from rich.console import Console
 
 from ..errors import IpeBpfError
+from ..policy.files import read_input
 
-console = Console()
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _console(stream: TextIO, **options: Any) -> Console:
+    """Lines are never hard-wrapped; to a pipe or a file, tables are never narrowed either
+    (rich would assume 80 columns and split digests and records over lines)."""
+    wide = None if stream.isatty() else PIPE_WIDTH
+    return Console(soft_wrap=True, width=wide, **options)
+
+
+PIPE_WIDTH = 1 << 16
+console = _console(sys.stdout)
+err_console = _console(sys.stderr, stderr=True, highlight=False)
+
+
+MESSAGE_MAX = 1000  # an error line never echoes more (a 1 MB token stays a short line)
+
+
+def one_line(message: str) -> str:
+    """`message` on one line, at most MESSAGE_MAX characters."""
+    flat = " ".join(message.splitlines())
+    return flat if len(flat) <= MESSAGE_MAX else flat[: MESSAGE_MAX - 20] + f"... ({len(flat)} chars)"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit."""
-    err_console.print(message, markup=False)
+    err_console.print(one_line(message), markup=False)
     raise typer.Exit(code)
 
 
@@ -33,17 +53,38 @@ def reported_errors(path: str | None = None) -> Iterator[None]:
     except IpeBpfError as err:
         if path is not None and err.path is None:
             err.located(path)
-        fail(str(err))
+        fail(str(err) + root_hint(err.errno_name))
     except OSError as err:
         name = errno.errorcode.get(err.errno or 0, "EIO")
         where = err.filename if err.filename is not None else path
-        fail(f"{where}: {name}: {err.strerror}")
+        fail(f"{where}: {name}: {err.strerror}" + root_hint(name))
+
+
+def root_hint(errno_name: str) -> str:
+    """' (run as root)' after a permission error of a user who is not root, else ''."""
+    if errno_name in ("EPERM", "EACCES") and os.geteuid() != 0:
+        return " (run as root)"
+    return ""
 
 
 def read_bytes(path: Path) -> bytes:
+    """A file named on the command line (size-limited, no devices), or a one-line error."""
     with reported_errors(str(path)):
-        return path.read_bytes()
+        return read_input(path)
 
 
 def print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
+
+
+def emit_line(line: str) -> None:
+    """Print one line of a stream (audit records) at once; a reader that went away (`| head`)
+    ends the command quietly instead of with a BrokenPipeError traceback."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        os.close(devnull)
+        raise typer.Exit(0) from None

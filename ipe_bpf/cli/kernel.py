@@ -6,17 +6,18 @@ function of ipe_bpf.kernel / ipe_bpf.audit.
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+import os
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from ..errors import IpeBpfError
-from .common import console, err_console, fail, print_json, reported_errors
+from .common import console, emit_line, err_console, fail, print_json, reported_errors
 
 if TYPE_CHECKING:
+    from ..kernel.control import Status
     from ..kernel.lifecycle import Outcome
+    from ..kernel.maps import Counters, DeviceState
 
 audit_app = typer.Typer(help="Read audited decisions (IPE 1420 records).", no_args_is_help=True)
 
@@ -38,12 +39,18 @@ def load_cmd(
         help="core: the prebuilt CO-RE object through libbpf (default, or $IPE_BPF_LOADER); "
              "bcc: compile with BCC (development).")] = None,
 ) -> None:
-    """Load and attach the BPF-LSM program; pin it so enforcement outlives this process."""
+    """Load and attach the BPF-LSM program, pin it, install the stored active policy."""
     from ..kernel import loader as loader_mod
+    from ..kernel.control import ApplyError, load_and_apply
 
+    options = loader_mod.LoadOptions(permissive=permissive, rule_entries=rule_entries,
+                                     digest_entries=digest_entries, loader=loader)
     with reported_errors():
-        r = loader_mod.load(loader_mod.LoadOptions(permissive=permissive, rule_entries=rule_entries,
-                                                   digest_entries=digest_entries, loader=loader))
+        try:
+            report = load_and_apply(options)
+        except ApplyError as err:
+            fail(f"load: {err.message}")
+    r = report.loaded
     unsupported = [p.property for p in r.features.properties().values() if not p.supported]
     note = f"; this kernel cannot evaluate {', '.join(unsupported)} (see `ipe-bpf doctor`)" if unsupported else ""
     console.print(
@@ -51,31 +58,12 @@ def load_cmd(
         f"in {r.seconds:.1f} s{note}",
         markup=False,
     )
-    applied = _apply_stored_policy(permissive)
-    if applied:
-        console.print(f"active policy: {applied}", markup=False)
-
-
-def _apply_stored_policy(permissive: bool) -> str | None:
-    """Install the policy store's active policy and settings into the fresh maps.
-
-    If that fails the program is unloaded again: a failed `load` leaves nothing loaded.
-    """
-    from ..kernel import loader
-    from ..kernel.lifecycle import Lifecycle
-    from ..kernel.maps import PinnedPolicyMaps
-    from ..kernel.store import PolicyStore
-
-    try:
-        with PinnedPolicyMaps() as maps:
-            info = Lifecycle(PolicyStore.default()).apply_active(maps, enforce=not permissive)
-    except (IpeBpfError, OSError) as err:
-        with reported_errors():
-            loader.unload()
-        fail(f"load: the stored active policy could not be applied (unloaded again): {err}")
+    info = report.active
     if info is None:
-        return None
-    return f"{info.name_text} {info.version_text} (generation {info.generation})"
+        console.print("active policy: none (everything is allowed until one is activated)", markup=False)
+    else:
+        console.print(f"active policy: {info.name_text} {info.version_text} (generation {info.generation})",
+                      markup=False)
 
 
 def _store_rule_lookup() -> object:
@@ -98,86 +86,71 @@ def unload_cmd() -> None:
     console.print(f"unloaded (detached after {waited * 1000:.0f} ms)", markup=False)
 
 
-def status_data() -> dict[str, object]:
-    """The kernel side (if loaded) and the policy store, as one JSON-able dict."""
-    from ..kernel import pins
-    from ..kernel.maps import PinnedPolicyMaps
-
-    data: dict[str, object] = {"loaded": pins.is_loaded()}
-    if data["loaded"]:
-        with PinnedPolicyMaps() as maps:
-            data.update(maps.state().as_dict())
-            data["hooks"] = [p.name for p in pins.link_paths()]
-            data["counters"] = maps.counters().as_dict()
-            data["devices"] = [d.as_dict() for d in maps.devices()]
-    data.update(_store_status())
-    return data
-
-
-def _store_status() -> dict[str, object]:
-    """Deployed policies and the active one, from the store; an unreadable store is reported."""
-    from ..kernel.lifecycle import Lifecycle
-    from ..kernel.store import PolicyStore
-
-    try:
-        listing = Lifecycle(PolicyStore.default()).list()
-    except (IpeBpfError, OSError) as err:
-        return {"active_policy": None, "policies": [], "store_error": str(err)}
-    active = listing.active.to_json() if listing.active else None
-    return {"active_policy": active, "policies": [p.to_json() for p in listing.policies]}
-
-
 def status_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Loaded or not, mode, the active policy, deployed policies, counters, drops, devices."""
+    """Loaded or not, mode, the active policy, deployed policies, counters, drops, devices.
+
+    Exits 1 when the policy store is damaged (the kernel keeps enforcing what it holds).
+    """
+    from ..kernel.control import status
+
     with reported_errors():
-        data = status_data()
+        found = status()
     if as_json:
-        print_json(data)
-        return
-    _print_status(data)
-
-
-def _print_status(data: dict[str, Any]) -> None:
-    active = data["active_policy"]
-    if not data["loaded"]:
-        typer.echo("not loaded: nothing is enforced")
+        print_json(found.to_json())
     else:
-        typer.echo(f"loaded: {'enforcing' if data['enforcing'] else 'permissive'}, success_audit "
-                   f"{'on' if data['success_audit'] else 'off'}, {len(data['hooks'])} hooks, "
-                   f"kernel policy generation {data['generation']}")
-    if active is None:
+        _print_status(found)
+    if found.store_problem is not None:
+        raise typer.Exit(1)
+
+
+def _kernel_line(found: "Status") -> str:
+    k = found.kernel
+    assert k is not None
+    mode = f"{'enforcing' if k.enforcing else 'permissive'}, success_audit {'on' if k.success_audit else 'off'}"
+    what = (f"kernel policy generation {k.generation}" if k.generation is not None
+            else "no policy in the kernel (everything is allowed)")
+    return f"loaded: {mode}, {len(found.hooks)} hooks, {what}"
+
+
+def _print_status(found: "Status") -> None:
+    typer.echo(_kernel_line(found) if found.kernel is not None else "not loaded: nothing is enforced")
+    if found.store_problem is not None:
+        enforced = (f"the kernel still enforces generation {found.kernel_generation}"
+                    if found.kernel_generation is not None else
+                    "the kernel enforces no policy" if found.loaded else "nothing is loaded")
+        err_console.print(f"error: {found.store_problem}; {enforced}", markup=False)
+    active = found.active
+    if active is None and found.listing is not None:
         typer.echo("active policy: none (everything is allowed)")
-    else:
-        when = "" if data["loaded"] else ", installed by `ipe-bpf load`"
-        typer.echo(f"active policy: \"{active['name']}\" {active['version']} {active['digest']} "
-                   f"(generation {active['generation']}{when})")
-        if data["loaded"] and active["generation"] != data["generation"]:
-            err_console.print("warning: the kernel's policy is not the store's active policy",
-                              markup=False)
-    if data.get("store_error"):
-        err_console.print(f"warning: policy store unreadable: {data['store_error']}", markup=False)
-    others = [p for p in data["policies"] if not p["active"]]
+    elif active is not None:
+        when = "" if found.loaded else ", installed by `ipe-bpf load`"
+        typer.echo(f"active policy: \"{active.name_text}\" {active.version_text} sha256:{active.digest.upper()} "
+                   f"(generation {active.generation}{when})")
+        if found.loaded and active.generation != found.kernel_generation:
+            err_console.print("warning: the kernel's policy is not the store's active policy", markup=False)
+    others = [p for p in (found.listing.policies if found.listing else ()) if not p.active]
     if others:
-        typer.echo("also deployed: " + ", ".join(f'"{p["name"]}" {p["version"]}' for p in others))
-    if data["loaded"]:
-        _print_counters(data["counters"], data["devices"])
+        typer.echo("also deployed: " + ", ".join(f'"{p.name_text}" {p.version_text}' for p in others))
+    if found.counters is not None:
+        _print_counters(found.counters, found.devices)
 
 
-def _print_counters(counters: dict[str, Any], devices: list[dict[str, Any]]) -> None:
+def _print_counters(counters: "Counters", devices: "tuple[DeviceState, ...]") -> None:
     table = Table(title="decisions")
     table.add_column("op")
     table.add_column("allow", justify="right")
     table.add_column("deny", justify="right")
-    for op, n in counters["allow"].items():
-        table.add_row(op, str(n), str(counters["deny"][op]))
+    for op, n in counters.allow.items():
+        table.add_row(op, str(n), str(counters.deny[op]))
     console.print(table)
-    console.print(f"audited {counters['audited']}, ring buffer drops {counters['dropped']}", markup=False)
-    if counters["undecidable"]:
+    console.print(f"audited {counters.audited}, ring buffer drops {counters.dropped}", markup=False)
+    if counters.undecidable:
         console.print(f"denied because a signature state was unknown (checked before load): "
-                      f"{counters['undecidable']}", markup=False)
+                      f"{counters.undecidable}", markup=False)
     for d in devices:
         console.print(
-            f"dm-verity {d['device']}: {d['alg']}:{d['roothash']} signed={d['signature_valid']}",
+            f"dm-verity {d.major}:{d.minor}: {d.alg}:{d.roothash} signed={d.signature_valid} "
+            f"(captured at set-up)",
             markup=False,
         )
 
@@ -221,14 +194,28 @@ def doctor_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
     from ..kernel.doctor import run_checks
 
     checks = run_checks()
+    fatal = [c.name for c in checks if c.fatal and not c.ok]
     if as_json:
         print_json([c.as_dict() for c in checks])
     else:
         for c in checks:
             mark = "ok  " if c.ok else ("FAIL" if c.fatal else "warn")
             console.print(f"{mark} {c.name}: {c.detail}", markup=False)
-    if any(c.fatal and not c.ok for c in checks):
+        console.print(doctor_verdict(fatal, root=os.geteuid() == 0), markup=False)
+    if fatal:
         raise typer.Exit(1)
+
+
+def doctor_verdict(fatal: list[str], *, root: bool) -> str:
+    """The last line of `doctor`: can this machine enforce, and if not, where to go instead."""
+    if not fatal:
+        return "verdict: this machine can enforce IPE policies (`ipe-bpf load` as root)"
+    failed = ", ".join(fatal)
+    if not root:
+        return (f"verdict: not ready ({failed}); run `ipe-bpf doctor` as root to see what the kernel "
+                f"lacks, or try ipe-bpf in the test VM: `ipe-bpf vm run -- ipe-bpf doctor`")
+    return (f"verdict: enforcement is impossible on this machine ({failed}); try ipe-bpf in the test VM, "
+            f"whose kernel has BPF LSM: `ipe-bpf vm run -- ipe-bpf doctor`")
 
 
 def audit_tail_cmd(
@@ -236,17 +223,12 @@ def audit_tail_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of IPE 1420 text.")] = False,
 ) -> None:
     """Print audited decisions from the ring buffer (consumes them)."""
-    from ..audit.tail import tail
+    from ..kernel.events import tail
 
     rules = _store_rule_lookup()
-
-    def emit(line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
     try:
         with reported_errors():
-            tail(emit, follow=follow, as_json=as_json, rules=rules)  # type: ignore[arg-type]
+            tail(emit_line, follow=follow, as_json=as_json, rules=rules)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         pass
 

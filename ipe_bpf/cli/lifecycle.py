@@ -20,7 +20,8 @@ from rich.table import Table
 from ..errors import IpeBpfError
 from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget, policy_name
 from ..kernel.store import PolicyStore
-from .common import console, err_console, fail, print_json
+from ..policy.files import read_input
+from .common import console, err_console, fail, print_json, root_hint
 
 DEFAULT_TRUST = Path("/etc/ipe-bpf/")
 NOT_LOADED = "enforcement is not loaded"
@@ -56,18 +57,18 @@ def open_lifecycle(command: str) -> Iterator[Lifecycle]:
         with kernel_target() as target:
             yield Lifecycle(PolicyStore.default(), target)
     except IpeBpfError as err:
-        fail(f"{command}: {err}")
+        fail(f"{command}: {err}" + root_hint(err.errno_name))
     except OSError as err:
         name = errno.errorcode.get(err.errno or 0, "EIO")
         where = f"{err.filename}: " if err.filename else ""
-        fail(f"{command}: {name}: {where}{err.strerror}")
+        fail(f"{command}: {name}: {where}{err.strerror}" + root_hint(name))
 
 
 def _read(command: str, path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as err:
-        fail(f"{command}: {errno.errorcode.get(err.errno or 0, 'EIO')}: {path}: {err.strerror}")
+        return read_input(path)
+    except IpeBpfError as err:
+        fail(f"{command}: {err.errno_name}: {path}: {err.message}")
 
 
 def _say(message: str) -> None:

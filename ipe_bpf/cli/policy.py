@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import IpeBpfError
 from ..policy import signing
+from ..policy.files import read_input
 from ..policy.evaluate import evaluate, first_failing_property
 from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
-from ..policy.parser import format_policy, parse_policy
+from ..policy.lint import lint
+from ..policy.parser import format_text, parse_policy
 from . import lifecycle, sign
-from .common import console, fail, print_json, read_bytes, reported_errors
+from .common import console, err_console, fail, print_json, read_bytes, reported_errors
 
 app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
 
@@ -37,9 +40,10 @@ def _summary(policy: Policy) -> Table:
     table.add_column("rules", justify="right")
     table.add_column("default")
     for op in POLICY_OPS:
-        default = policy.op_default(op) or policy.global_default
-        origin = "op" if policy.op_default(op) else "global"
-        table.add_row(op.name, str(len(policy.rules_for(op))), f"{default.name} ({origin})" if default else "-")
+        own = policy.op_default(op)  # Action.ALLOW is 0: compare with None, never by truth
+        default, origin = (own, "op") if own is not None else (policy.global_default, "global")
+        shown = f"{default.name} ({origin})" if default is not None else "-"
+        table.add_row(op.name, str(len(policy.rules_for(op))), shown)
     return table
 
 
@@ -49,18 +53,23 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Parse a policy (text or signed .p7s; use `verify` for the signature)."""
-    data = read_bytes(file)
     try:
-        policy = parse_policy(policy_text(data))
+        text = policy_text(read_input(file))
+        policy = parse_policy(text)
     except IpeBpfError as err:
         err.located(str(file))
         if as_json:
-            print_json({"valid": False, "errno": err.errno_name, "line": err.line, "message": err.message, "policy": None})
+            print_json({"valid": False, "errno": err.errno_name, "line": err.line, "message": err.message,
+                        "policy": None, "warnings": []})
             raise typer.Exit(1)
         fail(str(err))
+    warnings = lint(text, policy)
     if as_json:
-        print_json({"valid": True, "errno": None, "line": None, "message": "valid", "policy": policy_to_dict(policy)})
+        print_json({"valid": True, "errno": None, "line": None, "message": "valid", "policy": policy_to_dict(policy),
+                    "warnings": [{"line": w.line, "message": w.message} for w in warnings]})
         return
+    for warning in warnings:
+        err_console.print(f"warning: {file}:{warning.line}: {warning.message}", markup=False)
     console.print(_summary(policy))
     console.print(f"[green]valid[/]: {len(policy.rules)} rules")
 
@@ -115,17 +124,21 @@ def explain(
         })
         return
     for rule, prop in misses:
-        console.print(f"  line {rule.line}: {rule}  [dim](no: {prop})[/]", markup=True, highlight=False)
+        console.print(f"  line {rule.line}: {escape(str(rule))}  [dim](no: {escape(str(prop))})[/]",
+                      markup=True, highlight=False)
     colour = "green" if decision.action.name == "ALLOW" else "red"
     where = f" (line {decision.rule.line})" if decision.rule else ""
-    console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: {decision.rule_text}{where}", highlight=False)
+    console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: "
+                  f"{escape(decision.rule_text)}{where}", highlight=False)
 
 
 @app.command("format")
 def format_command(file: Path) -> None:
-    """Print the canonical text of a policy."""
-    policy = load_policy(file)
-    sys.stdout.buffer.write(format_policy(policy))
+    """Print a policy with each line in canonical form (comments and order kept)."""
+    data = read_bytes(file)
+    with reported_errors(str(file)):
+        formatted = format_text(policy_text(data))
+    sys.stdout.buffer.write(formatted)
 
 
 lifecycle.register(app)

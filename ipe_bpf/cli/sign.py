@@ -39,10 +39,16 @@ def sign(
     if not no_check:
         with reported_errors(str(policy_file)):
             policy = _parse(content)
+    with reported_errors():
+        signing.check_digest(digest)
     key_pem, cert_pem = read_bytes(key), read_bytes(cert)
-    with reported_errors(str(policy_file)):
-        blob = signing.sign_policy(content, key_pem, cert_pem, digest=digest)
-        signer = signing.load_certificate(cert_pem).subject.rfc4514_string()
+    with reported_errors(str(key)):
+        private_key = signing.load_private_key(key_pem)
+    with reported_errors(str(cert)):
+        certificate = signing.load_certificate(cert_pem, "signing certificate")
+    with reported_errors(str(key)):  # the one remaining error: the key is not the certificate's
+        blob = signing.sign_with(content, private_key, certificate, digest=digest)
+    signer = certificate.subject.rfc4514_string()
     with reported_errors(str(output)):
         output.write_bytes(blob)
     if as_json:

@@ -11,12 +11,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import platform
 from dataclasses import dataclass
 
 from ..errors import KernelError
-
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
+from . import syscalls
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
@@ -41,10 +39,7 @@ def libc() -> ctypes.CDLL:
 
 
 def _nr() -> int:
-    try:
-        return _SYS_BPF[platform.machine()]
-    except KeyError:
-        raise KernelError("ENOSYS", f"bpf(2) syscall number unknown for {platform.machine()}") from None
+    return syscalls.number("bpf")
 
 
 def _fail(what: str, err: int) -> KernelError:

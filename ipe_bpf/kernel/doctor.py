@@ -19,6 +19,8 @@ from ..errors import KernelError
 from .pins import BPFFS
 
 LSM_LIST = Path("/sys/kernel/security/lsm")
+LOADERS = ("core", "bcc")
+LOADER_ENV = "IPE_BPF_LOADER"
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
 # Ops and the hooks that decide them (IPE's mapping).
@@ -31,6 +33,15 @@ OP_HOOKS = {
     "POLICY": ("kernel_read_file", "kernel_load_data"),
     "X509_CERT": ("kernel_read_file", "kernel_load_data"),
 }
+
+
+def default_loader(environ: dict[str, str] | None = None) -> str:
+    """The loader `load` uses: $IPE_BPF_LOADER, else core."""
+    env = os.environ if environ is None else environ
+    name = env.get(LOADER_ENV) or "core"
+    if name not in LOADERS:
+        raise KernelError("EINVAL", f"{LOADER_ENV}={name!r}: expected one of {', '.join(LOADERS)}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -141,8 +152,6 @@ def kernel_checks() -> list[Check]:
 
 
 def run_checks(loader: str | None = None) -> list[Check]:
-    from .loader import default_loader
-
     fatal = [check_root(), check_bpf_lsm(), check_btf(), check_bpffs(), _loader_check(loader or default_loader())]
     if not all(c.ok for c in fatal[1:3]):
         return fatal

@@ -1,4 +1,4 @@
-"""The kernel's own IPE, through its securityfs files (spec section 4): ipe-bpf's peer.
+"""The kernel's own IPE, through its securityfs files (/sys/kernel/security/ipe): ipe-bpf's peer.
 
 Used where the real IPE runs next to ipe-bpf for comparison (tests/vm, benchmarks): it takes
 only policies signed by a key in the kernel's keyrings, and once a policy is active there is

@@ -1,6 +1,6 @@
 """The policy lifecycle: deploy, activate, update, delete, list, enforce, success_audit.
 
-Each operation follows kernel IPE's securityfs behaviour (spec section 4), with the same errno
+Each operation follows kernel IPE's securityfs behaviour (docs/design.md, section 5), with the same errno
 names, in the same order:
 
 - ``deploy``: signature (``ENOKEY``, ``EKEYREJECTED``, ``EBADMSG``, ...; plain text only when
@@ -30,11 +30,8 @@ import errno
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Protocol, runtime_checkable
-
-from cryptography import x509
 
 from ..audit.policy_records import (
     AUDIT_IPE_CONFIG_CHANGE,
@@ -48,14 +45,17 @@ from ..audit.policy_records import (
     mac_status,
     policy_load,
 )
-from ..errors import IpeBpfError, KernelError, LifecycleError, SignatureError
+from ..errors import IpeBpfError, KernelError, LifecycleError
 from ..policy import signing
 from ..policy.compiler import CompiledPolicy, compile_policy
-from ..policy.model import Policy, text
+from ..policy.model import text
 from ..policy.parser import parse_policy
+from .results import Listing, Outcome, PolicyInfo
 from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_text
+from .submission import Submission, Trust, open_submission
 
-Trust = Path | Sequence[x509.Certificate]
+__all__ = ["Lifecycle", "Listing", "Outcome", "PolicyInfo", "PolicyTarget", "Submission", "Trust",
+           "open_submission", "policy_name"]
 
 
 @runtime_checkable
@@ -68,87 +68,6 @@ class PolicyTarget(Protocol):
     def set_enforce(self, enforce: bool) -> None: ...
 
     def set_success_audit(self, enabled: bool) -> None: ...
-
-
-# ------------------------------------------------------------------------------ results
-
-
-@dataclass(frozen=True)
-class PolicyInfo:
-    """A deployed policy as `list` shows it."""
-
-    name: bytes
-    version: tuple[int, int, int]
-    digest: str  # sha256 hex of the submitted blob
-    generation: int
-    active: bool
-    signed: bool
-    signer: str | None
-    deployed_at: str
-
-    @property
-    def name_text(self) -> str:
-        return text(self.name)
-
-    @property
-    def version_text(self) -> str:
-        return version_text(self.version)
-
-    def to_json(self) -> dict[str, object]:
-        return {"name": self.name_text, "version": self.version_text,
-                "digest": "sha256:" + self.digest.upper(), "generation": self.generation,
-                "active": self.active, "signed": self.signed, "signer": self.signer,
-                "deployed_at": self.deployed_at}
-
-    @classmethod
-    def of(cls, policy: StoredPolicy, state: StoreState) -> "PolicyInfo":
-        return cls(policy.name, policy.version, policy.digest, policy.generation,
-                   policy.name == state.active, policy.signed, policy.signer, policy.deployed_at)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What an operation did.
-
-    ``policy`` is the policy acted on; ``changed`` is False for a no-op; ``applied`` says the
-    kernel was changed (False when enforcement is not loaded, or nothing needed the kernel);
-    ``records`` are the audit lines written; ``warnings`` are problems after the change was made
-    (e.g. the audit log could not be written).
-    """
-
-    policy: PolicyInfo | None
-    changed: bool
-    applied: bool
-    records: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Listing:
-    policies: tuple[PolicyInfo, ...]
-    active: PolicyInfo | None
-    enforce: bool
-    success_audit: bool
-
-    def to_json(self) -> dict[str, object]:
-        return {"active": self.active.name_text if self.active else None,
-                "enforce": self.enforce, "success_audit": self.success_audit,
-                "policies": [p.to_json() for p in self.policies]}
-
-
-@dataclass(frozen=True)
-class Submission:
-    """A submitted blob, its signature checked, its policy parsed and compiled."""
-
-    blob: bytes
-    content: bytes
-    policy: Policy
-    compiled: CompiledPolicy
-    signer: str | None  # None: unsigned (allowed explicitly)
-
-    @property
-    def signed(self) -> bool:
-        return self.signer is not None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -165,38 +84,6 @@ def _ref(policy: StoredPolicy) -> PolicyRef:
 def _version_key(version: tuple[int, int, int]) -> int:
     a, b, c = version
     return (a << 32) | (b << 16) | c
-
-
-def _resolve_trust(trust: Trust) -> Sequence[x509.Certificate]:
-    if isinstance(trust, (str, Path)):
-        return signing.load_trust(Path(trust))
-    return trust
-
-
-def open_submission(blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
-                    source: str | None = None, now: dt.datetime | None = None) -> Submission:
-    """Check the signature (kernel order: before parsing), then parse and compile.
-
-    A PKCS#7 blob is always verified against ``trust`` (loaded only then).  Plain text is
-    ``EBADMSG`` unless ``allow_unsigned``.  Errors about the blob name ``source`` as their file.
-    """
-    signed = signing.looks_like_pkcs7(blob)
-    trusted = _resolve_trust(trust) if signed else ()
-    try:
-        if signed:
-            verified = signing.verify_policy(blob, trusted, now=now)
-            content, signer = verified.content, verified.signer_subject
-        elif allow_unsigned:
-            content, signer = blob, None
-        else:
-            raise SignatureError("EBADMSG", "not a PKCS#7 signed policy (sign it with `ipe-bpf "
-                                 "policy sign`; plain text needs --unsigned, for test machines only)")
-        policy = parse_policy(content)
-        return Submission(blob, content, policy, compile_policy(policy), signer)
-    except IpeBpfError as err:
-        if source is not None and err.path is None:
-            err.located(source)
-        raise
 
 
 def _stored_content(policy: StoredPolicy, blob: bytes) -> bytes:
@@ -292,8 +179,9 @@ class Lifecycle:
             stored = self._new_record(state, sub)
             records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
             new_state = state.with_deployed(stored)
-            return self._commit(state, new_state, records, stored, applied=False,
-                                blobs={stored.blob_name: sub.blob})
+            outcome = self._commit(state, new_state, records, stored, applied=False,
+                                   blobs={stored.blob_name: sub.blob})
+            return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
     def activate(self, name: bytes) -> Outcome:
         """Make ``name`` the active policy (installed now if loaded, else at `load`)."""
@@ -340,9 +228,10 @@ class Lifecycle:
                 records.append(Record(AUDIT_IPE_CONFIG_CHANGE,
                                       config_change(_ref(old), _ref(stored), self.identity)))
                 applied = self._install(sub.compiled, stored.generation)
-            return self._commit(state, state.with_deployed(stored), records, stored,
-                                applied=applied, blobs={stored.blob_name: sub.blob},
-                                undo=lambda: self._restore(old))
+            outcome = self._commit(state, state.with_deployed(stored), records, stored,
+                                   applied=applied, blobs={stored.blob_name: sub.blob},
+                                   undo=lambda: self._restore(old))
+            return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
     def delete(self, name: bytes) -> Outcome:
         """Remove a deployed policy that is not active."""

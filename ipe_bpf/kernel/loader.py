@@ -28,23 +28,14 @@ from typing import Protocol
 from ..bpf_files import OBJECT, bpf_file
 from ..errors import KernelError
 from . import bpfsys, doctor, features
+from .doctor import LOADERS, default_loader
 from .features import DECISION_HOOKS, KernelFeatures
 from .pins import (LOADED_STATE, MAP_NAMES, PIN_ROOT, control_lock, link_paths, links_dir, map_path,
                    maps_dir)
 
-LOADERS = ("core", "bcc")
-LOADER_ENV = "IPE_BPF_LOADER"
 DEFAULT_RULE_ENTRIES = 1 << 21  # both slots; a rule makes up to 8 entries
 DEFAULT_DIGEST_ENTRIES = 1 << 19
 DEFAULT_RINGBUF_PAGES = 64
-
-
-def default_loader(environ: dict[str, str] | None = None) -> str:
-    env = os.environ if environ is None else environ
-    name = env.get(LOADER_ENV) or "core"
-    if name not in LOADERS:
-        raise KernelError("EINVAL", f"{LOADER_ENV}={name!r}: expected one of {', '.join(LOADERS)}")
-    return name
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -36,16 +36,15 @@ from ..errors import KernelError
 from ..policy.compiler import CompiledPolicy, encode
 from ..policy.layout import Header, load_header
 from ..policy.model import Op
-from . import bpfsys
+from . import bpfsys, syscalls
 from .pins import PIN_ROOT, control_lock, map_path
 
 _MEMBARRIER_CMD_GLOBAL = 1
-_SYS_MEMBARRIER = 324  # x86_64
 
 
 def _grace_period() -> None:
     """Wait until every BPF program that may have seen the old slot has finished."""
-    ret = bpfsys.libc().syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0)
+    ret = bpfsys.libc().syscall(syscalls.number("membarrier"), _MEMBARRIER_CMD_GLOBAL, 0, 0)
     if ret != 0 or os.cpu_count() == 1:
         time.sleep(0.05)  # membarrier unavailable (nohz_full) or a single CPU: be generous
 
@@ -97,6 +96,49 @@ class DeviceState:
         return d
 
 
+@dataclass(frozen=True)
+class Config:
+    """struct ipe_config: the one-entry config map."""
+
+    active: int  # IPE_ACTIVE_NONE, or 1 + the live slot
+    permissive: int
+    success_audit: int
+    flips: int
+
+
+@dataclass(frozen=True)
+class SlotDefaults:
+    """struct ipe_policy_defaults: one slot of the defaults map."""
+
+    op_default: bytes
+    global_default: int
+    shapes: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class RawCounters:
+    """struct ipe_counters: one CPU's slot of the per-CPU counters map."""
+
+    allow: tuple[int, ...]
+    deny: tuple[int, ...]
+    audited: int
+    dropped: int
+    undecidable: int
+
+
+@dataclass(frozen=True)
+class BdevState:
+    """struct ipe_bdev_state: what the devices map knows of a dm-verity device."""
+
+    has_roothash: int
+    sig_valid: int
+    alg_len: int
+    digest_len: int
+    alg: bytes
+    digest: bytes
+
+
 @dataclass
 class _Map:
     fd: int
@@ -136,58 +178,52 @@ class PinnedPolicyMaps:
 
     # ------------------------------------------------------------ config
 
-    def _config(self) -> dict[str, object]:
-        layout = self.header.struct("ipe_config")
-        raw = bpfsys.lookup(self._map("ipe_config").fd, struct.pack("=I", 0), layout.size)
+    def _config(self) -> Config:
+        view = self.header.struct("ipe_config").view(Config)
+        raw = bpfsys.lookup(self._map("ipe_config").fd, struct.pack("=I", 0), view.layout.size)
         assert raw is not None, "array maps always have index 0"
-        return layout.unpack(raw)
+        return view.unpack(raw)
 
-    def _write_config(self, **changes: object) -> None:
-        layout = self.header.struct("ipe_config")
-        values = self._config()
-        values.update(changes)
-        bpfsys.update(self._map("ipe_config").fd, struct.pack("=I", 0), layout.pack(**values))  # type: ignore[arg-type]
+    def _write_config(self, config: Config) -> None:
+        view = self.header.struct("ipe_config").view(Config)
+        bpfsys.update(self._map("ipe_config").fd, struct.pack("=I", 0), view.pack(config))
 
     def set_enforce(self, on: bool) -> None:
         with control_lock():
-            self._write_config(permissive=0 if on else 1)
+            self._write_config(replace(self._config(), permissive=0 if on else 1))
 
     def set_success_audit(self, on: bool) -> None:
         with control_lock():
-            self._write_config(success_audit=1 if on else 0)
+            self._write_config(replace(self._config(), success_audit=1 if on else 0))
 
     def deactivate(self) -> None:
         """Back to "no policy": everything allowed, nothing audited (used by tests)."""
         with control_lock():
             cfg = self._config()
-            old = int(cfg["active"])  # type: ignore[arg-type]
-            if old == 0:
+            if cfg.active == 0:
                 return
-            self._write_config(active=0, flips=int(cfg["flips"]) + 1)  # type: ignore[arg-type]
+            self._write_config(replace(cfg, active=0, flips=cfg.flips + 1))
             _grace_period()
-            self._delete_slot(old - 1)
+            self._delete_slot(cfg.active - 1)
 
     def state(self) -> KernelState:
         cfg = self._config()
-        active = int(cfg["active"])  # type: ignore[arg-type]
-        slot = active - 1 if active else None
-        generation = None
-        if slot is not None:
-            generation = int(self._defaults(slot)["generation"])  # type: ignore[arg-type]
+        slot = cfg.active - 1 if cfg.active else None
+        generation = None if slot is None else self._defaults(slot).generation
         return KernelState(
             loaded=True,
             active_slot=slot,
             generation=generation,
-            enforcing=not cfg["permissive"],
-            success_audit=bool(cfg["success_audit"]),
-            flips=int(cfg["flips"]),  # type: ignore[arg-type]
+            enforcing=not cfg.permissive,
+            success_audit=bool(cfg.success_audit),
+            flips=cfg.flips,
         )
 
-    def _defaults(self, slot: int) -> dict[str, object]:
-        layout = self.header.struct("ipe_policy_defaults")
-        raw = bpfsys.lookup(self._map("ipe_defaults").fd, struct.pack("=I", slot), layout.size)
+    def _defaults(self, slot: int) -> SlotDefaults:
+        view = self.header.struct("ipe_policy_defaults").view(SlotDefaults)
+        raw = bpfsys.lookup(self._map("ipe_defaults").fd, struct.pack("=I", slot), view.layout.size)
         assert raw is not None
-        return layout.unpack(raw)
+        return view.unpack(raw)
 
     # ------------------------------------------------------------ policy switch
 
@@ -205,7 +241,7 @@ class PinnedPolicyMaps:
         """Make `compiled` the active policy, atomically (see the module doc)."""
         with control_lock():
             cfg = self._config()
-            active = int(cfg["active"])  # type: ignore[arg-type]
+            active = cfg.active
             new_slot = 1 if active == 1 else 0
             self._delete_slot(new_slot)  # leftovers of an interrupted install
             enc = encode(compiled, new_slot, generation=generation)
@@ -214,7 +250,7 @@ class PinnedPolicyMaps:
                 bpfsys.update_many(m.fd, entries, m.key_size, m.value_size)
             for k, v in enc.defaults:
                 bpfsys.update(self._map("ipe_defaults").fd, k, v)
-            self._write_config(active=new_slot + 1, flips=int(cfg["flips"]) + 1)  # type: ignore[arg-type]
+            self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))
             if active:
                 _grace_period()
                 self._delete_slot(active - 1)
@@ -222,28 +258,19 @@ class PinnedPolicyMaps:
     # ------------------------------------------------------------ counters
 
     def counters(self) -> Counters:
-        layout = self.header.struct("ipe_counters")
+        view = self.header.struct("ipe_counters").view(RawCounters)
+        size = view.layout.size
         ncpu = bpfsys.possible_cpus()
-        stride = (layout.size + 7) // 8 * 8
+        stride = (size + 7) // 8 * 8
         raw = bpfsys.lookup(self._map("ipe_counters").fd, struct.pack("=I", 0), stride * ncpu)
         assert raw is not None
-        allow = [0] * len(Op)
-        deny = [0] * len(Op)
-        audited = dropped = undecidable = 0
-        for cpu in range(ncpu):
-            c = layout.unpack(raw[cpu * stride : cpu * stride + layout.size])
-            for i in range(len(Op)):
-                allow[i] += c["allow"][i]  # type: ignore[index]
-                deny[i] += c["deny"][i]  # type: ignore[index]
-            audited += int(c["audited"])  # type: ignore[arg-type]
-            dropped += int(c["dropped"])  # type: ignore[arg-type]
-            undecidable += int(c["undecidable"])  # type: ignore[arg-type]
+        per_cpu = [view.unpack(raw[cpu * stride : cpu * stride + size]) for cpu in range(ncpu)]
         return Counters(
-            allow={op.name: allow[op] for op in Op},
-            deny={op.name: deny[op] for op in Op},
-            audited=audited,
-            dropped=dropped,
-            undecidable=undecidable,
+            allow={op.name: sum(c.allow[op] for c in per_cpu) for op in Op},
+            deny={op.name: sum(c.deny[op] for c in per_cpu) for op in Op},
+            audited=sum(c.audited for c in per_cpu),
+            dropped=sum(c.dropped for c in per_cpu),
+            undecidable=sum(c.undecidable for c in per_cpu),
         )
 
     def drops(self) -> int:
@@ -252,22 +279,22 @@ class PinnedPolicyMaps:
     # ------------------------------------------------------------ dm-verity devices
 
     def devices(self) -> list[DeviceState]:
-        layout = self.header.struct("ipe_bdev_state")
+        view = self.header.struct("ipe_bdev_state").view(BdevState)
+        digest_max = self.header.constant("IPE_DIGEST_MAX")
         m = self._map("ipe_devices")
         out = []
         for k in bpfsys.keys(m.fd, m.key_size):
             raw = bpfsys.lookup(m.fd, k, m.value_size)
             if raw is None:
                 continue
-            s = layout.unpack(raw)
-            alg_len, dlen = int(s["alg_len"]), int(s["digest_len"])  # type: ignore[arg-type]
+            s = view.unpack(raw)
             out.append(
                 DeviceState(
                     dev=struct.unpack("=I", k)[0],
-                    has_roothash=bool(s["has_roothash"]),
-                    alg=bytes(s["alg"])[:alg_len].decode("ascii", "replace"),  # type: ignore[arg-type]
-                    roothash=bytes(s["digest"])[: min(dlen, 64)].hex(),  # type: ignore[arg-type]
-                    signature_valid=bool(s["sig_valid"]),
+                    has_roothash=bool(s.has_roothash),
+                    alg=s.alg[: s.alg_len].decode("ascii", "replace"),
+                    roothash=s.digest[: min(s.digest_len, digest_max)].hex(),
+                    signature_valid=bool(s.sig_valid),
                 )
             )
         return sorted(out, key=lambda d: d.dev)

@@ -318,7 +318,8 @@ class PolicyStore:
     def locked(self, *, shared: bool = False) -> Iterator["PolicyStore"]:
         """Hold the store lock (exclusive unless ``shared``) for the duration of the block.
 
-        A shared lock on a store that does not exist yet creates nothing and locks nothing.
+        A shared lock creates nothing and opens the lock file read-only, so readers work on a
+        read-only store; with no lock file (no writer ever ran) it locks nothing.
         Re-entering while already locked is allowed (an exclusive lock covers a shared request).
         """
         if self._lock_fd is not None:
@@ -326,15 +327,18 @@ class PolicyStore:
                 raise LifecycleError("EDEADLK", "cannot upgrade a shared store lock to exclusive")
             yield self
             return
-        if shared and not self.root.is_dir():
-            yield self
-            return
-        self._ensure_dirs()
-        try:
-            fd = os.open(self.root / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise LifecycleError(_errno_name(exc), f"cannot open the store lock in {self.root}: "
-                                 f"{exc.strerror}") from None
+        if shared:
+            fd = self._open_reader_lock()
+            if fd is None:  # no store yet, or one no writer ever locked: nothing to wait for
+                yield self
+                return
+        else:
+            self._ensure_dirs()
+            try:
+                fd = os.open(self.root / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise LifecycleError(_errno_name(exc), f"cannot open the store lock in {self.root}: "
+                                     f"{exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             self._lock_fd, self._exclusive = fd, not shared
@@ -342,6 +346,16 @@ class PolicyStore:
         finally:
             self._lock_fd, self._exclusive = None, False
             os.close(fd)  # closing the last fd releases the flock
+
+    def _open_reader_lock(self) -> int | None:
+        """The lock file opened read-only (a reader creates nothing: the store may be read-only)."""
+        try:
+            return os.open(self.root / self.LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LifecycleError(_errno_name(exc), f"cannot open the store lock in {self.root}: "
+                                 f"{exc.strerror}") from None
 
     def load(self) -> StoreState:
         """The committed state (empty if nothing was ever stored)."""

@@ -1,4 +1,4 @@
-"""The reference evaluator: IPE's decision semantics (spec section 2), in plain Python.
+"""The reference evaluator: IPE's decision semantics (docs/policy-language.md, section 4), in plain Python.
 
 This is the definition the compiled kernel tables are proven against.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .layout import abi_constant
 from .model import (
     Action,
     BoolKey,
@@ -18,16 +19,25 @@ from .model import (
     Policy,
     Property,
     Rule,
+    default_text,
 )
 
 
 class Source(enum.Enum):
-    """What made a decision."""
+    """What made a decision; `number` is bpf/ipe_bpf.h's IPE_SOURCE_<NAME>."""
 
     RULE = "rule"
     OP_DEFAULT = "op_default"
     GLOBAL_DEFAULT = "global_default"
-    NO_POLICY_DEFAULT = "none"  # UNKNOWN op and no global default: allow
+    NONE = "none"  # UNKNOWN op and no global default: allow
+
+    @property
+    def number(self) -> int:
+        return abi_constant(f"IPE_SOURCE_{self.name}")
+
+    @classmethod
+    def of_number(cls, number: int) -> "Source | None":
+        return next((source for source in cls if source.number == number), None)
 
 
 @dataclass(frozen=True)
@@ -42,9 +52,7 @@ class Decision:
         """The `rule="..."` text of an IPE 1420 audit record."""
         if self.rule is not None:
             return str(self.rule)
-        if self.source is Source.OP_DEFAULT:
-            return f"DEFAULT op={self.op.name} action={self.action.name}"
-        return f"DEFAULT action={self.action.name}"
+        return default_text(self.op if self.source is Source.OP_DEFAULT else None, self.action)
 
 
 def _bool_attribute(key: BoolKey, attrs: FileAttributes) -> bool:
@@ -56,7 +64,7 @@ def _bool_attribute(key: BoolKey, attrs: FileAttributes) -> bool:
 
 
 def property_holds(prop: Property, attrs: FileAttributes) -> bool:
-    """Whether one property is true of the file (spec section 2)."""
+    """Whether one property is true of the file (docs/policy-language.md, section 3)."""
     attrs = attrs.normalised()
     if isinstance(prop, BoolProperty):
         return _bool_attribute(prop.key, attrs) == prop.value
@@ -76,7 +84,7 @@ def evaluate(policy: Policy, op: Op, attrs: FileAttributes) -> Decision:
     """Decide an event: first matching rule of the op, else the op default, else the global one."""
     if op is Op.UNKNOWN:
         if policy.global_default is None:
-            return Decision(Action.ALLOW, Source.NO_POLICY_DEFAULT, op=op)
+            return Decision(Action.ALLOW, Source.NONE, op=op)
         return Decision(policy.global_default, Source.GLOBAL_DEFAULT, op=op)
     for rule in policy.rules_for(op):
         if first_failing_property(rule, attrs) is None:

@@ -22,12 +22,15 @@ Byte order is the host's (BPF maps are host-endian).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from functools import lru_cache
 from types import MappingProxyType
+from typing import Generic, TypeVar
 
 from ..errors import IpeBpfError
 
@@ -36,6 +39,9 @@ __all__ = [
     "Header",
     "HeaderError",
     "StructLayout",
+    "StructView",
+    "abi_constant",
+    "default_header",
     "default_header_path",
     "load_header",
     "parse_header",
@@ -208,6 +214,12 @@ class StructLayout:
                 out[f.name] = tuple(next(flat) for _ in range(f.count))
         return out
 
+    def view(self, cls: "type[T]") -> "StructView[T]":
+        """Typed access: `cls` is a dataclass with exactly this struct's fields (`pad*` left out)
+        annotated `int` (scalars), `bytes` (byte arrays) or `tuple[int, ...]` (other arrays);
+        HeaderError if the two disagree, so a changed header cannot go unnoticed."""
+        return _view(self, cls)
+
     def ctype(self) -> type[ctypes.Structure]:
         """A ctypes Structure with this exact layout (explicit padding, `_pack_ = 1`)."""
         members: list[tuple[str, type]] = []
@@ -221,6 +233,43 @@ class StructLayout:
         if self.size > at:
             members.append((f"_pad_at_{at}", ctypes.c_uint8 * (self.size - at)))
         return type(self.name, (ctypes.Structure,), {"_pack_": 1, "_fields_": members})
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StructView(Generic[T]):
+    """A struct read into and written from a frozen dataclass (see StructLayout.view)."""
+
+    layout: StructLayout
+    cls: type[T]
+    names: tuple[str, ...]
+
+    def unpack(self, data: bytes) -> T:
+        values = self.layout.unpack(data)
+        return self.cls(**{name: values[name] for name in self.names})
+
+    def pack(self, value: T) -> bytes:
+        return self.layout.pack(**{name: getattr(value, name) for name in self.names})
+
+
+def _annotation(f: Field) -> str:
+    if f.count is None:
+        return "int"
+    return "bytes" if f.is_bytes else "tuple[int, ...]"
+
+
+def _view(layout: StructLayout, cls: type[T]) -> StructView[T]:
+    wanted = {f.name: _annotation(f) for f in layout.fields if not f.name.startswith("pad")}
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    found = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+             for f in dataclasses.fields(cls)}
+    if found != wanted:
+        raise HeaderError(f"{cls.__name__} does not match struct {layout.name}: it has {found}, "
+                          f"the header has {wanted}")
+    return StructView(layout, cls, tuple(wanted))
 
 
 @dataclass(frozen=True)
@@ -434,6 +483,17 @@ def default_header_path() -> Path:
     from ..bpf_files import HEADER, bpf_file
 
     return bpf_file(HEADER)
+
+
+@lru_cache(maxsize=1)
+def default_header() -> Header:
+    """The source tree's header, parsed once per process."""
+    return load_header()
+
+
+def abi_constant(name: str) -> int:
+    """A `#define` of the default header: how Python reads every number it shares with C."""
+    return default_header().constant(name)
 
 
 def load_header(path: Path | None = None) -> Header:

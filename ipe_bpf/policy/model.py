@@ -3,6 +3,10 @@
 Names and digest algorithm names are kept as the exact bytes of the policy text
 (IPE compares them byte-exactly and accepts any byte >= 0x80); `text()` renders
 them for humans.
+
+`str()` of a rule, a property or a digest is the ONE rendering of rule text: the kernel's
+audit spelling (docs/audit-records.md), which `policy explain`, the audit records and the
+compiled rule texts all show.  The policy-language spelling is `parser.format_policy`.
 """
 
 from __future__ import annotations
@@ -10,26 +14,30 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .layout import abi_constant
+
 
 class Op(enum.IntEnum):
-    """Operations a rule can govern; the value is the op number in the BPF maps."""
+    """Operations a rule can govern; the value is the op number of bpf/ipe_bpf.h (IPE_OP_*)."""
 
-    EXECUTE = 0
-    FIRMWARE = 1
-    KMODULE = 2
-    KEXEC_IMAGE = 3
-    KEXEC_INITRAMFS = 4
-    POLICY = 5
-    X509_CERT = 6
-    UNKNOWN = 7  # an unmapped kernel read/load id; never written in a policy
+    EXECUTE = abi_constant("IPE_OP_EXECUTE")
+    FIRMWARE = abi_constant("IPE_OP_FIRMWARE")
+    KMODULE = abi_constant("IPE_OP_KMODULE")
+    KEXEC_IMAGE = abi_constant("IPE_OP_KEXEC_IMAGE")
+    KEXEC_INITRAMFS = abi_constant("IPE_OP_KEXEC_INITRAMFS")
+    POLICY = abi_constant("IPE_OP_POLICY")
+    X509_CERT = abi_constant("IPE_OP_X509_CERT")
+    UNKNOWN = abi_constant("IPE_OP_UNKNOWN")  # an unmapped kernel read/load id; never in a policy
 
 
 POLICY_OPS: tuple[Op, ...] = tuple(op for op in Op if op is not Op.UNKNOWN)
 
 
 class Action(enum.IntEnum):
-    ALLOW = 0
-    DENY = 1
+    """A decision; the value is bpf/ipe_bpf.h's IPE_ACTION_*."""
+
+    ALLOW = abi_constant("IPE_ACTION_ALLOW")
+    DENY = abi_constant("IPE_ACTION_DENY")
 
 
 class BoolKey(enum.Enum):
@@ -52,6 +60,13 @@ def text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def untrusted(value: bytes) -> str:
+    """The kernel's audit_log_untrustedstring(): quoted, or uppercase hex if it needs escaping."""
+    if any(b == 0x22 or b < 0x21 or b > 0x7E for b in value):
+        return value.hex().upper()
+    return '"' + value.decode("ascii") + '"'
+
+
 @dataclass(frozen=True)
 class Digest:
     """An algorithm name (verbatim bytes) and the digest bytes."""
@@ -60,7 +75,8 @@ class Digest:
     value: bytes
 
     def __str__(self) -> str:
-        return f"{text(self.alg)}:{self.value.hex()}"
+        """As the kernel's audit prints it: `"<alg>":<HEX>` (the name untrusted-encoded)."""
+        return f"{untrusted(self.alg)}:{self.value.hex().upper()}"
 
 
 @dataclass(frozen=True)
@@ -94,8 +110,16 @@ class Rule:
     line: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
+        """The rule as kernel IPE's audit reprints it (the `rule="..."` of a 1420 record)."""
         parts = [f"op={self.op.name}", *map(str, self.properties), f"action={self.action.name}"]
         return " ".join(parts)
+
+
+def default_text(op: Op | None, action: Action) -> str:
+    """The `rule="..."` text of a decision by a default: per-op (`op` given) or global."""
+    if op is None:
+        return f"DEFAULT action={action.name}"
+    return f"DEFAULT op={op.name} action={action.name}"
 
 
 @dataclass(frozen=True)

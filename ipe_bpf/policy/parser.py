@@ -1,6 +1,6 @@
 """IPE policy text parser: the grammar of Linux 6.12's security/ipe/policy_parser.c.
 
-Every rule of spec section 1 is reproduced, including its errno classes: syntax errors
+Every rule of docs/policy-language.md (sections 1-3) is reproduced, including its errno classes: syntax errors
 are EBADMSG, a non-numeric version component or bad digest hex is EINVAL, a version
 component above 65535 is ERANGE. The first failing line wins; the coverage check
 (a global DEFAULT, or a DEFAULT for every op) runs last.
@@ -8,6 +8,7 @@ component above 65535 is ERANGE. The first failing line wins; the coverage check
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 
 from ..errors import PolicyError
@@ -45,9 +46,14 @@ def _fail(errno_name: str, line: int, message: str) -> PolicyError:
     return PolicyError(errno_name, message, line=line)
 
 
+_SHOWN_MAX = 64  # longest token echoed whole in an error message
+
+
 def _show(token: bytes) -> str:
-    """A token quoted for an error message, unprintable bytes escaped."""
-    return repr(token.decode("latin-1"))
+    """A token quoted for an error message, unprintable bytes escaped, long ones cut."""
+    if len(token) <= _SHOWN_MAX:
+        return repr(token.decode("latin-1"))
+    return f"{token[:_SHOWN_MAX - 16].decode('latin-1')!r}... ({len(token)} bytes)"
 
 
 def _lines(text: bytes) -> Iterator[tuple[int, bytes]]:
@@ -149,7 +155,21 @@ def _parse_property(token: bytes, number: int) -> Property:
     for prefix, key in _DIGEST_PREFIXES.items():
         if token.startswith(prefix) and len(token) > len(prefix):
             return DigestProperty(key, _parse_digest(token[len(prefix):], token, number))
-    raise _fail("EBADMSG", number, f"unknown property {_show(token)}")
+    if token.startswith(b"op="):
+        raise _fail("EBADMSG", number, f"a second op= ({_show(token)}): a line has one op")
+    if token == b"DEFAULT":
+        raise _fail("EBADMSG", number, "DEFAULT must be the first token of its line")
+    raise _fail("EBADMSG", number, f"unknown property {_show(token)}{_did_you_mean(token, _PROPERTY_KEYS)}")
+
+
+_PROPERTY_KEYS = (*(key.value for key in BoolKey), *(key.value for key in DigestKey))
+
+
+def _did_you_mean(token: bytes, keys: tuple[str, ...]) -> str:
+    """' (did you mean KEY?)' for a token whose key is a near miss of a known one."""
+    key = token.split(b"=", 1)[0].decode("latin-1")
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close and close[0] != key else ""
 
 
 class _Builder:
@@ -172,7 +192,8 @@ class _Builder:
             if op is None:
                 if token not in _OPS:
                     want = "op=<OP>" if is_default or token is not tokens[0] else "DEFAULT or op=<OP>"
-                    raise _fail("EBADMSG", number, f"expected {want}, found {_show(token)}")
+                    hint = _did_you_mean(token, ("op", "DEFAULT", *_PROPERTY_KEYS))
+                    raise _fail("EBADMSG", number, f"expected {want}, found {_show(token)}{hint}")
                 op = _OPS[token]
             elif token in _ACTIONS:
                 raise _fail("EBADMSG", number, f"{_show(token)} must be the last token of the line")
@@ -255,3 +276,32 @@ def _format_rule(rule: Rule) -> bytes:
             parts.append(f"{prop.key.value}=".encode() + prop.digest.alg + b":" + prop.digest.value.hex().encode())
     parts.append(f"action={rule.action.name}".encode())
     return b" ".join(parts)
+
+
+def format_text(data: bytes) -> bytes:
+    """`data` with every policy line in canonical form, comments and line order kept.
+
+    The policy must parse (PolicyError otherwise).  Line ends become LF; what follows a NUL
+    byte (which the kernel ignores) is dropped.
+    """
+    policy = parse_policy(data)
+    rules = {rule.line: rule for rule in policy.rules}
+    out: list[bytes] = []
+    seen_header = False
+    for number, raw in _lines(data.split(b"\0", 1)[0].replace(b"\r\n", b"\n")):
+        code, hash_mark, comment = raw.partition(b"#")
+        tokens = _tokens(_clean(code))
+        if not tokens:
+            line = b""
+        elif not seen_header:
+            line, seen_header = b"policy_name=" + policy.name + b" policy_version=" + policy.version_text.encode(), True
+        elif number in rules:
+            line = _format_rule(rules[number])
+        else:
+            line = b" ".join(tokens)  # a DEFAULT line: its tokens, single-spaced
+        if hash_mark:
+            line += (b"  " if line else b"") + b"#" + _clean(comment)
+        out.append(line)
+    while out and not out[-1]:
+        out.pop()
+    return b"\n".join(out) + b"\n"

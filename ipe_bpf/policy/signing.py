@@ -3,8 +3,8 @@
 Kernel IPE takes a policy as an *attached* PKCS#7 SignedData in DER, the shape of
 ``openssl smime -sign -binary -nodetach -noattr -nosmimecap -outform der``.  `sign_policy`
 makes exactly that with cryptography (for RSA keys the bytes equal openssl's);
-`verify_policy` checks one in-process, with the DER taken apart by
-:mod:`ipe_bpf.policy.pkcs7` and the signature checked with the signer's public key.
+`verify_policy` checks one in-process, with the envelope decoded by :mod:`ipe_bpf.policy.cms`
+(pyasn1's RFC 5652 definitions) and the signature checked with the signer's public key.
 
 Verification, in the kernel's order and with its errno names:
 
@@ -41,8 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7 as crypto_pkcs7
 
-from ipe_bpf.errors import SignatureError
-from ipe_bpf.policy import pkcs7
+from ..errors import SignatureError
+from . import cms
 
 DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256,
@@ -89,15 +89,20 @@ class VerifiedPolicy:
 # --------------------------------------------------------------------------- signing
 
 
-def _load_private_key(key_pem: bytes) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def load_private_key(key_pem: bytes) -> SigningKey:
+    """An unencrypted RSA or EC (P-256/P-384) private key, PEM or DER; EINVAL otherwise."""
     loader = serialization.load_pem_private_key if b"-----BEGIN" in key_pem else (
         serialization.load_der_private_key)
     try:
         key = loader(key_pem, password=None)
-    except TypeError as exc:  # encrypted key, no password
-        raise SignatureError("EINVAL", f"cannot use the private key: {exc}") from None
-    except ValueError as exc:
-        raise SignatureError("EINVAL", f"not a private key in PEM or DER: {exc}") from None
+    except TypeError:  # encrypted key, no password
+        raise SignatureError("EINVAL", "the private key is encrypted; ipe-bpf needs it unencrypted "
+                                       "(openssl pkey -in KEY -out PLAIN.pem)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SignatureError("EINVAL", "not a private key (PEM or DER)") from None
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in SIGNING_CURVES:
         raise SignatureError("EINVAL", f"EC curve {key.curve.name} is not supported "
                                        f"(use P-256 or P-384)")
@@ -127,11 +132,20 @@ def sign_policy(content: bytes, key_pem: bytes, cert_pem: bytes, *,
     ``key_pem`` must be an unencrypted RSA or EC (P-256/P-384) private key that belongs to
     ``cert_pem``.  Raises SignatureError(EINVAL) for unusable keys or certificates.
     """
+    key = load_private_key(key_pem)
+    cert = load_certificate(cert_pem, "signing certificate")
+    return sign_with(content, key, cert, digest=digest)
+
+
+def check_digest(digest: str) -> None:
     if digest not in DIGESTS:
         raise SignatureError("EINVAL", f"unsupported digest {digest!r} "
                                        f"(choose from {', '.join(DIGESTS)})")
-    key = _load_private_key(key_pem)
-    cert = load_certificate(cert_pem, "signing certificate")
+
+
+def sign_with(content: bytes, key: SigningKey, cert: x509.Certificate, *, digest: str = "sha256") -> bytes:
+    """`sign_policy` with a loaded key and certificate (EINVAL if the key is not the cert's)."""
+    check_digest(digest)
     if _public_der(cert.public_key()) != _public_der(key.public_key()):
         raise SignatureError("EINVAL", "the private key does not belong to the certificate")
     options = [crypto_pkcs7.PKCS7Options.Binary, crypto_pkcs7.PKCS7Options.NoAttributes]
@@ -145,19 +159,19 @@ def sign_policy(content: bytes, key_pem: bytes, cert_pem: bytes, *,
 
 def looks_like_pkcs7(data: bytes) -> bool:
     """True if ``data`` is (or starts like) a DER PKCS#7 SignedData rather than policy text."""
-    return pkcs7.looks_like_signed_data(data)
+    return cms.looks_like_signed_data(data)
 
 
 def extract_content(blob: bytes) -> bytes:
     """The policy inside an attached PKCS#7, without checking the signature."""
-    return _content_of(pkcs7.parse_signed_data(blob))
+    return _content_of(cms.parse_signed_data(blob))
 
 
-def _content_of(signed: pkcs7.SignedData) -> bytes:
+def _content_of(signed: cms.SignedData) -> bytes:
     if signed.content is None:
         raise SignatureError("EBADMSG", "detached signature: the envelope does not contain the "
                                         "policy (sign with -nodetach)")
-    if signed.content_type != pkcs7.OID_DATA:
+    if signed.content_type != cms.OID_DATA:
         raise SignatureError("EBADMSG", f"envelope content type {signed.content_type} is not "
                                         f"pkcs7-data")
     return signed.content
@@ -182,7 +196,7 @@ def _certificate_from_der(der: bytes) -> x509.Certificate:
         raise SignatureError("ENOPKG", f"certificate in the envelope: {exc}") from None
 
 
-def _embedded_certificates(signed: pkcs7.SignedData) -> list[x509.Certificate]:
+def _embedded_certificates(signed: cms.SignedData) -> list[x509.Certificate]:
     return [_certificate_from_der(der) for der in signed.certificates]
 
 
@@ -193,17 +207,13 @@ def _subject_key_id(cert: x509.Certificate) -> bytes | None:
         return None
 
 
-def _names_signer(cert: x509.Certificate, signer: pkcs7.SignerInfo) -> bool:
+def _names_signer(cert: x509.Certificate, signer: cms.SignerInfo) -> bool:
     if signer.subject_key_id is not None:
         return _subject_key_id(cert) == signer.subject_key_id
-    try:
-        issuer, serial = pkcs7.tbs_issuer_and_serial(cert.tbs_certificate_bytes)
-    except SignatureError:
-        return False
-    return issuer == signer.issuer_der and serial == signer.serial
+    return cert.serial_number == signer.serial and cert.issuer.public_bytes() == signer.issuer_der
 
 
-def _find_signer_certificate(signer: pkcs7.SignerInfo,
+def _find_signer_certificate(signer: cms.SignerInfo,
                              candidates: Sequence[x509.Certificate]) -> x509.Certificate:
     for cert in candidates:
         if _names_signer(cert, signer):
@@ -212,7 +222,7 @@ def _find_signer_certificate(signer: pkcs7.SignerInfo,
                                    f"in the envelope nor trusted")
 
 
-def _signature_algorithms(signer: pkcs7.SignerInfo) -> tuple[str, str]:
+def _signature_algorithms(signer: cms.SignerInfo) -> tuple[str, str]:
     """(digest name, key family) of a signer, ENOPKG if ipe-bpf cannot verify them."""
     digest = _DIGEST_OIDS.get(signer.digest_oid)
     if digest is None:
@@ -229,25 +239,21 @@ def _signature_algorithms(signer: pkcs7.SignerInfo) -> tuple[str, str]:
     return digest, family
 
 
-def _signed_bytes(signer: pkcs7.SignerInfo, content: bytes, digest: str) -> bytes:
+def _signed_bytes(signer: cms.SignerInfo, content: bytes, digest: str) -> bytes:
     """What the signature covers: the content, or the signed attributes (after checking them)."""
     if signer.signed_attrs is None:
         return content
     assert signer.signed_attrs_der is not None
-    attrs = {a.oid: a.values for a in signer.signed_attrs}
-    values = attrs.get(pkcs7.OID_MESSAGE_DIGEST)
-    if not values or len(values) != 1 or values[0].tag != pkcs7.OCTET_STRING:
-        raise SignatureError("EBADMSG", "signed attributes lack a single messageDigest")
-    if values[0].value != hashlib.new(digest, content).digest():
+    if signer.message_digest() != hashlib.new(digest, content).digest():
         raise SignatureError("EKEYREJECTED", "content digest does not match the signed "
                                              "messageDigest: the policy was modified")
-    types = attrs.get(pkcs7.OID_CONTENT_TYPE)
-    if types is not None and [pkcs7.decode_oid(t) for t in types] != [pkcs7.OID_DATA]:
+    types = signer.content_types()
+    if types is not None and types != [cms.OID_DATA]:
         raise SignatureError("EBADMSG", "signed contentType attribute is not pkcs7-data")
     return signer.signed_attrs_der
 
 
-def _check_signature(signer: pkcs7.SignerInfo, cert: x509.Certificate, content: bytes) -> str:
+def _check_signature(signer: cms.SignerInfo, cert: x509.Certificate, content: bytes) -> str:
     """Verify one signer's signature with its certificate's key; return the digest name."""
     digest, family = _signature_algorithms(signer)
     data = _signed_bytes(signer, content, digest)
@@ -339,7 +345,10 @@ def verify_policy(blob: bytes, trusted: Sequence[x509.Certificate], *,
     EKEYREJECTED (bad signature, modified content, certificate outside its validity),
     ENOPKG (unsupported algorithm).
     """
-    signed = pkcs7.parse_signed_data(blob)
+    if blob[:1] != b"\x30":  # not even a DER SEQUENCE: text, most likely
+        raise SignatureError("EBADMSG", "not signed: this is no PKCS#7 envelope (policy text? sign it "
+                                        "with `ipe-bpf policy sign`)")
+    signed = cms.parse_signed_data(blob)
     content = _content_of(signed)
     if not signed.signers:
         raise SignatureError("EBADMSG", "the envelope has no signer")
@@ -369,8 +378,8 @@ def _parse_certificates(data: bytes) -> list[x509.Certificate]:
         if b"-----BEGIN" in data:
             return [_decoded(c) for c in x509.load_pem_x509_certificates(data)]
         return [_decoded(x509.load_der_x509_certificate(data))]
-    except (*_MALFORMED_CERTIFICATE, UnsupportedAlgorithm) as exc:
-        raise SignatureError("EINVAL", f"not a PEM or DER certificate: {exc}") from None
+    except (*_MALFORMED_CERTIFICATE, UnsupportedAlgorithm):
+        raise SignatureError("EINVAL", "not a PEM or DER certificate") from None
 
 
 def _read(path: Path) -> bytes:

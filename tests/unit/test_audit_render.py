@@ -6,7 +6,8 @@ import json
 import time
 
 from ipe_bpf.audit.record import decode, rules_from_policies
-from ipe_bpf.audit.render import ipe_fields, json_line, rule_audit_text, untrusted
+from ipe_bpf.audit.render import ipe_fields, json_line
+from ipe_bpf.policy.model import untrusted
 from ipe_bpf.policy.layout import load_header
 from ipe_bpf.policy.model import Action, BoolKey, BoolProperty, Digest, DigestKey, DigestProperty, Op, Rule
 
@@ -56,14 +57,14 @@ def test_rule_text_from_lookup_and_fallback() -> None:
         ),
         Action.ALLOW,
     )
-    assert rule_audit_text(rule) == 'op=EXECUTE boot_verified=FALSE fsverity_digest="sha256":AB01 action=ALLOW'
+    assert str(rule) == 'op=EXECUTE boot_verified=FALSE fsverity_digest="sha256":AB01 action=ALLOW'
 
     class P:
         rules = (rule,)
 
     lookup = rules_from_policies({7: P()})
     r = decode(_event(source=0, rule_index=0, action=0), lookup)
-    assert r.rule == rule_audit_text(rule)
+    assert r.rule == str(rule)
     r = decode(_event(source=0, rule_index=3, generation=9), lookup)
     assert r.rule == "rule#3"
     doc = json.loads(json_line(r, 5))

@@ -112,7 +112,7 @@ def test_sign_refuses_an_invalid_policy_unless_told(app: typer.Typer, pki: Pki, 
 def test_sign_key_errors(app: typer.Typer, pki: Pki, policy_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.p7s"
     line = assert_one_line_error(run(app, "sign", policy_file, "--key", pki.rsa.key_path,
-                                     "--cert", pki.p256.cert_path, "-o", out), policy_file, "EINVAL")
+                                     "--cert", pki.p256.cert_path, "-o", out), pki.rsa.key_path, "EINVAL")
     assert "does not belong" in line
     result = run(app, "sign", policy_file, "--key", tmp_path / "nokey", "--cert", pki.rsa.cert_path, "-o", out)
     assert result.exit_code == 1 and "ENOENT" in result.stderr
@@ -174,3 +174,28 @@ def test_verify_bad_trust_path_names_it(app: typer.Typer, pki: Pki, policy_file:
     empty.mkdir()
     line = assert_one_line_error(run(app, "verify", out, "--trust", empty), out, "ENOKEY")
     assert str(empty) in line
+
+
+def test_verify_of_plain_text_says_it_is_not_signed(app: typer.Typer, pki: Pki, tmp_path: Path) -> None:
+    plain = tmp_path / "plain.pol"
+    plain.write_bytes(b"policy_name=p policy_version=1.0.0\nDEFAULT action=ALLOW\n")
+    result = run(app, "verify", plain, "--trust", pki.ca.cert_path)
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith(f"{plain}: EBADMSG: not signed: ")
+
+
+def test_sign_errors_name_the_wrong_file_without_library_internals(app: typer.Typer, pki: Pki, policy_file: Path,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "x.p7s"
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    line = assert_one_line_error(run(app, "sign", policy_file, "--key", junk, "--cert", pki.rsa.cert_path, "-o", out),
+                                 junk, "EINVAL")
+    assert line == f"{junk}: EINVAL: not a private key (PEM or DER)"
+    line = assert_one_line_error(run(app, "sign", policy_file, "--key", pki.rsa.key_path, "--cert", junk, "-o", out),
+                                 junk, "EINVAL")
+    assert line == f"{junk}: EINVAL: not a PEM or DER certificate"
+    line = assert_one_line_error(run(app, "sign", policy_file, "--key", pki.rsa.cert_path, "--cert", pki.rsa.cert_path,
+                                     "-o", out), pki.rsa.cert_path, "EINVAL")  # a certificate given as the key
+    assert "Could not" not in line and "OpenSSL" not in line and "asn1" not in line.lower()
+    assert not out.exists()

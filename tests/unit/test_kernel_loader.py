@@ -3,6 +3,11 @@ object opened through this machine's libbpf, and what a kernel's features allow.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
 from ipe_bpf.errors import KernelError
@@ -82,8 +87,39 @@ def test_kernel_dev_t_encoding() -> None:
     assert kernel_dev(253, 1) == (253 << 20) | 1
 
 
-def test_control_lock_is_reentrant(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from ipe_bpf.kernel.pins import control_lock
+def test_control_lock_is_reentrant(tmp_path: Path) -> None:
+    """Nested control_lock() in one thread does not deadlock, and excludes other holders.
 
-    with control_lock(tmp_path / "l"), control_lock(tmp_path / "l"):
-        pass
+    Run in a child with a timeout: a non-reentrant lock would block on its own flock forever,
+    and the test must fail then, not hang.
+    """
+    lock = tmp_path / "l"
+    code = textwrap.dedent(f"""
+        import fcntl, os
+        from pathlib import Path
+        from ipe_bpf.kernel.pins import control_lock
+
+        lock = Path({str(lock)!r})
+
+        def free() -> bool:
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+            finally:
+                os.close(fd)
+
+        with control_lock(lock):
+            with control_lock(lock):
+                assert not free(), "held while nested"
+            assert not free(), "still held by the outer block"
+        assert free(), "released at the end"
+        print("ok")
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("control_lock() deadlocked on its own nested use")
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr

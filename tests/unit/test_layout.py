@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ipe_bpf.policy.compiler import Abi
+from ipe_bpf.policy.abi import Abi
 from ipe_bpf.policy.layout import Header, HeaderError, default_header_path, load_header, parse_header
 
 GCC = shutil.which("gcc")
@@ -293,3 +293,99 @@ def test_a_header_that_disagrees_with_the_model_is_refused() -> None:
     assert text != REAL.read_text()
     with pytest.raises(HeaderError):
         Abi.from_header(parse_header(text))
+
+
+def test_typed_views_round_trip_and_refuse_a_mismatch() -> None:
+    import dataclasses
+
+    from ipe_bpf.audit.record import Event
+    from ipe_bpf.kernel.maps import BdevState, Config, RawCounters, SlotDefaults
+    from ipe_bpf.policy.layout import HeaderError, default_header
+
+    header = default_header()
+    for name, cls in [("ipe_config", Config), ("ipe_policy_defaults", SlotDefaults), ("ipe_counters", RawCounters),
+                      ("ipe_bdev_state", BdevState), ("ipe_event", Event)]:
+        header.struct(name).view(cls)  # every view the code uses matches the header
+    view = header.struct("ipe_config").view(Config)
+    value = Config(active=2, permissive=1, success_audit=0, flips=9)
+    assert view.unpack(view.pack(value)) == value
+    assert len(view.pack(value)) == header.struct("ipe_config").size
+
+    @dataclasses.dataclass(frozen=True)
+    class Missing:
+        active: int
+        permissive: int
+        flips: int
+
+    @dataclasses.dataclass(frozen=True)
+    class WrongType:
+        active: int
+        permissive: int
+        success_audit: bytes
+        flips: int
+
+    for cls in (Missing, WrongType):
+        with pytest.raises(HeaderError, match="does not match struct ipe_config"):
+            header.struct("ipe_config").view(cls)
+
+
+def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """install / state / set_enforce / counters / devices against in-memory maps (bpfsys faked)."""
+    import struct as _struct
+
+    from ipe_bpf.kernel import bpfsys, maps as maps_mod, pins
+    from ipe_bpf.policy.compiler import compile_policy
+    from ipe_bpf.policy.parser import parse_policy
+
+    header = load_header()
+    sizes = {"ipe_config": (4, header.struct("ipe_config").size), "ipe_defaults": (4, header.struct("ipe_policy_defaults").size),
+             "ipe_rules": (header.struct("ipe_rule_key").size, header.struct("ipe_rule_value").size),
+             "ipe_digests": (header.struct("ipe_digest_key").size, 4), "ipe_counters": (4, header.struct("ipe_counters").size),
+             "ipe_devices": (4, header.struct("ipe_bdev_state").size)}
+    tables: dict[int, dict[bytes, bytes]] = {}
+    fds: dict[str, int] = {}
+    for i, (name, (k, v)) in enumerate(sizes.items()):
+        (tmp_path / "maps").mkdir(exist_ok=True)
+        (tmp_path / "maps" / name).touch()
+        fds[name] = 10_000 + i  # fake descriptors, never closed for real
+        tables[10_000 + i] = {}
+    for name in ("ipe_config", "ipe_defaults"):
+        for slot in range(1 if name == "ipe_config" else 2):
+            tables[fds[name]][_struct.pack("=I", slot)] = bytes(sizes[name][1])
+    cpus = 2
+    counters = header.struct("ipe_counters")
+    per_cpu = counters.pack(allow=tuple(range(8)), deny=(1,) * 8, audited=3, dropped=1, undecidable=2)
+    tables[fds["ipe_counters"]][_struct.pack("=I", 0)] = per_cpu * cpus
+
+    monkeypatch.setattr(bpfsys, "obj_get", lambda path: fds[path.rsplit("/", 1)[1]])
+    monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(1, fd, *next(sizes[n] for n, f in fds.items() if f == fd), 0, 0, ""))
+    monkeypatch.setattr(bpfsys, "lookup", lambda fd, key, size: tables[fd].get(key))
+    monkeypatch.setattr(bpfsys, "update", lambda fd, key, value, flags=0: tables[fd].__setitem__(key, value))
+    monkeypatch.setattr(bpfsys, "update_many", lambda fd, items, k, v: tables[fd].update(items))
+    monkeypatch.setattr(bpfsys, "dump_keys", lambda fd, k, v: list(tables[fd]))
+    monkeypatch.setattr(bpfsys, "keys", lambda fd, k: list(tables[fd]))
+    monkeypatch.setattr(bpfsys, "delete_many", lambda fd, keys: [tables[fd].pop(key, None) for key in keys])
+    monkeypatch.setattr(bpfsys, "possible_cpus", lambda: cpus)
+    monkeypatch.setattr(maps_mod, "_grace_period", lambda: None)
+    real_close = maps_mod.os.close
+    monkeypatch.setattr(maps_mod.os, "close", lambda fd: None if fd in tables else real_close(fd))
+    monkeypatch.setattr(maps_mod, "control_lock", lambda: pins.control_lock(tmp_path / "lock"))
+    compiled = compile_policy(parse_policy(b"policy_name=p policy_version=1.0.0\nDEFAULT action=ALLOW\n"
+                                           b"op=EXECUTE fsverity_digest=sha256:ab action=DENY\n"))
+    with maps_mod.PinnedPolicyMaps(tmp_path) as maps:
+        assert maps.state().generation is None and maps.state().active_slot is None
+        maps.install(compiled, 7)
+        maps.set_enforce(False)
+        state = maps.state()
+        assert (state.active_slot, state.generation, state.enforcing, state.flips) == (0, 7, False, 1)
+        maps.install(compiled, 8)
+        assert (maps.state().active_slot, maps.state().generation) == (1, 8)
+        assert all(key[0] == 1 for key in tables[fds["ipe_rules"]])  # the old slot was emptied
+        got = maps.counters()
+        assert got.allow["KMODULE"] == 2 * 2 and got.deny["EXECUTE"] == cpus and (got.audited, got.dropped, got.undecidable) == (6, 2, 4)
+        state = header.struct("ipe_bdev_state").pack(has_roothash=1, sig_valid=1, alg_len=6, digest_len=32,
+                                                      alg=b"sha256", digest=bytes(range(32)))
+        tables[fds["ipe_devices"]][_struct.pack("=I", maps_mod.kernel_dev(253, 1))] = state  # as the hook writes it
+        (device,) = maps.devices()
+        assert (device.major, device.minor, device.alg, device.roothash, device.signature_valid) == (
+            253, 1, "sha256", bytes(range(32)).hex(), True)

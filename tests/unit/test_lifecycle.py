@@ -1,4 +1,4 @@
-"""The policy lifecycle against a fake kernel target: every errno path of spec section 4."""
+"""The policy lifecycle against a fake kernel target: every errno path of docs/design.md, section 5."""
 
 from __future__ import annotations
 

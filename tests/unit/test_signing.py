@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipe_bpf.errors import SignatureError
-from ipe_bpf.policy import pkcs7
+from ipe_bpf.policy import cms
 from ipe_bpf.policy.signing import (
     extract_content,
     load_trust,
@@ -97,10 +97,10 @@ def test_rsa_signature_is_byte_identical_to_openssl(pki: Pki, policy_file: Path)
 def test_ecdsa_envelope_has_openssl_structure(pki: Pki, name: str, policy_file: Path) -> None:
     # ECDSA signatures are randomised: compare everything but the signature value.
     ident = pki.signers()[name]
-    ours = pkcs7.parse_signed_data(_sign(ident))
-    theirs = pkcs7.parse_signed_data(openssl_sign(ident, policy_file, "-noattr", "-nosmimecap"))
+    ours = cms.parse_signed_data(_sign(ident))
+    theirs = cms.parse_signed_data(openssl_sign(ident, policy_file, "-noattr", "-nosmimecap"))
 
-    def without_signatures(signed: pkcs7.SignedData) -> pkcs7.SignedData:
+    def without_signatures(signed: cms.SignedData) -> cms.SignedData:
         signers = tuple(dataclasses.replace(s, signature=b"") for s in signed.signers)
         return dataclasses.replace(signed, signers=signers)
 
@@ -138,7 +138,7 @@ def test_we_verify_openssl_digest_choices(pki: Pki, md: str, policy_file: Path) 
 def test_we_verify_signatures_with_signed_attributes(pki: Pki, name: str, policy_file: Path) -> None:
     ident = pki.signers()[name]
     blob = openssl_sign(ident, policy_file, tool="cms")  # CMS default: signed attributes
-    assert pkcs7.parse_signed_data(blob).signers[0].signed_attrs is not None
+    assert cms.parse_signed_data(blob).signers[0].signed_attrs is not None
     assert verify_policy(blob, _trust(pki, ident)).content == POLICY
 
 
@@ -151,7 +151,7 @@ def test_signed_attributes_catch_modified_content(pki: Pki, policy_file: Path) -
 
 def test_signed_attributes_catch_modified_attributes(pki: Pki, policy_file: Path) -> None:
     blob = openssl_sign(pki.p256, policy_file, tool="cms")
-    signer = pkcs7.parse_signed_data(blob).signers[0]
+    signer = cms.parse_signed_data(blob).signers[0]
     assert signer.signed_attrs_der is not None
     at = blob.index(signer.signed_attrs_der[1:]) + len(signer.signed_attrs_der) - 2  # last byte of the attributes
     _rejects(_flip(blob, at), _trust(pki, pki.p256), "EKEYREJECTED")
@@ -159,14 +159,14 @@ def test_signed_attributes_catch_modified_attributes(pki: Pki, policy_file: Path
 
 def test_we_verify_signer_named_by_subject_key_id(pki: Pki, policy_file: Path) -> None:
     blob = openssl_sign(pki.p256, policy_file, "-noattr", "-keyid", tool="cms")
-    signer = pkcs7.parse_signed_data(blob).signers[0]
+    signer = cms.parse_signed_data(blob).signers[0]
     assert signer.subject_key_id is not None and signer.serial is None
     assert verify_policy(blob, _trust(pki, pki.p256)).signer == pki.p256.cert
 
 
 def test_signer_certificate_may_come_from_the_trust_store(pki: Pki, policy_file: Path) -> None:
     blob = openssl_sign(pki.rsa, policy_file, "-noattr", "-nocerts")
-    assert pkcs7.parse_signed_data(blob).certificates == ()
+    assert cms.parse_signed_data(blob).certificates == ()
     assert verify_policy(blob, _trust(pki, pki.rsa)).signer == pki.rsa.cert
     err = _rejects(blob, _trust(pki, pki.p384), "ENOKEY")
     assert "neither in the envelope nor trusted" in str(err)
@@ -234,7 +234,7 @@ def test_naive_now_is_taken_as_utc(pki: Pki) -> None:
 def test_one_trusted_signer_of_two_is_enough_but_every_signature_must_hold(pki: Pki, policy_file: Path) -> None:
     blob = openssl_sign(pki.untrusted, policy_file, "-noattr", "-nosmimecap",
                         "-signer", str(pki.rsa.cert_path), "-inkey", str(pki.rsa.key_path))
-    assert len(pkcs7.parse_signed_data(blob).signers) == 2
+    assert len(cms.parse_signed_data(blob).signers) == 2
     assert verify_policy(blob, load_trust(pki.rsa.cert_path)).signer == pki.rsa.cert
     _rejects(blob, load_trust(pki.p384.cert_path), "ENOKEY")
     _rejects(_flip(blob, len(blob) - 1), load_trust(pki.rsa.cert_path), "EKEYREJECTED")
@@ -256,7 +256,7 @@ def test_tampered_content_is_ekeyrejected(pki: Pki, name: str) -> None:
 def test_tampered_signature_is_ekeyrejected(pki: Pki, name: str) -> None:
     ident = pki.signers()[name]
     blob = _sign(ident)
-    signature = pkcs7.parse_signed_data(blob).signers[0].signature
+    signature = cms.parse_signed_data(blob).signers[0].signature
     assert blob.endswith(signature)
     _rejects(_flip(blob, len(blob) - len(signature) // 2), _trust(pki, ident), "EKEYREJECTED")
 
@@ -291,7 +291,7 @@ def test_random_bytes_are_ebadmsg(pki: Pki, seed: int) -> None:
     rng = random.Random(seed)
     blob = rng.randbytes(rng.randrange(0, 2000))
     if seed % 2:  # half of them dressed as a SignedData header
-        blob = bytes.fromhex("308203e8") + pkcs7.SIGNED_DATA_OID_DER + blob
+        blob = bytes.fromhex("308203e8") + cms.SIGNED_DATA_OID_DER + blob
     _rejects(blob, _trust(pki, pki.rsa), "EBADMSG")
 
 

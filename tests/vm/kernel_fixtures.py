@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.audit.record import AccessRecord
-from ipe_bpf.audit.tail import records
+from ipe_bpf.kernel.events import records
 from ipe_bpf.kernel import pins
 from ipe_bpf.kernel.maps import PinnedPolicyMaps
 from ipe_bpf.policy.compiler import CompiledPolicy, compile_policy

@@ -93,7 +93,7 @@ def test_kernel_equals_reference_evaluator(ipe: Kernel) -> None:
                 continue
             r = got[0]
             want_source = {Source.RULE: "rule", Source.OP_DEFAULT: "op_default",
-                           Source.GLOBAL_DEFAULT: "global_default", Source.NO_POLICY_DEFAULT: "none"}[want.source]
+                           Source.GLOBAL_DEFAULT: "global_default", Source.NONE: "none"}[want.source]
             if (r.action, r.source, r.rule_index) != (want.action.name, want_source, want_index):
                 mismatches.append((n, str(path), (r.action, r.source, r.rule_index),
                                    (want.action.name, want_source, want_index), text))

@@ -6,7 +6,7 @@ import threading
 import time
 
 from ipe_bpf.audit.record import AccessRecord
-from ipe_bpf.audit.tail import records
+from ipe_bpf.kernel.events import records
 
 from .kernel_fixtures import Kernel, get_kernel, ipe, kernel, policy  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""`audit tail [--follow] [--json]`: read audited decisions and print them."""
+"""Audited decisions from the loaded program: drain the ring buffer, decode, print (`audit tail`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..kernel.pins import PIN_ROOT
-from .record import AccessRecord, RuleLookup, decode
-from .render import ipe_text, json_line
+from ..audit.record import AccessRecord, RuleLookup, decode
+from ..audit.render import ipe_text, json_line
+from .pins import PIN_ROOT
 from .ringbuf import RingBuffer
 
 

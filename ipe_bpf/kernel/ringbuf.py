@@ -1,5 +1,7 @@
 """A consumer of the pinned BPF ring buffer (ipe_events), in plain Python (mmap + epoll).
 
+The records it yields are decoded by ipe_bpf.audit.record.decode (ipe_bpf.kernel.events does both).
+
 Kernel protocol (kernel/bpf/ringbuf.c): page 0 holds consumer_pos (we write it); page 1
 holds producer_pos; the data area follows, mapped twice so a record never wraps.  Each
 record starts with an 8-byte header: __u32 len (bit 31 BUSY: not committed yet, bit 30
@@ -18,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import KernelError
-from ..kernel import bpfsys
-from ..kernel.pins import PIN_ROOT, map_path
+from . import bpfsys
+from .pins import PIN_ROOT, map_path
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
