@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from ..errors import IpeBpfError
+from ..kernel.features import running_kernel
 from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget, policy_name
 from ..kernel.store import PolicyStore
 from ..policy.files import read_input
@@ -31,6 +32,10 @@ TrustOption = Annotated[Path, typer.Option(
     help="Trusted certificate(s): a PEM/DER file, a bundle, or a directory of them.")]
 UnsignedOption = Annotated[bool, typer.Option(
     "--unsigned", help="Also accept a plain-text (unsigned) policy. For test machines only.")]
+UnevaluableOption = Annotated[bool, typer.Option(
+    "--allow-unevaluable",
+    help="Accept a policy using properties this kernel cannot evaluate (see `ipe-bpf doctor`): "
+         "rules hanging on an unknown signature state deny, digest rules it cannot read never match.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
@@ -55,7 +60,7 @@ def open_lifecycle(command: str) -> Iterator[Lifecycle]:
     """A Lifecycle over the default store and the kernel (if loaded); errors become one line."""
     try:
         with kernel_target() as target:
-            yield Lifecycle(PolicyStore.default(), target)
+            yield Lifecycle(PolicyStore.default(), target, kernel=running_kernel)
     except IpeBpfError as err:
         fail(f"{command}: {err}" + root_hint(err.errno_name))
     except OSError as err:
@@ -111,12 +116,14 @@ def deploy(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="Signed policy (.p7s), or text with --unsigned.")],
     trust: TrustOption = DEFAULT_TRUST,
     unsigned: UnsignedOption = False,
+    allow_unevaluable: UnevaluableOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Deploy a signed policy (kernel IPE's new_policy). It is not activated."""
     blob = _read("deploy", file)
     with open_lifecycle("deploy") as life:
-        outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file))
+        outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file),
+                              allow_unevaluable=allow_unevaluable)
     _warn_unsigned(unsigned, outcome)
     print_warnings(outcome)
     if as_json:
@@ -154,13 +161,14 @@ def update(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="Signed replacement (.p7s), or text with --unsigned.")],
     trust: TrustOption = DEFAULT_TRUST,
     unsigned: UnsignedOption = False,
+    allow_unevaluable: UnevaluableOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Replace a deployed policy with a higher version of itself (active stays active)."""
     blob = _read("update", file)
     with open_lifecycle("update") as life:
         outcome = life.update(policy_name(name), blob, trust, allow_unsigned=unsigned,
-                              source=str(file))
+                              source=str(file), allow_unevaluable=allow_unevaluable)
     _warn_unsigned(unsigned, outcome)
     print_warnings(outcome)
     if as_json:

@@ -11,14 +11,17 @@ derives, per policy property, whether this kernel can evaluate it and how; `doct
 from __future__ import annotations
 
 import ctypes
+import json
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from ..errors import KernelError
+from ..policy.model import Policy
 from . import libbpf
-from .pins import HOOKS
+from .pins import HOOKS, LOADED_STATE
 
 BTF_KIND_STRUCT, BTF_KIND_ENUM, BTF_KIND_FUNC, BTF_KIND_ENUM64 = 4, 6, 12, 19
 
@@ -184,3 +187,34 @@ def _features(vmlinux: _Btf, modules: dict[str, _Btf]) -> KernelFeatures:
 @lru_cache(maxsize=1)
 def cached_probe() -> KernelFeatures:
     return probe()
+
+
+def running_kernel(state_file: Path = LOADED_STATE,
+                   lsm_list: Path = Path("/sys/kernel/security/lsm")) -> KernelFeatures | None:
+    """What the loaded program found (its state file), else a probe of this kernel if it can
+    run ipe-bpf at all (BPF LSM active); None otherwise (a machine that only prepares
+    policies has no kernel to check them against)."""
+    try:
+        return KernelFeatures.from_dict(json.loads(state_file.read_text())["features"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        if "bpf" not in lsm_list.read_text().strip().split(","):
+            return None
+    except OSError:
+        return None
+    try:
+        return cached_probe()
+    except KernelError:
+        return None
+
+
+def policy_properties(policy: Policy) -> frozenset[str]:
+    """The property keys any rule of the policy tests."""
+    return frozenset(prop.key.value for rule in policy.rules for prop in rule.properties)
+
+
+def unevaluable(policy: Policy, found: KernelFeatures) -> tuple[PropertySupport, ...]:
+    """The properties the policy uses that this kernel cannot evaluate."""
+    support = found.properties()
+    return tuple(support[p] for p in sorted(policy_properties(policy)) if not support[p].supported)

@@ -52,6 +52,7 @@ from ..policy.model import text
 from ..policy.parser import parse_policy
 from .results import Listing, Outcome, PolicyInfo
 from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_text
+from .features import KernelFeatures, unevaluable
 from .submission import Submission, Trust, open_submission
 
 __all__ = ["Lifecycle", "Listing", "Outcome", "PolicyInfo", "PolicyTarget", "Submission", "Trust",
@@ -118,9 +119,11 @@ class Lifecycle:
         *,
         identity: AuditIdentity | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        kernel: Callable[[], KernelFeatures | None] | None = None,
     ) -> None:
         self.store = store
         self.target = target
+        self._kernel = kernel  # what this kernel can evaluate (None: not checked)
         self._identity = identity
         self._clock_ns = clock_ns
         self._rule_texts: dict[int, tuple[str, ...]] = {}
@@ -167,9 +170,10 @@ class Lifecycle:
     # ------------------------------------------------------------------- operations
 
     def deploy(self, blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
-               source: str | None = None) -> Outcome:
+               source: str | None = None, allow_unevaluable: bool = False) -> Outcome:
         """Store a new policy (never activates it).  ``source`` names the blob in errors."""
         sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
+        self._check_evaluable(sub, allow_unevaluable)
         with self.store.locked():
             state = self.store.load()
             if state.find(sub.policy.name) is not None:
@@ -204,7 +208,8 @@ class Lifecycle:
                                 applied=applied, undo=lambda: self._restore(old))
 
     def update(self, name: bytes, blob: bytes, trust: Trust, *,
-               allow_unsigned: bool = False, source: str | None = None) -> Outcome:
+               allow_unsigned: bool = False, source: str | None = None,
+               allow_unevaluable: bool = False) -> Outcome:
         """Replace deployed policy ``name`` with a strictly newer version of itself."""
         with self.store.locked():
             state = self.store.load()
@@ -212,6 +217,7 @@ class Lifecycle:
             if old is None:
                 raise LifecycleError("ENOENT", f"policy {_quote(name)} is not deployed")
             sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
+            self._check_evaluable(sub, allow_unevaluable)
             if sub.policy.name != name:
                 raise LifecycleError("EINVAL", f"the new policy is named {_quote(sub.policy.name)},"
                                      f" not {_quote(name)}")
@@ -302,6 +308,21 @@ class Lifecycle:
         return texts[index]
 
     # ------------------------------------------------------------------- internals
+
+    def _check_evaluable(self, sub: Submission, allow: bool) -> None:
+        """EOPNOTSUPP for a policy using properties this kernel cannot evaluate, unless allowed:
+        it must never be evaluated differently without the admin saying so."""
+        found = self._kernel() if self._kernel is not None else None
+        missing = unevaluable(sub.policy, found) if found is not None else ()
+        if not missing or allow:
+            return
+        what = "; ".join(f"{p.property}: {p.how}" for p in missing)
+        raise LifecycleError("EOPNOTSUPP", f"policy {_quote(sub.policy.name)} uses "
+                             f"{', '.join(p.property for p in missing)}, which this kernel "
+                             f"({os.uname().release}) cannot evaluate ({what}); rules that hang on "
+                             f"them would decide differently than written (signature states "
+                             f"unknown: denied; digests: never matched); --allow-unevaluable "
+                             f"accepts that")
 
     def _new_record(self, state: StoreState, sub: Submission) -> StoredPolicy:
         return StoredPolicy(

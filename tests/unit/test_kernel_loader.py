@@ -123,3 +123,30 @@ def test_control_lock_is_reentrant(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("control_lock() deadlocked on its own nested use")
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_a_policy_this_kernel_cannot_evaluate_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """deploy/update name the property and the kernel (EOPNOTSUPP); --allow-unevaluable takes it."""
+    from ipe_bpf.errors import LifecycleError
+    from ipe_bpf.kernel.lifecycle import Lifecycle
+    from ipe_bpf.kernel.store import PolicyStore
+
+    no_sig = tuple(h for h in HOOKS if "integrity" not in h)
+    kernel_6_1 = _features(hooks=no_sig, dm_table_signature=False)
+    life = Lifecycle(PolicyStore(tmp_path), kernel=lambda: kernel_6_1)
+    text = b"policy_name=p policy_version=1.0.0\nDEFAULT action=ALLOW\nop=EXECUTE dmverity_signature=TRUE action=DENY\n"
+    with pytest.raises(LifecycleError) as err:
+        life.deploy(text, [], allow_unsigned=True, source="p.pol")
+    assert err.value.errno_name == "EOPNOTSUPP" and "dmverity_signature" in str(err.value)
+    assert life.list().policies == ()  # nothing stored
+    assert life.deploy(text, [], allow_unsigned=True, allow_unevaluable=True).changed
+    plain = b"policy_name=q policy_version=1.0.0\nDEFAULT action=ALLOW\nop=EXECUTE boot_verified=TRUE action=DENY\n"
+    assert life.deploy(plain, [], allow_unsigned=True).changed  # what 6.1 can evaluate is not refused
+
+
+def test_no_kernel_to_check_against_on_a_machine_without_bpf_lsm(tmp_path: Path) -> None:
+    from ipe_bpf.kernel.features import running_kernel
+
+    lsm = tmp_path / "lsm"
+    lsm.write_text("capability,landlock,yama,apparmor")
+    assert running_kernel(tmp_path / "none.json", lsm) is None
