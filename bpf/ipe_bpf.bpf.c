@@ -21,7 +21,7 @@
  *  - a trusted hook argument is assumed non-NULL (mmap_file's file can be NULL);
  *  - `const void *` hook arguments cannot be read from the context (setintegrity hooks);
  *  - bpf_d_path() is allowed only in bprm_check_security, mmap_file and kernel_read_file,
- *    not file_mprotect, which rebuilds the path itself (ipe_walk_path).
+ *    not file_mprotect, which rebuilds the path itself (ipe_walk_into).
  */
 #ifdef IPE_CORE
 #include "libbpf_compat.h"
@@ -467,7 +467,7 @@ static __always_inline int ipe_decide_all(struct ipe_policy_defaults *def, int s
 	return split;
 }
 
-/* d_path() rebuilt for file_mprotect (see ipe_walk_path): the walk's state between steps. */
+/* d_path() rebuilt for file_mprotect (see ipe_walk_into): the walk's state between steps. */
 struct ipe_walk {
 	struct ipe_path_scratch *s;
 	void *dentry;
@@ -527,13 +527,14 @@ static long ipe_walk_loop(__u32 i, void *ctx)
 
 /*
  * d_path() rebuilt by walking d_parent up to the root, crossing mounts through struct mount
- * (relocated: a private struct), where bpf_d_path() is refused (file_mprotect).  Relative to
- * the initial namespace's root, without d_path's " (deleted)" suffix.  Any depth: a path of
- * IPE_PATH_MAX - 1 bytes has at most IPE_PATH_MAX / 2 components, and at most as many mount
- * crossings, so IPE_PATH_MAX steps reach the root of any path that fits.  Returns the
- * length, or 0 (too long: the caller records the name only).
+ * (relocated: a private struct), where bpf_d_path() is refused (file_mprotect) or cannot be
+ * used (the task's executable: not a trusted pointer).  Relative to the initial namespace's
+ * root, without d_path's " (deleted)" suffix.  Any depth: a path of IPE_PATH_MAX - 1 bytes has
+ * at most IPE_PATH_MAX / 2 components, and at most as many mount crossings, so IPE_PATH_MAX
+ * steps reach the root of any path that fits.  Writes the path into dst (max bytes, a power
+ * of two, with its NUL) and returns its length, or 0 (too long: the caller records the name).
  */
-static __always_inline __u32 ipe_walk_path(struct ipe_event *e, struct file *file)
+static __always_inline __u32 ipe_walk_into(char *dst, __u32 max, void *dentry, void *vfsmnt)
 {
 	struct ipe_walk w = {};
 	__u32 len;
@@ -541,8 +542,8 @@ static __always_inline __u32 ipe_walk_path(struct ipe_event *e, struct file *fil
 	if (!IPE_HAVE_MOUNT)
 		return 0;
 	w.s = ipe_map_lookup(ipe_scratch, &(__u32){0});
-	w.dentry = file->f_path.dentry;
-	w.vfsmnt = file->f_path.mnt;
+	w.dentry = dentry;
+	w.vfsmnt = vfsmnt;
 	w.pos = IPE_PATH_MAX;
 	if (!w.s || !w.dentry || !w.vfsmnt)
 		return 0;
@@ -562,52 +563,79 @@ static __always_inline __u32 ipe_walk_path(struct ipe_event *e, struct file *fil
 	if (!w.done || w.failed)
 		return 0;
 	if (w.pos == IPE_PATH_MAX) {	/* the root itself */
-		e->path[0] = '/';
-		e->path[1] = 0;
+		dst[0] = '/';
+		dst[1] = 0;
 		return 1;
 	}
 	len = IPE_PATH_MAX - w.pos;
-	if (len >= IPE_PATH_MAX)
+	if (len >= max)
 		return 0;
 	/* keep the mask: clang would drop it after the check, and the verifier needs it */
 	IPE_CORE_BARRIER(len);
-	len &= IPE_PATH_MAX - 1;
-	bpf_probe_read_kernel(e->path, len, &w.s->buf[w.pos & (IPE_PATH_MAX - 1)]);
-	e->path[len & (IPE_PATH_MAX - 1)] = 0;
+	len &= max - 1;
+	bpf_probe_read_kernel(dst, len, &w.s->buf[w.pos & (IPE_PATH_MAX - 1)]);
+	dst[len & (max - 1)] = 0;
 	return len;
 }
 
-static __always_inline void ipe_fill_path(struct ipe_event *e, struct file *file, int use_d_path)
+/* A file's path into dst (max bytes): full when it can be had, else its name. */
+static __always_inline __u8 ipe_file_path(char *dst, __u32 max, __u16 *out_len, void *file, int use_d_path)
 {
-	void *dentry;
+	void *dentry = NULL, *mnt = NULL;
 	const unsigned char *name = NULL;
 	long n = -1;
 
-	e->path[0] = 0;
-	e->path_len = 0;
+	dst[0] = 0;
+	*out_len = 0;
 	if (use_d_path) {
-		n = bpf_d_path(&file->f_path, e->path, IPE_PATH_MAX);
+		n = bpf_d_path(&((struct file *)file)->f_path, dst, max);
 		if (n > 0) {
-			e->path_kind = IPE_PATH_FULL;
-			e->path_len = n - 1;
-			return;
+			*out_len = n - 1;
+			return IPE_PATH_FULL;
 		}
 	} else {
-		n = ipe_walk_path(e, file);
+		IPE_FIELD(dentry, file, struct file, f_path.dentry);
+		IPE_FIELD(mnt, file, struct file, f_path.mnt);
+		n = ipe_walk_into(dst, max, dentry, mnt);
 		if (n > 0) {
-			e->path_kind = IPE_PATH_FULL;
-			e->path_len = n;
-			return;
+			*out_len = n;
+			return IPE_PATH_FULL;
 		}
 	}
-	dentry = file->f_path.dentry;
+	IPE_FIELD(dentry, file, struct file, f_path.dentry);
 	if (dentry) {
 		IPE_FIELD(name, dentry, struct dentry, d_name.name);
-		n = bpf_probe_read_kernel_str(e->path, IPE_PATH_MAX, name);
+		n = bpf_probe_read_kernel_str(dst, max, name);
 		if (n > 0)
-			e->path_len = n - 1;
+			*out_len = n - 1;
 	}
-	e->path_kind = IPE_PATH_NAME;
+	return IPE_PATH_NAME;
+}
+
+/* The subject, as the kernel's SYSCALL record gives it: uid, auid, ses, exe. */
+static __always_inline void ipe_fill_subject(struct ipe_event *e)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *mm = NULL, *exe = NULL;
+	__u32 auid = IPE_ID_UNSET, ses = IPE_ID_UNSET;
+
+	e->uid = bpf_get_current_uid_gid() & 0xffffffff;
+	if (IPE_HAVE_LOGINUID) {
+		IPE_FIELD(auid, task, struct task_struct, loginuid.val);
+		IPE_FIELD(ses, task, struct task_struct, sessionid);
+	}
+	e->auid = auid;
+	e->ses = ses;
+	IPE_FIELD(mm, task, struct task_struct, mm);
+	if (mm)
+		IPE_FIELD(exe, mm, struct mm_struct, exe_file);
+	if (!exe) {
+		e->exe_kind = IPE_PATH_NONE;	/* a kernel thread */
+		e->exe_len = 0;
+		e->exe[0] = 0;
+		return;
+	}
+	e->exe_kind = ipe_file_path(e->exe, IPE_EXE_MAX, &e->exe_len, exe, 0);
 }
 
 static __always_inline void ipe_audit(struct file *file, __u8 op, __u8 hook, __u8 enforcing,
@@ -637,12 +665,13 @@ static __always_inline void ipe_audit(struct file *file, __u8 op, __u8 hook, __u
 	e->ino = 0;
 	e->dev[0] = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	ipe_fill_subject(e);
 	if (!file) {
 		e->path_kind = IPE_PATH_NONE;
 		e->path_len = 0;
 		e->path[0] = 0;
 	} else {
-		ipe_fill_path(e, file, use_d_path);
+		e->path_kind = ipe_file_path(e->path, IPE_PATH_MAX, &e->path_len, file, use_d_path);
 		inode = file->f_inode;
 		if (inode) {
 			IPE_FIELD(e->ino, inode, struct inode, i_ino);

@@ -108,13 +108,22 @@ struct ipe_config {
 #define IPE_PATH_FULL 1		/* path holds the d_path() of the file */
 #define IPE_PATH_NAME 2		/* path holds only the dentry name (d_path not possible) */
 
-/* ring buffer record: one audited decision (IPE's 1420 AUDIT_IPE_ACCESS). */
+/*
+ * ring buffer record: one audited decision (IPE's 1420 AUDIT_IPE_ACCESS), with what the kernel's
+ * accompanying SYSCALL record says of the subject (uid, auid, ses, exe).
+ */
+#define IPE_EXE_MAX 256
+#define IPE_ID_UNSET 0xffffffff	/* auid / ses never set (AUDIT_UID_UNSET), or unknown */
+
 struct ipe_event {
 	__u64 boot_ns;		/* bpf_ktime_get_boot_ns() */
 	__u64 generation;	/* defaults[slot].generation of the policy that decided */
 	__u64 ino;
 	__u32 pid;		/* tgid */
 	__u32 rule_index;	/* valid when source is IPE_SOURCE_RULE */
+	__u32 uid;		/* the task's real uid (initial user namespace) */
+	__u32 auid;		/* its login uid, IPE_ID_UNSET if none */
+	__u32 ses;		/* its audit session id, IPE_ID_UNSET if none */
 	__u8 op;		/* 0..6, IPE_OP_UNKNOWN */
 	__u8 hook;		/* IPE_HOOK_* */
 	__u8 enforcing;
@@ -122,9 +131,13 @@ struct ipe_event {
 	__u8 source;		/* IPE_SOURCE_* */
 	__u8 path_kind;		/* IPE_PATH_* */
 	__u16 path_len;		/* bytes of path used, without a NUL */
+	__u8 exe_kind;		/* IPE_PATH_* of exe: the task's executable at decision time */
+	__u8 pad;
+	__u16 exe_len;
 	char comm[IPE_COMM_LEN];
 	char dev[IPE_SID_LEN];	/* superblock s_id */
 	char path[IPE_PATH_MAX];
+	char exe[IPE_EXE_MAX];
 };
 
 /* per-CPU scratch (array, one entry): a path rebuilt from its end where bpf_d_path() is refused. */

@@ -237,5 +237,6 @@ struct dm_verity___ipe {
 #define IPE_HAVE_DM_SIG (IPE_HAS_FIELD(IPE_T_DM_VERITY, root_digest_sig))
 #define IPE_HAVE_INODE_VERITY (IPE_HAS_FIELD(struct inode, i_verity_info))
 #define IPE_HAVE_MOUNT (IPE_HAS_FIELD(struct mount, mnt_parent))
+#define IPE_HAVE_LOGINUID (IPE_HAS_FIELD(struct task_struct, loginuid))
 
 #endif /* IPE_LIBBPF_COMPAT_H */

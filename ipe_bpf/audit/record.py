@@ -54,6 +54,11 @@ class AccessRecord:
     dev: bytes | None
     ino: int | None
     rule: str  # the rule="..." text
+    # the subject, as the kernel's accompanying SYSCALL (1300) record gives it
+    uid: int | None = None
+    auid: int | None = None  # 4294967295: unset
+    ses: int | None = None  # 4294967295: unset
+    exe: bytes | None = None  # None: a kernel thread
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ class Event:
     ino: int
     pid: int
     rule_index: int
+    uid: int
+    auid: int
+    ses: int
     op: int
     hook: int
     enforcing: int
@@ -72,9 +80,12 @@ class Event:
     source: int
     path_kind: int
     path_len: int
+    exe_kind: int
+    exe_len: int
     comm: bytes
     dev: bytes
     path: bytes
+    exe: bytes
 
 
 @lru_cache(maxsize=1)
@@ -133,6 +144,10 @@ def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
         dev=_cstr(e.dev) if has_file else None,
         ino=e.ino if has_file else None,
         rule=rule_text(op_member, action_member, source, index, found),
+        uid=e.uid,
+        auid=e.auid,
+        ses=e.ses,
+        exe=e.exe[: e.exe_len] if e.exe_kind != PathKind.NONE else None,
     )
 
 

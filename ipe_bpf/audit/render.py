@@ -54,6 +54,10 @@ def json_line(r: AccessRecord, serial: int) -> str:
             "source": r.source,
             "rule_index": r.rule_index,
             "generation": r.generation,
+            "uid": r.uid,
+            "auid": r.auid,
+            "ses": r.ses,
+            "exe": _text(r.exe),
         },
         sort_keys=False,
     )

@@ -40,6 +40,17 @@ def test_spec_example_op_default() -> None:
     assert abs(r.timestamp - time.time()) < 5
 
 
+def test_subject_fields_decode_and_reach_json_only() -> None:
+    """uid/auid/ses/exe (the kernel's SYSCALL record) go to JSON; the 1420 text stays IPE's."""
+    r = decode(_event(uid=1000, auid=1001, ses=7, exe_kind=1, exe_len=len(b"/usr/bin/sh"), exe=b"/usr/bin/sh"))
+    assert (r.uid, r.auid, r.ses, r.exe) == (1000, 1001, 7, b"/usr/bin/sh")
+    assert "uid" not in ipe_fields(r) and "/usr/bin/sh" not in ipe_fields(r)
+    obj = json.loads(json_line(r, 3))
+    assert (obj["uid"], obj["auid"], obj["ses"], obj["exe"]) == (1000, 1001, 7, "/usr/bin/sh")
+    kthread = decode(_event(exe_kind=0, auid=0xFFFFFFFF, ses=0xFFFFFFFF))
+    assert kthread.exe is None and kthread.auid == 4294967295
+
+
 def test_no_file_and_global_default() -> None:
     r = decode(_event(path_kind=0, op=7, hook=4, source=2, enforcing=0, action=0))
     assert ipe_fields(r) == (
