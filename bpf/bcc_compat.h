@@ -42,8 +42,6 @@
 #define IPE_RINGBUF_PAGES 64
 #endif
 
-#define IPE_BCC_PATH_STEPS 24	/* file_mprotect's path walk (ipe_walk_path) */
-
 /* One BPF LSM program per hook; `name` is the LSM hook name (BCC names it lsm__<name>). */
 #define IPE_HOOK(name, args...) LSM_PROBE(name, args)
 

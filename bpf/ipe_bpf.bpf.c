@@ -551,14 +551,10 @@ static __always_inline __u32 ipe_walk_into(char *dst, __u32 max, void *dentry, v
 	bpf_loop(IPE_PATH_MAX, ipe_walk_loop, &w, 0);
 #else
 	/*
-	 * BCC cannot link a bpf_loop callback, and the verifier cannot prune a bounded loop of
-	 * this body (every step doubles its states): BCC builds walk IPE_BCC_PATH_STEPS steps,
-	 * unrolled, and record only the name of a deeper file.
+	 * BCC cannot link a bpf_loop callback, and an unrolled walk next to the decision is more
+	 * than the verifier explores (E2BIG on 6.12): BCC builds record the name only.
 	 */
-#pragma unroll
-	for (int i = 0; i < IPE_BCC_PATH_STEPS; i++)
-		if (ipe_walk_step(&w))
-			break;
+	return 0;
 #endif
 	if (!w.done || w.failed)
 		return 0;
