@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # bpf/ (the lead's C side) is checked once its comments point at docs/ too.
-SCANNED = ("ipe_bpf", "tests", "policies", "docs", "benchmarks", "scripts", "README.md", "pyproject.toml")
+SCANNED = ("ipe_bpf", "bpf", "tests", "policies", "docs", "benchmarks", "scripts", "README.md", "pyproject.toml")
 OUTSIDE = re.compile(r"\.\./shared|/work/shared|spec section|spec §|DESIGN §|IPE\.md")
 # A docs reference, optionally followed by `, section N` or by `, "Title"` (comment markers allowed
 # between the lines of a wrapped reference).
