@@ -58,3 +58,7 @@ class KernelError(IpeBpfError):
 
 class VmError(IpeBpfError):
     """The test VM could not be built or booted."""
+
+
+class ServiceError(IpeBpfError):
+    """The service (boot unit, audit daemon, its config, log and sinks) cannot do what was asked."""
