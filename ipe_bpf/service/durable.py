@@ -45,6 +45,10 @@ def _fail(exc: OSError, what: str, path: Path) -> ServiceError:
     return ServiceError(_errno(exc), f"{what}: {exc.strerror}", path=str(path))
 
 
+def encode_lines(lines: Sequence[str]) -> bytes:
+    return "".join(text + "\n" for text in lines).encode("utf-8", "surrogateescape")
+
+
 def lock_path(log: Path) -> Path:
     return log.with_name(log.name + ".lock")
 
@@ -180,16 +184,25 @@ class LogWriter:
         return Position(self.ino, self.size)
 
     def append(self, lines: Sequence[str]) -> Position:
-        """Append ``lines`` (each gets a newline) in one write; returns the position after them.
+        """Append ``lines`` (each gets a newline) in one write; returns the position after them."""
+        data = encode_lines(lines)
+        self.make_room(len(data))
+        return self.write(data)
+
+    def make_room(self, incoming: int) -> None:
+        """Rotate first if ``incoming`` bytes would take the log past its size (never splits)."""
+        if self.size and self.size + incoming > self.max_size:
+            self._rotate()
+
+    def write(self, data: bytes) -> Position:
+        """Append ``data`` (whole lines) in one write, fdatasync-ed if so configured.
 
         A failed write (ENOSPC, EIO) is undone to the last complete line before it is reported.
         """
         if self._fd is None:
             raise ServiceError("EBADF", "the log is not open", path=str(self.path))
-        if not lines:
+        if not data:
             return self.position
-        data = "".join(text + "\n" for text in lines).encode("utf-8", "surrogateescape")
-        self._rotate_if_full(len(data))
         fd, before = self._fd, self.size
         view = memoryview(data)
         try:
@@ -208,9 +221,7 @@ class LogWriter:
         if self._fd is not None:
             os.fdatasync(self._fd)
 
-    def _rotate_if_full(self, incoming: int) -> None:
-        if self.size == 0 or self.size + incoming <= self.max_size:
-            return
+    def _rotate(self) -> None:
         assert self._fd is not None
         try:
             os.fdatasync(self._fd)
@@ -241,6 +252,7 @@ class LogReader:
         self.path = Path(path)
         self.keep = keep
         self.skipped = False
+        self.at_end = False  # the last read() stopped at the end of the log, not at its budget
         self._fd: int | None = None
         self.ino = 0
         self.offset = 0
@@ -300,10 +312,14 @@ class LogReader:
     def read(self, budget: int = 1 << 20) -> list[tuple[Position, str]]:
         """The complete lines now readable, each with the position after it."""
         out: list[tuple[Position, str]] = []
+        self.at_end = True
         if self._fd is None and not self._open(self.path):
             return out
         read = 0
-        while read < budget:
+        while True:
+            if read >= budget:
+                self.at_end = False
+                break
             got = self._pull(out)
             read += got
             if got:

@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ..audit.policy_records import AUDIT_MAC_STATUS, UNSET_ID, AuditIdentity, Record
+from ..audit.policy_records import AUDIT_MAC_STATUS, UNSET_ID, AuditIdentity, AuditLog, Record
 from ..audit.record import AccessRecord
 from ..audit.render import AUDIT_IPE_ACCESS, ipe_text, untrusted
 
@@ -42,8 +42,8 @@ AUDIT_TRUSTED_APP = 1121
 AUDIT_SERVICE_START = 1130
 AUDIT_SERVICE_STOP = 1131
 
-__all__ = ["AUDIT_IPE_ACCESS", "AUDIT_MAC_STATUS", "AccessRecord", "AuditIdentity", "Record",
-           "UNSET_ID"]
+__all__ = ["AUDIT_IPE_ACCESS", "AUDIT_MAC_STATUS", "AccessRecord", "AuditIdentity", "AuditLog",
+           "Record", "UNSET_ID"]
 
 
 # ------------------------------------------------------------------------------ writing

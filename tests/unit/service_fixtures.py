@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ipe_bpf.audit.record import AccessRecord, decode
 from ipe_bpf.policy.layout import load_header
@@ -95,3 +97,45 @@ class FakeRing:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FileRing(FakeRing):
+    """A FakeRing whose records and consumer position live in files, so that a daemon in another
+    process can be SIGKILLed and a new one find the ring as the kernel would keep it."""
+
+    def __init__(self, directory: Path, identity: str = "map:1") -> None:
+        super().__init__(identity)
+        self.data = directory / "ring.bin"
+        self.cons = directory / "ring.cons"
+        self.size = len(raw_event(1))
+        if not self.cons.exists():
+            self.cons.write_bytes((0).to_bytes(8, "little"))
+            self.data.write_bytes(b"")
+
+    def produce(self, raw: bytes) -> None:
+        with open(self.data, "ab") as f:
+            f.write(raw)
+
+    def _count(self) -> int:
+        return self.data.stat().st_size // self.size
+
+    def consumer_pos(self) -> int:
+        return int.from_bytes(self.cons.read_bytes(), "little")
+
+    def peek(self, limit: int) -> list[tuple[int, bytes]]:
+        first = self.consumer_pos() // self.record_size
+        with open(self.data, "rb") as f:
+            f.seek(first * self.size)
+            blob = f.read(limit * self.size)
+        n = len(blob) // self.size
+        return [((first + i + 1) * self.record_size, blob[i * self.size : (i + 1) * self.size]) for i in range(n)]
+
+    def advance(self, pos: int) -> None:
+        fd = os.open(self.cons, os.O_WRONLY)
+        try:
+            os.pwrite(fd, pos.to_bytes(8, "little"), 0)
+        finally:
+            os.close(fd)
+
+    def pending(self) -> int:
+        return self._count() - self.consumer_pos() // self.record_size
