@@ -13,8 +13,9 @@ means every default.  Every error names the file and line (``ipe-bpf.conf:4: EIN
                                #   registered; yes: always; no: never
     ring_buffer_size = 256K    # the BPF ring buffer (a power of two, at least a page);
                                #   takes effect at the next `ipe-bpf load`
-    boot_failure = open        # open | closed: what the boot unit does when it cannot load
-                               #   (`ipe-bpf service install` applies it, see docs/service.md)
+    boot_failure = open        # what the boot unit does when it cannot load: open (boot on,
+                               #   unenforced), emergency (emergency.target: console only),
+                               #   poweroff; `ipe-bpf service install` applies it
 
 ``$IPE_BPF_RUN_DIR`` (default /run/ipe-bpf) holds the per-boot state: the serial counter, the
 control-record spool, the daemon's ring-buffer cursor and status.
@@ -138,7 +139,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "journal": _bool,
     "kernel_audit": _choice("auto", "yes", "no"),
     "ring_buffer_size": _ring_size,
-    "boot_failure": _choice("open", "closed"),
+    "boot_failure": _choice("open", "emergency", "poweroff"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Config) if f.metadata.get("file", True)}
 

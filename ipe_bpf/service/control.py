@@ -13,8 +13,9 @@ store's ``audit_serial``::
 The spool, ``<run dir>/spool.log``, is an append-only file for this boot: the audit daemon
 copies each complete line into the durable log (with the serial it already has), and from there
 to journald and the kernel audit subsystem.  A line appended while the daemon is stopped is
-picked up when it starts, in the same boot.  Appends hold an exclusive ``flock``; a line torn
-by a killed writer is closed with a newline by the next append (the daemon skips it).
+picked up when it starts, in the same boot.  Appends hold an exclusive ``flock``; the bytes of
+a line torn by a killed writer (after the last newline: the daemon reads complete lines only,
+so it never saw them) are cut by the next append.
 """
 
 from __future__ import annotations
@@ -77,19 +78,19 @@ class ControlLog:
 def append_spool(spool: Path, lines: Sequence[str]) -> None:
     spool.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     data = "".join(text + "\n" for text in lines).encode("utf-8", "surrogateescape")
-    fd = os.open(spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    fd = os.open(spool, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        torn = size > 0 and not _ends_with_newline(spool, size)
-        view = memoryview(b"\n" + data if torn else data)
+        _cut_torn_tail(fd)
+        view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)  # releases the flock
 
 
-def _ends_with_newline(path: Path, size: int) -> bool:
-    with open(path, "rb") as f:
-        f.seek(size - 1)
-        return f.read(1) == b"\n"
+def _cut_torn_tail(fd: int) -> None:
+    size = os.fstat(fd).st_size
+    tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+    if tail and not tail.endswith(b"\n"):
+        os.ftruncate(fd, size - len(tail) + tail.rfind(b"\n") + 1)

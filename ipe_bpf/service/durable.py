@@ -27,7 +27,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,26 @@ def encode_lines(lines: Sequence[str]) -> bytes:
 
 def lock_path(log: Path) -> Path:
     return log.with_name(log.name + ".lock")
+
+
+def rotation_lock_path(log: Path) -> Path:
+    return log.with_name(log.name + ".rotate")
+
+
+@contextlib.contextmanager
+def _rotation_lock(log: Path, exclusive: bool) -> Iterator[None]:
+    """Held by the writer while it renames files, and by readers while they look up names."""
+    try:
+        fd = os.open(rotation_lock_path(log), (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY,
+                     0o644)
+    except FileNotFoundError:  # no writer ever rotated here
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def rotated_path(log: Path, index: int) -> Path:
@@ -225,17 +245,23 @@ class LogWriter:
         assert self._fd is not None
         try:
             os.fdatasync(self._fd)
-            for index in range(self.keep - 1, 0, -1):
-                older = rotated_path(self.path, index)
-                if older.exists():
-                    os.replace(older, rotated_path(self.path, index + 1))
-            os.replace(self.path, rotated_path(self.path, 1))
-            os.close(self._fd)
-            self._fd = None
-            self._open_log()
+            with _rotation_lock(self.path, exclusive=True):
+                self._shift_files()
             _fsync_dir(self.path.parent)
         except OSError as exc:
             raise _fail(exc, "cannot rotate the log", self.path) from None
+
+    def _shift_files(self) -> None:
+        """audit.log.N-1 -> .N, ..., audit.log -> .1, a new audit.log (under the rotation lock)."""
+        for index in range(self.keep - 1, 0, -1):
+            older = rotated_path(self.path, index)
+            if older.exists():
+                os.replace(older, rotated_path(self.path, index + 1))
+        os.replace(self.path, rotated_path(self.path, 1))
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
+        self._open_log()
 
 
 # --------------------------------------------------------------------------- reading
@@ -260,11 +286,15 @@ class LogReader:
         if start is None:
             if self._open(self.path):
                 self.offset = os.fstat(self._fd).st_size  # type: ignore[arg-type]
-        elif not self._open_ino(start.ino):
-            self.skipped = True
-            self._open(self._oldest())
         else:
-            self.offset = start.offset
+            with _rotation_lock(self.path, exclusive=False):
+                files = self._files()
+                found = next((p for _, p, i in files if i == start.ino), None)
+                if found is None:
+                    self.skipped = True
+                    self._open(files[-1][1] if files else self.path)  # the oldest kept
+                elif self._open(found):
+                    self.offset = start.offset
 
     @property
     def position(self) -> Position:
@@ -294,20 +324,22 @@ class LogReader:
                 found.append((index, path, os.stat(path).st_ino))
         return found
 
-    def _open_ino(self, ino: int) -> bool:
-        return any(i == ino and self._open(p) for _, p, i in self._files())
+    def _next_file(self) -> int | None:
+        """An fd of the file written after ours, None while ours is the newest.
 
-    def _oldest(self) -> Path:
-        files = self._files()
-        return files[-1][1] if files else self.path
-
-    def _newer(self) -> Path | None:
-        """The file to read after the current one, or None if the current one is the newest."""
-        files = self._files()
-        for index, _, ino in files:
-            if ino == self.ino:
-                return None if index == 0 else rotated_path(self.path, index - 1)
-        return self.path if files and files[0][0] == 0 else None  # ours was deleted
+        Names are looked up under the rotation lock: a reader never sees the writer's renames
+        half done (``.1`` already ``.2`` while ``audit.log`` is not ``.1`` yet).
+        """
+        with _rotation_lock(self.path, exclusive=False):
+            files = self._files()
+            index = next((index for index, _, ino in files if ino == self.ino), None)
+            if index == 0:
+                return None
+            newer = self.path if index is None else rotated_path(self.path, index - 1)  # None: deleted
+            try:
+                return os.open(newer, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
 
     def read(self, budget: int = 1 << 20) -> list[tuple[Position, str]]:
         """The complete lines now readable, each with the position after it."""
@@ -324,13 +356,14 @@ class LogReader:
             read += got
             if got:
                 continue
-            newer = self._newer()
-            if newer is None or not newer.exists():
+            newer = self._next_file()
+            if newer is None:
                 self._check_shrunk()
                 break
             while self._pull(out):  # the writer finished this file before renaming it
                 pass
-            self._open(newer)
+            self.close()
+            self._fd, self.ino, self.offset, self._partial = newer, os.fstat(newer).st_ino, 0, b""
         return out
 
     def _pull(self, out: list[tuple[Position, str]]) -> int:

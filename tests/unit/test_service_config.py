@@ -30,7 +30,7 @@ def test_every_key(tmp_path: Path) -> None:
         "journal = no\n"
         "kernel_audit = yes\n"
         "ring_buffer_size = 1M\n"
-        "boot_failure = closed\n"
+        "boot_failure = emergency\n"
     )
     cfg = load_config(conf, environ={})
     assert cfg.log_file == Path("/srv/log/ipe.log")
@@ -41,7 +41,7 @@ def test_every_key(tmp_path: Path) -> None:
     assert cfg.kernel_audit == "yes"
     assert cfg.ring_buffer_size == 1 << 20
     assert cfg.ringbuf_pages == (1 << 20) // mmap.PAGESIZE
-    assert cfg.boot_failure == "closed"
+    assert cfg.boot_failure == "emergency"
     assert cfg.run_dir == Path("/run/ipe-bpf")
 
 

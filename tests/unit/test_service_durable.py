@@ -141,10 +141,10 @@ def test_writer_killed_mid_write_leaves_a_readable_log(tmp_path: Path, delay: fl
     acked: "multiprocessing.Queue[int]" = ctx.Queue()
     p = ctx.Process(target=_write_forever, args=(str(log), acked))
     p.start()
+    last_acked = acked.get(timeout=60)  # the first batch is on disk
     time.sleep(delay)
     os.kill(p.pid, signal.SIGKILL)
     p.join()
-    last_acked = 0
     while not acked.empty():
         last_acked = acked.get()
     size_before = sum(rotated_path(log, i).stat().st_size for i in range(4) if rotated_path(log, i).exists())
