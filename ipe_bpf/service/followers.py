@@ -139,8 +139,9 @@ class Follower:
             self._stream.reader.close()
         self.sink.close()
 
-    def pump(self, max_events: int = 2000) -> int:
-        """Deliver what the log holds beyond our position; returns how many events were handled."""
+    def pump(self, max_events: int = 256) -> int:
+        """Deliver what the log holds beyond our position, at most ``max_events`` (the daemon's
+        loop goes back to the ring buffer in between); returns how many events were handled."""
         assert self._stream is not None, "start() first"
         if self._failed_at is not None and self._clock() - self._failed_at < RETRY_SECONDS:
             return 0

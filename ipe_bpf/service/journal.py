@@ -34,16 +34,18 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ServiceError
-from .records import AUDIT_IPE_ACCESS, AUDIT_TRUSTED_APP, Event, decode_value, event_json
+from .records import AUDIT_IPE_ACCESS, AUDIT_TRUSTED_APP, Event, decode_value, rule_outcome
 from .sink import SinkBusy
 
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 IDENTIFIER = b"ipe-bpf"
 
 
+@lru_cache(maxsize=256)
 def field_name(key: str) -> str:
     name = key.upper().replace("-", "_")
     return name if name.startswith("IPE_") else "IPE_" + name
@@ -86,14 +88,15 @@ def journal_fields(event: Event) -> list[tuple[str, bytes]]:
         ("IPE_SERIAL", str(rec.serial).encode()),
         ("IPE_STAMP", rec.stamp.encode()),
     ]
+    action = None
     for key, printed in event.fields():
         value = decode_value(key, printed)
         if value is not None:
             out.append((field_name(key), _bytes(value)))
-    if rec.type == AUDIT_IPE_ACCESS:
-        action = event_json(event)["action"]
-        if action is not None:
-            out.append(("IPE_ACTION", str(action).encode()))
+            if key == "rule" and rec.type == AUDIT_IPE_ACCESS:
+                action = rule_outcome(str(value))[0]
+    if action is not None:
+        out.append(("IPE_ACTION", action.encode()))
     return out
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..audit.policy_records import AUDIT_MAC_STATUS, UNSET_ID, AuditIdentity, AuditLog, Record
 from ..audit.record import AccessRecord
@@ -133,7 +134,7 @@ def lost(count: int | None, reason: str, sink: str | None = None) -> Record:
 # ------------------------------------------------------------------------------ reading
 
 _HEAD = re.compile(r"type=(\d+) audit\((\d+)\.(\d{3}):(\d+)\): ")
-_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*)=")
+_FIELD = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)=("(?:.*?)"(?= [A-Za-z_][A-Za-z0-9_-]*=|$)|[^ ]*)')
 _HEX = re.compile(r"(?:[0-9A-F]{2})+")
 _UNTRUSTED_KEYS = frozenset({"comm", "path", "dev", "exe"})
 
@@ -171,31 +172,7 @@ def body_fields(body: str) -> list[tuple[str, str]]:
     """``key=value`` pairs in order, values as printed.  A value in double quotes runs to the
     first quote followed by `` key=`` or the end (so 1420's last field ``rule="..."``, whose
     digests print as ``"sha256":HEX``, stays whole)."""
-    pairs: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(body):
-        found = _KEY.match(body, pos)
-        if found is None:
-            break
-        key, start = found.group(1), found.end()
-        if body.startswith('"', start):
-            end = start + 1
-            while True:
-                end = body.find('"', end)
-                if end < 0:
-                    end = len(body) - 1
-                    break
-                if end == len(body) - 1 or _KEY.match(body, end + 2) and body[end + 1] == " ":
-                    break
-                end += 1
-            pairs.append((key, body[start : end + 1]))
-            pos = end + 2
-        else:
-            end = body.find(" ", start)
-            end = len(body) if end < 0 else end
-            pairs.append((key, body[start:end]))
-            pos = end + 1
-    return pairs
+    return _FIELD.findall(body)
 
 
 def decode_value(key: str, value: str) -> bytes | str | None:
@@ -221,11 +198,16 @@ class Event:
     def lines(self) -> int:
         return 1 if self.companion is None else 2
 
-    def fields(self) -> list[tuple[str, str]]:
+    @cached_property
+    def _fields(self) -> tuple[tuple[str, str], ...]:
         pairs = body_fields(self.record.body)
         if self.companion is not None:
             pairs += [(k, v) for k, v in body_fields(self.companion.body) if k != "pid"]
-        return pairs
+        return tuple(pairs)
+
+    def fields(self) -> list[tuple[str, str]]:
+        """The record's fields, then the companion's (its pid, the same, left out)."""
+        return list(self._fields)
 
 
 def group(records: Iterable[LogRecord]) -> Iterator[Event]:
@@ -253,7 +235,7 @@ def _json_value(key: str, printed: str) -> object:
     return value
 
 
-def _rule_outcome(rule: str) -> tuple[str | None, str]:
+def rule_outcome(rule: str) -> tuple[str | None, str]:
     """(action, source) as the ring-buffer JSON names them, read back from a 1420's rule text."""
     action = rule.rsplit("action=", 1)[1] if "action=" in rule else None
     if rule.startswith("DEFAULT op="):
@@ -272,7 +254,7 @@ def event_json(event: Event) -> dict[str, object]:
     for key, printed in event.fields():
         obj[key] = _json_value(key, printed)
     if rec.type == AUDIT_IPE_ACCESS:
-        obj["action"], obj["source"] = _rule_outcome(str(obj.get("rule", "")))
+        obj["action"], obj["source"] = rule_outcome(str(obj.get("rule", "")))
         for key in ("uid", "auid", "ses", "exe"):
             obj.setdefault(key, None)
     return obj
