@@ -31,7 +31,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import Config
@@ -276,8 +276,8 @@ class Daemon:
             self.counts.lost_unknown += 1
 
     def _read_spool(self, offset: int, end: int | None = None) -> tuple[list[str], int]:
-        """Complete spool lines from ``offset`` (up to ``end``); a line that is no record (torn,
-        then closed by a later append) is passed over."""
+        """Complete spool lines from ``offset`` (up to ``end``); a line that is no record is
+        passed over (the spool's writers only ever add whole records)."""
         try:
             with open(self.spool_path, "rb") as f:
                 f.seek(offset)

@@ -18,7 +18,7 @@ from ipe_bpf.errors import ServiceError
 from ipe_bpf.service.config import Config
 from ipe_bpf.service.control import ControlLog
 from ipe_bpf.service.daemon import Daemon
-from ipe_bpf.service.durable import LogWriter, rotated_path
+from ipe_bpf.service.durable import rotated_path
 from ipe_bpf.service.records import AuditIdentity, Event, loaded, parse_line
 from ipe_bpf.service.serials import SerialAllocator
 from ipe_bpf.service.sink import SinkBusy

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.errors import ServiceError
-from ipe_bpf.service.journal import JournalSink, encode_entry, journal_fields
+from ipe_bpf.service.journal import JournalSink, encode_entry
 from ipe_bpf.service.netlink import (
     AUDIT_MAC_CHECK,
     AUDIT_USER_MAC_STATUS,
@@ -23,8 +23,7 @@ from ipe_bpf.service.netlink import (
     frame,
     parse_ack,
 )
-from ipe_bpf.service.records import Event, access_lines, line, loaded, lost, parse_line
-from ipe_bpf.service.records import AuditIdentity
+from ipe_bpf.service.records import AuditIdentity, Event, access_lines, line, loaded, lost, parse_line
 from ipe_bpf.service.sink import SinkBusy
 
 from .service_fixtures import access
