@@ -62,3 +62,7 @@ class VmError(IpeBpfError):
 
 class InputError(IpeBpfError):
     """A file named on the command line is no input ipe-bpf reads (a device, far too large)."""
+
+
+class ServiceError(IpeBpfError):
+    """The service (boot unit, audit daemon, its config, log and sinks) cannot do what was asked."""

@@ -1,0 +1,62 @@
+"""`ipe-bpf auditd` and `ipe-bpf service status` through the CLI (this host has no ipe-bpf loaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ipe_bpf.cli.service import _standalone, describe_daemon
+from ipe_bpf.service.records import parse_line
+
+
+def write_conf(tmp: Path, extra: str = "") -> Path:
+    conf = tmp / "ipe-bpf.conf"
+    conf.write_text(f"log_file = {tmp}/log/audit.log\njournal = no\nkernel_audit = no\n{extra}")
+    return conf
+
+
+def test_bad_config_is_one_line_and_status_1(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path, "log_keep = many\n")
+    result = CliRunner().invoke(_standalone(), ["auditd", "--config", str(conf)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"{conf}:4: EINVAL: log_keep: expected a number of files "
+                                     f"from 1 to 1000, got 'many'")
+
+
+def test_auditd_runs_until_sigterm_and_records_its_start_and_stop(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path)
+    env = {**os.environ, "IPE_BPF_RUN_DIR": str(tmp_path / "run"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "ipe_bpf.cli.service", "auditd", "--config", str(conf)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log" / "audit.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and log.read_text()):
+        time.sleep(0.1)
+    status = CliRunner(env={"IPE_BPF_RUN_DIR": str(tmp_path / "run")}).invoke(
+        _standalone(), ["service", "status", "--json", "--config", str(conf)])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    types = [parse_line(t).type for t in log.read_text().split("\n")[:-1]]  # type: ignore[union-attr]
+    assert types == [1130, 1131]
+    data = json.loads(status.output)
+    assert data["daemon"]["running"] and data["daemon"]["pid"] == proc.pid
+    text = describe_daemon(data["daemon"])
+    assert text[0].startswith(f"audit daemon: pid {proc.pid}, waiting for `ipe-bpf load`, 0 records waiting")
+
+
+def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path)
+    result = CliRunner(env={"IPE_BPF_RUN_DIR": str(tmp_path / "run")}).invoke(
+        _standalone(), ["service", "status", "--json", "--config", str(conf)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["daemon"] == {"running": False, "pid": None, "log": f"{tmp_path}/log/audit.log"}
+    assert describe_daemon(data["daemon"])[0].startswith("audit daemon: not running")
