@@ -45,10 +45,15 @@
 /* One BPF LSM program per hook; `name` is the LSM hook name (BCC names it lsm__<name>). */
 #define IPE_HOOK(name, args...) LSM_PROBE(name, args)
 
-BPF_ARRAY(ipe_config, struct ipe_config, 1);
-BPF_ARRAY(ipe_defaults, struct ipe_policy_defaults, IPE_SLOTS);
-BPF_F_TABLE("hash", struct ipe_digest_key, __u32, ipe_digests, IPE_DIGESTS_MAX, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct ipe_rule_key, struct ipe_rule_value, ipe_rules, IPE_RULES_MAX, BPF_F_NO_PREALLOC);
+/* the policy maps are read-only for BPF programs, as in libbpf_compat.h */
+BPF_F_TABLE("array", __u32, struct ipe_config, ipe_config, 1, BPF_F_RDONLY_PROG);
+BPF_F_TABLE("array", __u32, struct ipe_policy_defaults, ipe_defaults, IPE_SLOTS, BPF_F_RDONLY_PROG);
+BPF_F_TABLE("hash", struct ipe_digest_key, __u32, ipe_digests, IPE_DIGESTS_MAX,
+	    BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
+BPF_F_TABLE("hash", struct ipe_rule_key, struct ipe_rule_value, ipe_rules, IPE_RULES_MAX,
+	    BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
+/* pinned like the others; BCC builds have no seal hooks (ipe_bpf.bpf.c) and are never sealed */
+BPF_F_TABLE("array", __u32, struct ipe_seal, ipe_seal, 1, BPF_F_RDONLY_PROG);
 BPF_HASH(ipe_devices, __u32, struct ipe_bdev_state, IPE_DEVICES_MAX);
 BPF_PERCPU_ARRAY(ipe_counters, struct ipe_counters, 1);
 BPF_RINGBUF_OUTPUT(ipe_events, IPE_RINGBUF_PAGES);

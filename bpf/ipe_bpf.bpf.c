@@ -658,6 +658,7 @@ static __always_inline void ipe_audit(struct file *file, __u8 op, __u8 hook, __u
 	e->enforcing = enforcing;
 	e->action = d->action;
 	e->source = d->source;
+	e->kind = IPE_KIND_DECISION;
 	e->ino = 0;
 	e->dev[0] = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
@@ -952,6 +953,502 @@ IPE_HOOK(file_ioctl, struct file *file, unsigned int cmd, unsigned long arg)
 		st->fsv_observed = 1;
 	return 0;
 }
+
+/* ---------------------------------------------------------------- the seal (docs/seal.md) */
+
+#ifdef IPE_CORE
+/*
+ * CO-RE only: the BCC loader is the development loader and is never sealed (`ipe-bpf seal`
+ * refuses it); these hooks also walk private structs (struct mount, the fd table) for which
+ * the BCC build would need more -D offsets.
+ *
+ * Until the control plane sets ipe_seal.sealed, every hook below returns at its first map
+ * lookup.  Once sealed (until reboot), each refuses what could change what the decision hooks
+ * enforce, with EPERM and a ring-buffer record (IPE_KIND_SEAL) naming the attempt:
+ *  - bpf(): writing, deleting or freezing an element of a map of ours (the maps are also
+ *    frozen, so the kernel refuses those writes anyway), detaching or updating a link of ours;
+ *  - new programs that could override decisions or write our maps (ipe_prog_refusal);
+ *  - unlink / rmdir / rename in the pin folders, unmounting the bpffs or a mount above the
+ *    pins, mounting on the pins' path or moving a mount of it.
+ */
+#define EPERM 1
+#define MS_REMOUNT 32
+#define MS_PROPAGATION ((1 << 17) | (1 << 18) | (1 << 19) | (1 << 20))	/* UNBINDABLE PRIVATE SLAVE SHARED */
+#define IPE_MAX_USED_MAPS 64	/* MAX_USED_MAPS */
+
+static __always_inline struct ipe_seal *ipe_sealed(void)
+{
+	__u32 zero = 0;
+	struct ipe_seal *s = ipe_map_lookup(ipe_seal, &zero);
+
+	return s && s->sealed ? s : NULL;
+}
+
+static __always_inline int ipe_seal_map_index(struct ipe_seal *s, __u32 id)
+{
+	for (int i = 0; i < IPE_SEAL_MAPS; i++)
+		if (i < s->nr_maps && s->map_id[i] == id)
+			return i;
+	return -1;
+}
+
+static __always_inline int ipe_seal_has_prog(struct ipe_seal *s, __u32 id)
+{
+	for (int i = 0; i < IPE_SEAL_PROGS; i++)
+		if (i < s->nr_progs && s->prog_id[i] == id)
+			return 1;
+	return 0;
+}
+
+static __always_inline int ipe_seal_has_link(struct ipe_seal *s, __u32 id)
+{
+	for (int i = 0; i < IPE_SEAL_PROGS; i++)
+		if (i < s->nr_links && s->link_id[i] == id)
+			return 1;
+	return 0;
+}
+
+/* One of the pin folders (by superblock and inode number). */
+static __always_inline int ipe_seal_is_dir(struct ipe_seal *s, void *inode)
+{
+	void *sb = NULL;
+	__u32 dev = 0;
+	__u64 ino = 0;
+
+	if (!inode)
+		return 0;
+	IPE_FIELD(sb, inode, struct inode, i_sb);
+	if (!sb)
+		return 0;
+	IPE_FIELD(dev, sb, struct super_block, s_dev);
+	if (dev != s->bpffs_dev)
+		return 0;
+	IPE_FIELD(ino, inode, struct inode, i_ino);
+	for (int i = 0; i < IPE_SEAL_DIRS; i++)
+		if (i < s->nr_dirs && s->dir_dev[i] == dev && s->dir_ino[i] == ino)
+			return 1;
+	return 0;
+}
+
+static __always_inline __u32 ipe_mount_id(void *vfsmount)
+{
+	__u32 id = 0;
+
+	IPE_FIELD(id, vfsmount - IPE_OFF_MOUNT_MNT, struct mount, mnt_id);
+	return id;
+}
+
+/* A mount on the way from / to the pins (or one of the bpffs holding them). */
+static __always_inline int ipe_seal_is_mount(struct ipe_seal *s, void *vfsmount)
+{
+	void *sb = NULL;
+	__u32 id = ipe_mount_id(vfsmount), dev = 0;
+
+	IPE_FIELD(sb, vfsmount, struct vfsmount, mnt_sb);
+	if (sb)
+		IPE_FIELD(dev, sb, struct super_block, s_dev);
+	if (dev == s->bpffs_dev)
+		return 1;
+	for (int i = 0; i < IPE_SEAL_POINTS; i++)
+		if (i < s->nr_points && s->point_mnt[i] == id)
+			return 1;
+	return 0;
+}
+
+/* A path on the way from / to the pins: (mount, inode) of one of its directories. */
+static __always_inline int ipe_seal_is_point(struct ipe_seal *s, const void *path)
+{
+	void *mnt = NULL, *dentry = NULL, *inode = NULL;
+	__u32 id;
+	__u64 ino = 0;
+
+	if (!path)
+		return 0;
+	IPE_FIELD(mnt, path, struct path, mnt);
+	IPE_FIELD(dentry, path, struct path, dentry);
+	if (!mnt || !dentry)
+		return 0;
+	IPE_FIELD(inode, dentry, struct dentry, d_inode);
+	if (!inode)
+		return 0;
+	IPE_FIELD(ino, inode, struct inode, i_ino);
+	id = ipe_mount_id(mnt);
+	for (int i = 0; i < IPE_SEAL_POINTS; i++)
+		if (i < s->nr_points && s->point_mnt[i] == id && s->point_ino[i] == ino)
+			return 1;
+	return 0;
+}
+
+/* Count, audit (an IPE_KIND_SEAL record: attempt, detail, object id, name) and refuse. */
+static __always_inline int ipe_seal_refuse(__u8 attempt, __u32 detail, __u64 object, const void *name)
+{
+	__u32 zero = 0;
+	struct ipe_counters *c = ipe_map_lookup(ipe_counters, &zero);
+	struct ipe_event *e;
+	long n = 0;
+
+	if (c)
+		c->seal_refused++;
+	e = ipe_ringbuf_reserve(ipe_events, sizeof(struct ipe_event));
+	if (!e) {
+		if (c)
+			c->dropped++;
+		return -EPERM;
+	}
+	if (c)
+		c->audited++;
+	e->boot_ns = bpf_ktime_get_boot_ns();
+	e->generation = 0;
+	e->ino = object;
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->rule_index = detail;
+	e->op = attempt;
+	e->hook = 0;
+	e->enforcing = 1;
+	e->action = IPE_ACTION_DENY;
+	e->source = IPE_SOURCE_NONE;
+	e->kind = IPE_KIND_SEAL;
+	e->dev[0] = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	ipe_fill_subject(e);
+	e->path[0] = 0;
+	if (name)
+		n = bpf_probe_read_kernel_str(e->path, IPE_PATH_MAX, name);
+	e->path_len = n > 0 ? n - 1 : 0;
+	e->path_kind = n > 0 ? IPE_PATH_NAME : IPE_PATH_NONE;
+	ipe_ringbuf_submit(e);
+	return -EPERM;
+}
+
+/* The object behind file descriptor fd of the current task (its file's private_data). */
+static __always_inline void *ipe_fd_object(int fd)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *files = NULL, *fdt = NULL, *table = NULL, *file = NULL, *priv = NULL;
+	unsigned int max = 0;
+
+	IPE_FIELD(files, task, struct task_struct, files);
+	if (!files)
+		return NULL;
+	IPE_FIELD(fdt, files, struct files_struct, fdt);
+	if (!fdt)
+		return NULL;
+	IPE_FIELD(max, fdt, struct fdtable, max_fds);
+	IPE_FIELD(table, fdt, struct fdtable, fd);
+	if (fd < 0 || (unsigned int)fd >= max || !table)
+		return NULL;
+	IPE_READ(file, table + (__u64)fd * sizeof(void *));
+	if (!file)
+		return NULL;
+	IPE_FIELD(priv, file, struct file, private_data);
+	return priv;
+}
+
+/* bpf(): element writes, deletes and freezes of our maps, detaching or updating our links. */
+static __always_inline int ipe_seal_map_cmd(struct ipe_seal *s, int cmd, int fd)
+{
+	void *map = ipe_fd_object(fd);
+	__u32 id = 0;
+	int index;
+
+	if (!map)
+		return 0;
+	IPE_FIELD(id, map, struct bpf_map, id);
+	index = ipe_seal_map_index(s, id);
+	/* map 0 is ipe_seal itself: the control plane freezes it last, once sealed */
+	if (index < 0 || (index == 0 && cmd == BPF_MAP_FREEZE))
+		return 0;
+	return ipe_seal_refuse(IPE_SEAL_MAP_WRITE, cmd, id, map + IPE_OFFSET(struct bpf_map, name));
+}
+
+static __always_inline int ipe_seal_link_cmd(struct ipe_seal *s, int cmd, int fd)
+{
+	void *link = ipe_fd_object(fd), *prog = NULL, *aux = NULL;
+	__u32 id = 0;
+
+	if (!link)
+		return 0;
+	IPE_FIELD(id, link, struct bpf_link, id);
+	if (!ipe_seal_has_link(s, id))
+		return 0;
+	IPE_FIELD(prog, link, struct bpf_link, prog);
+	if (prog)
+		IPE_FIELD(aux, prog, struct bpf_prog, aux);
+	return ipe_seal_refuse(IPE_SEAL_LINK_WRITE, cmd, id, aux ? aux + IPE_OFFSET(struct bpf_prog_aux, name) : NULL);
+}
+
+IPE_HOOK(bpf, int cmd, union bpf_attr *attr, unsigned int size)
+{
+	struct ipe_seal *s = ipe_sealed();
+	__u32 fd = 0;
+
+	if (!s)
+		return 0;
+	switch (cmd) {
+	case BPF_MAP_UPDATE_ELEM:
+	case BPF_MAP_DELETE_ELEM:
+	case BPF_MAP_LOOKUP_AND_DELETE_ELEM:
+	case BPF_MAP_FREEZE:
+		IPE_FIELD(fd, attr, union bpf_attr, map_fd);
+		return ipe_seal_map_cmd(s, cmd, fd);
+	case BPF_MAP_UPDATE_BATCH:
+	case BPF_MAP_DELETE_BATCH:
+	case BPF_MAP_LOOKUP_AND_DELETE_BATCH:
+		IPE_FIELD(fd, attr, union bpf_attr, batch.map_fd);
+		return ipe_seal_map_cmd(s, cmd, fd);
+	case BPF_LINK_UPDATE:
+		IPE_FIELD(fd, attr, union bpf_attr, link_update.link_fd);
+		return ipe_seal_link_cmd(s, cmd, fd);
+	case BPF_LINK_DETACH:
+		IPE_FIELD(fd, attr, union bpf_attr, link_detach.link_fd);
+		return ipe_seal_link_cmd(s, cmd, fd);
+	}
+	return 0;
+}
+
+#define IPE_W8(a, b, c, d, e, f, g, h)                                                            \
+	((__u64)(a) | (__u64)(b) << 8 | (__u64)(c) << 16 | (__u64)(d) << 24 | (__u64)(e) << 32 | \
+	 (__u64)(f) << 40 | (__u64)(g) << 48 | (__u64)(h) << 56)
+
+/* The target of a bpf_map_elem iterator program: "bpf_iter_bpf_map_elem". */
+static __always_inline int ipe_is_map_elem_iter(void *aux)
+{
+	union {
+		char c[24];
+		__u64 w[3];
+	} name = {};
+	const char *fname = NULL;
+
+	IPE_FIELD(fname, aux, struct bpf_prog_aux, attach_func_name);
+	if (!fname)
+		return 0;
+	bpf_probe_read_kernel_str(name.c, sizeof(name.c), fname);
+	return name.w[0] == IPE_W8('b', 'p', 'f', '_', 'i', 't', 'e', 'r') &&
+	       name.w[1] == IPE_W8('_', 'b', 'p', 'f', '_', 'm', 'a', 'p') &&
+	       name.w[2] == IPE_W8('_', 'e', 'l', 'e', 'm', 0, 0, 0);
+}
+
+/* A map of ours, or a map-in-map whose inner maps could be one (same type, sizes and flags). */
+static __always_inline int ipe_seal_reaches_map(struct ipe_seal *s, void *map)
+{
+	void *inner = NULL;
+	__u32 id = 0, type = 0, key = 0, value = 0, flags = 0;
+
+	IPE_FIELD(id, map, struct bpf_map, id);
+	if (ipe_seal_map_index(s, id) >= 0)
+		return 1;
+	IPE_FIELD(inner, map, struct bpf_map, inner_map_meta);
+	if (!inner)
+		return 0;
+	IPE_FIELD(type, inner, struct bpf_map, map_type);
+	IPE_FIELD(key, inner, struct bpf_map, key_size);
+	IPE_FIELD(value, inner, struct bpf_map, value_size);
+	IPE_FIELD(flags, inner, struct bpf_map, map_flags);
+	for (int i = 0; i < IPE_SEAL_MAPS; i++)
+		if (i < s->nr_maps && s->map_type[i] == type && s->map_key_size[i] == key &&
+		    s->map_value_size[i] == value && s->map_flags[i] == flags)
+			return 1;
+	return 0;
+}
+
+struct ipe_maps_walk {
+	struct ipe_seal *s;
+	void **maps;
+	__u32 count;
+	__u8 found;
+};
+
+static long ipe_maps_step(__u32 i, void *ctx)
+{
+	struct ipe_maps_walk *w = ctx;
+	void *map = NULL;
+
+	if (i >= w->count)
+		return 1;
+	IPE_READ(map, &w->maps[i]);
+	if (map && ipe_seal_reaches_map(w->s, map)) {
+		w->found = 1;
+		return 1;
+	}
+	return 0;
+}
+
+/*
+ * Why a program loaded after the seal must not run (IPE_REFUSE_*), or 0.  The program is
+ * verified already: its type, attach type, target and used maps are final.
+ */
+static __always_inline __u32 ipe_prog_refusal(struct ipe_seal *s, struct bpf_prog *prog)
+{
+	struct ipe_maps_walk w = { .s = s };
+	void *aux = NULL, *dst = NULL, *dst_aux = NULL;
+	__u32 type = 0, eat = 0, id = 0, dst_type = 0, saved = 0;
+
+	IPE_FIELD(type, prog, struct bpf_prog, type);
+	IPE_FIELD(eat, prog, struct bpf_prog, expected_attach_type);
+	IPE_FIELD(aux, prog, struct bpf_prog, aux);
+	if (!aux)
+		return 0;
+	if (type == BPF_PROG_TYPE_LSM)
+		return IPE_REFUSE_LSM;
+	if (type == BPF_PROG_TYPE_TRACING && eat == BPF_MODIFY_RETURN)
+		return IPE_REFUSE_FMOD_RET;
+	if (type == BPF_PROG_TYPE_KPROBE && BPF_CORE_READ_BITFIELD_PROBED(prog, kprobe_override))
+		return IPE_REFUSE_OVERRIDE;
+	IPE_FIELD(dst, aux, struct bpf_prog_aux, dst_prog);
+	if (dst) {
+		IPE_FIELD(dst_type, dst, struct bpf_prog, type);
+		IPE_FIELD(dst_aux, dst, struct bpf_prog, aux);
+		if (dst_aux)
+			IPE_FIELD(id, dst_aux, struct bpf_prog_aux, id);
+		if (ipe_seal_has_prog(s, id) || (type == BPF_PROG_TYPE_EXT && dst_type == BPF_PROG_TYPE_LSM))
+			return IPE_REFUSE_TARGET;
+	}
+	IPE_FIELD(saved, aux, struct bpf_prog_aux, saved_dst_prog_type);
+	if (type == BPF_PROG_TYPE_EXT && saved == BPF_PROG_TYPE_LSM)
+		return IPE_REFUSE_TARGET;
+	if (type == BPF_PROG_TYPE_TRACING && eat == BPF_TRACE_ITER && ipe_is_map_elem_iter(aux))
+		return IPE_REFUSE_MAP_ITER;
+	IPE_FIELD(w.count, aux, struct bpf_prog_aux, used_map_cnt);
+	IPE_FIELD(w.maps, aux, struct bpf_prog_aux, used_maps);
+	if (w.maps && w.count) {
+		bpf_loop(IPE_MAX_USED_MAPS, ipe_maps_step, &w, 0);
+		if (w.found)
+			return IPE_REFUSE_USES_MAP;
+	}
+	return 0;
+}
+
+/*
+ * Every new fd of a program passes here, also the first, once it is verified (BPF_PROG_LOAD,
+ * BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET): programs loaded after the seal that could override
+ * decisions never get one.  Programs loaded before it, ours included, stay listable (bpftool).
+ */
+IPE_HOOK(bpf_prog, struct bpf_prog *prog)
+{
+	struct ipe_seal *s = ipe_sealed();
+	void *aux = NULL;
+	__u64 loaded = 0;
+	__u32 id = 0, why;
+
+	if (!s)
+		return 0;
+	IPE_FIELD(aux, prog, struct bpf_prog, aux);
+	if (!aux)
+		return 0;
+	IPE_FIELD(loaded, aux, struct bpf_prog_aux, load_time);
+	if (loaded < s->sealed_boot_ns)
+		return 0;
+	why = ipe_prog_refusal(s, prog);
+	if (!why)
+		return 0;
+	IPE_FIELD(id, aux, struct bpf_prog_aux, id);
+	return ipe_seal_refuse(IPE_SEAL_PROG_LOAD, why, id, aux + IPE_OFFSET(struct bpf_prog_aux, name));
+}
+
+static __always_inline int ipe_seal_dentry(struct ipe_seal *s, void *dir, void *dentry)
+{
+	void *inode = NULL;
+
+	if (ipe_seal_is_dir(s, dir))
+		return 1;
+	if (dentry)
+		IPE_FIELD(inode, dentry, struct dentry, d_inode);
+	return ipe_seal_is_dir(s, inode);
+}
+
+static __always_inline int ipe_seal_refuse_dentry(void *dentry)
+{
+	const unsigned char *name = NULL;
+
+	if (dentry)
+		IPE_FIELD(name, dentry, struct dentry, d_name.name);
+	return ipe_seal_refuse(IPE_SEAL_UNLINK, 0, 0, name);
+}
+
+IPE_HOOK(inode_unlink, struct inode *dir, struct dentry *dentry)
+{
+	struct ipe_seal *s = ipe_sealed();
+
+	if (!s || !ipe_seal_dentry(s, dir, dentry))
+		return 0;
+	return ipe_seal_refuse_dentry(dentry);
+}
+
+IPE_HOOK(inode_rmdir, struct inode *dir, struct dentry *dentry)
+{
+	struct ipe_seal *s = ipe_sealed();
+
+	if (!s || !ipe_seal_dentry(s, dir, dentry))
+		return 0;
+	return ipe_seal_refuse_dentry(dentry);
+}
+
+IPE_HOOK(inode_rename, struct inode *old_dir, struct dentry *old_dentry, struct inode *new_dir,
+	 struct dentry *new_dentry)
+{
+	struct ipe_seal *s = ipe_sealed();
+
+	if (!s)
+		return 0;
+	if (!ipe_seal_dentry(s, old_dir, old_dentry) && !ipe_seal_dentry(s, new_dir, new_dentry))
+		return 0;
+	return ipe_seal_refuse_dentry(old_dentry);
+}
+
+static __always_inline int ipe_seal_refuse_mount(__u8 attempt, __u32 flags, void *vfsmount)
+{
+	void *point = NULL;
+	const unsigned char *name = NULL;
+
+	if (vfsmount)
+		IPE_FIELD(point, vfsmount - IPE_OFF_MOUNT_MNT, struct mount, mnt_mountpoint);
+	if (point)
+		IPE_FIELD(name, point, struct dentry, d_name.name);
+	return ipe_seal_refuse(attempt, flags, vfsmount ? ipe_mount_id(vfsmount) : 0, name);
+}
+
+IPE_HOOK(sb_umount, struct vfsmount *mnt, int flags)
+{
+	struct ipe_seal *s = ipe_sealed();
+
+	if (!s || !ipe_seal_is_mount(s, mnt))
+		return 0;
+	return ipe_seal_refuse_mount(IPE_SEAL_UMOUNT, flags, mnt);
+}
+
+/* mount(2) on a directory of the pins' path (remounts and propagation changes keep working) */
+IPE_HOOK(sb_mount, const char *dev_name, const struct path *path, const char *type, unsigned long flags,
+	 void *data)
+{
+	struct ipe_seal *s = ipe_sealed();
+	const void *target = ipe_ctx_ptr(ctx, 1);
+	void *mnt = NULL;
+
+	if (!s || (flags & (MS_REMOUNT | MS_PROPAGATION)) || !ipe_seal_is_point(s, target))
+		return 0;
+	IPE_FIELD(mnt, target, struct path, mnt);
+	return ipe_seal_refuse_mount(IPE_SEAL_MOUNT, flags, mnt);
+}
+
+/* move_mount(2): onto the pins' path, or moving one of its mounts away */
+IPE_HOOK(move_mount, const struct path *from_path, const struct path *to_path)
+{
+	struct ipe_seal *s = ipe_sealed();
+	const void *from = ipe_ctx_ptr(ctx, 0), *to = ipe_ctx_ptr(ctx, 1);
+	void *mnt = NULL;
+
+	if (!s)
+		return 0;
+	if (from)
+		IPE_FIELD(mnt, from, struct path, mnt);
+	if (mnt && ipe_seal_is_mount(s, mnt))
+		return ipe_seal_refuse_mount(IPE_SEAL_MOUNT, 0, mnt);
+	if (!ipe_seal_is_point(s, to))
+		return 0;
+	IPE_FIELD(mnt, to, struct path, mnt);
+	return ipe_seal_refuse_mount(IPE_SEAL_MOUNT, 0, mnt);
+}
+#endif /* IPE_CORE: the seal */
 
 #ifdef IPE_CORE
 char LICENSE[] SEC("license") = "GPL";

@@ -115,6 +115,9 @@ struct ipe_config {
 #define IPE_EXE_MAX 256
 #define IPE_ID_UNSET 0xffffffff	/* auid / ses never set (AUDIT_UID_UNSET), or unknown */
 
+#define IPE_KIND_DECISION 0
+#define IPE_KIND_SEAL 1	/* op: IPE_SEAL_*, rule_index: detail, ino: object id, path: its name */
+
 struct ipe_event {
 	__u64 boot_ns;		/* bpf_ktime_get_boot_ns() */
 	__u64 generation;	/* defaults[slot].generation of the policy that decided */
@@ -132,7 +135,7 @@ struct ipe_event {
 	__u8 path_kind;		/* IPE_PATH_* */
 	__u16 path_len;		/* bytes of path used, without a NUL */
 	__u8 exe_kind;		/* IPE_PATH_* of exe: the task's executable at decision time */
-	__u8 pad;
+	__u8 kind;		/* IPE_KIND_*: a decision, or a refused attempt against the seal */
 	__u16 exe_len;
 	char comm[IPE_COMM_LEN];
 	char dev[IPE_SID_LEN];	/* superblock s_id */
@@ -154,6 +157,7 @@ struct ipe_counters {
 	__u64 audited;
 	__u64 dropped;		/* ring buffer full: the event was lost, the decision was not */
 	__u64 undecidable;	/* the answer hung on a signature state this kernel could not give: denied */
+	__u64 seal_refused;	/* attempts against the seal refused (EPERM) */
 };
 
 /*
@@ -181,6 +185,58 @@ struct ipe_inode_state {
 	__u8 fsv_sig_valid;	/* LSM_INT_FSVERITY_BUILTINSIG_VALID with a signature */
 	__u8 fsv_observed;
 	__u8 pad[6];
+};
+
+/* ------------------------------------------------------------------------------------
+ * The seal (docs/seal.md): once ipe_seal.sealed is 1, until reboot, the program refuses the
+ * bpf(), bpffs and mount operations that could change what it enforces.  The control plane
+ * fills the one entry (key 0) with the ids and places of what is ipe-bpf's, sets sealed and
+ * freezes the map; the program only reads it (BPF_F_RDONLY_PROG).
+ */
+#define IPE_SEAL_MAPS 16
+#define IPE_SEAL_PROGS 32	/* programs, and as many links */
+#define IPE_SEAL_DIRS 4		/* the pin folders: root, maps, links */
+#define IPE_SEAL_POINTS 8	/* paths leading to the pins: nothing may be mounted on them */
+
+/* Refused attempts (ipe_event.op of an IPE_KIND_SEAL record). */
+#define IPE_SEAL_MAP_WRITE 1	/* bpf() writing, deleting or freezing a map of ours (rule_index: cmd) */
+#define IPE_SEAL_LINK_WRITE 2	/* bpf() detaching or updating a link of ours (rule_index: cmd) */
+#define IPE_SEAL_PROG_LOAD 3	/* a program that could override decisions (rule_index: IPE_REFUSE_*) */
+#define IPE_SEAL_UNLINK 4	/* unlink, rmdir or rename in the pin folders */
+#define IPE_SEAL_UMOUNT 5	/* unmounting the bpffs or a mount above it (rule_index: flags) */
+#define IPE_SEAL_MOUNT 6	/* mounting on, or moving, the pins' path (rule_index: flags) */
+
+/* Why a program is refused (rule_index of IPE_SEAL_PROG_LOAD). */
+#define IPE_REFUSE_LSM 1	/* BPF_PROG_TYPE_LSM: runs in the trampolines of our hooks */
+#define IPE_REFUSE_FMOD_RET 2	/* fmod_ret: replaces a security_*() function's result */
+#define IPE_REFUSE_OVERRIDE 3	/* a kprobe calling bpf_override_return */
+#define IPE_REFUSE_TARGET 4	/* fentry / fexit / freplace on a program of ours, freplace of an LSM one */
+#define IPE_REFUSE_MAP_ITER 5	/* a bpf_map_elem iterator: writes any map it is given */
+#define IPE_REFUSE_USES_MAP 6	/* uses a map of ours, or a map-in-map that could hold one */
+
+struct ipe_seal {
+	__u8 sealed;
+	__u8 pad[3];
+	__u32 bpffs_dev;			/* kernel dev_t of the bpffs holding the pins */
+	__u64 sealed_at;			/* CLOCK_REALTIME ns (status) */
+	__u64 sealed_boot_ns;			/* CLOCK_BOOTTIME ns: programs loaded later are checked */
+	__u32 nr_maps;
+	__u32 nr_progs;
+	__u32 nr_links;
+	__u32 nr_dirs;
+	__u32 nr_points;
+	__u32 pad2;
+	__u32 map_id[IPE_SEAL_MAPS];		/* map_id[0]: ipe_seal's own */
+	__u32 map_type[IPE_SEAL_MAPS];		/* what a map-in-map template would have to match */
+	__u32 map_key_size[IPE_SEAL_MAPS];
+	__u32 map_value_size[IPE_SEAL_MAPS];
+	__u32 map_flags[IPE_SEAL_MAPS];
+	__u32 prog_id[IPE_SEAL_PROGS];
+	__u32 link_id[IPE_SEAL_PROGS];
+	__u32 dir_dev[IPE_SEAL_DIRS];		/* kernel dev_t and inode number of each pin folder */
+	__u64 dir_ino[IPE_SEAL_DIRS];
+	__u32 point_mnt[IPE_SEAL_POINTS];	/* mount id and inode number of each path */
+	__u64 point_ino[IPE_SEAL_POINTS];	/*   from / down to the pin root (statx) */
 };
 
 #endif /* IPE_BPF_H */

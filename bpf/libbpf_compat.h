@@ -36,8 +36,14 @@
 
 /* ------------------------------------------------------------------ maps */
 
+/*
+ * The policy maps are BPF_F_RDONLY_PROG: the program only reads them, and no other BPF
+ * program can write them either (the verifier refuses, also through map-in-map); the control
+ * plane writes them with bpf(), until the seal freezes them (docs/seal.md).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_RDONLY_PROG);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct ipe_config);
@@ -45,6 +51,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_RDONLY_PROG);
 	__uint(max_entries, IPE_SLOTS);
 	__type(key, __u32);
 	__type(value, struct ipe_policy_defaults);
@@ -52,7 +59,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
 	__uint(max_entries, 1);
 	__type(key, struct ipe_digest_key);
 	__type(value, __u32);
@@ -60,11 +67,19 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
 	__uint(max_entries, 1);
 	__type(key, struct ipe_rule_key);
 	__type(value, struct ipe_rule_value);
 } ipe_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_RDONLY_PROG);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ipe_seal);
+} ipe_seal SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

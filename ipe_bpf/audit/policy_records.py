@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AUDIT_MAC_STATUS = 1404
+AUDIT_TRUSTED_APP = 1121  # user-space message type: the seal and refused attempts against it
 AUDIT_IPE_CONFIG_CHANGE = 1421
 AUDIT_IPE_POLICY_LOAD = 1422
 
@@ -107,6 +108,19 @@ def mac_status(enforcing: bool, old_enforcing: bool, who: AuditIdentity) -> str:
     """The body of a 1404 record: enforce changed from ``old_enforcing`` to ``enforcing``."""
     return (f"enforcing={int(enforcing)} old_enforcing={int(old_enforcing)} {who.fields()} "
             f"enabled=1 old-enabled=1 lsm=ipe res=1")
+
+
+def sealed(sealed_at_ns: int, pid: int, comm: str, who: AuditIdentity) -> str:
+    """The body of a 1121 record: ipe-bpf was sealed until reboot (docs/seal.md)."""
+    return (f"op=seal sealed_at={sealed_at_ns // 1_000_000_000} pid={pid} comm={_quoted(comm.encode())} "
+            f"{who.fields()} lsm=ipe res=1")
+
+
+def seal_refused(attempt: str, pid: int, comm: str, who: AuditIdentity) -> str:
+    """The body of a 1121 record: the control plane refused ``attempt`` (e.g. ``policy
+    activate``) because ipe-bpf is sealed."""
+    return (f"op=seal_refused attempt={_quoted(attempt.encode())} pid={pid} "
+            f"comm={_quoted(comm.encode())} {who.fields()} lsm=ipe res=0")
 
 
 @dataclass(frozen=True)

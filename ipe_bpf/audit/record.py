@@ -81,6 +81,7 @@ class Event:
     path_kind: int
     path_len: int
     exe_kind: int
+    kind: int
     exe_len: int
     comm: bytes
     dev: bytes
@@ -117,9 +118,28 @@ def rule_text(op: Op | None, action: Action, source: str, index: int | None, fou
 
 
 def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
-    """Decode a ring-buffer record; `rules` gives rule texts (else `rule#N`)."""
+    """Decode a decision record; `rules` gives rule texts (else `rule#N`).  ValueError for a
+    seal record (decode_any takes both)."""
+    e = _unpack(raw)
+    if e.kind != abi_constant("IPE_KIND_DECISION"):
+        raise ValueError(f"ring-buffer record of kind {e.kind}, not a decision")
+    return _decision(e, rules)
+
+
+def decode_any(raw: bytes, rules: RuleLookup | None = None) -> "AccessRecord | SealRecord":
+    """A decision (AccessRecord) or a refused attempt against the seal (SealRecord)."""
+    e = _unpack(raw)
+    if e.kind == abi_constant("IPE_KIND_SEAL"):
+        return _seal(e)
+    return _decision(e, rules)
+
+
+def _unpack(raw: bytes) -> Event:
     view = _events()
-    e = view.unpack(bytes(raw[: view.layout.size]))
+    return view.unpack(bytes(raw[: view.layout.size]))
+
+
+def _decision(e: Event, rules: RuleLookup | None) -> AccessRecord:
     op_member = Op(e.op) if e.op in Op._value2member_map_ else None
     op = op_member.name if op_member is not None else f"OP{e.op}"
     hook = Hook(e.hook).name if e.hook in Hook._value2member_map_ else f"HOOK{e.hook}"
@@ -144,6 +164,77 @@ def decode(raw: bytes, rules: RuleLookup | None = None) -> AccessRecord:
         dev=_cstr(e.dev) if has_file else None,
         ino=e.ino if has_file else None,
         rule=rule_text(op_member, action_member, source, index, found),
+        uid=e.uid,
+        auid=e.auid,
+        ses=e.ses,
+        exe=e.exe[: e.exe_len] if e.exe_kind != PathKind.NONE else None,
+    )
+
+
+class SealAttempt(enum.IntEnum):
+    """What a refused attempt tried (bpf/ipe_bpf.h IPE_SEAL_*; docs/seal.md)."""
+
+    MAP_WRITE = abi_constant("IPE_SEAL_MAP_WRITE")
+    LINK_WRITE = abi_constant("IPE_SEAL_LINK_WRITE")
+    PROG_LOAD = abi_constant("IPE_SEAL_PROG_LOAD")
+    UNLINK = abi_constant("IPE_SEAL_UNLINK")
+    UMOUNT = abi_constant("IPE_SEAL_UMOUNT")
+    MOUNT = abi_constant("IPE_SEAL_MOUNT")
+
+
+class Refusal(enum.IntEnum):
+    """Why a program was refused (bpf/ipe_bpf.h IPE_REFUSE_*)."""
+
+    LSM = abi_constant("IPE_REFUSE_LSM")
+    FMOD_RET = abi_constant("IPE_REFUSE_FMOD_RET")
+    OVERRIDE_RETURN = abi_constant("IPE_REFUSE_OVERRIDE")
+    TARGETS_IPE_BPF = abi_constant("IPE_REFUSE_TARGET")
+    MAP_ELEM_ITERATOR = abi_constant("IPE_REFUSE_MAP_ITER")
+    USES_IPE_BPF_MAP = abi_constant("IPE_REFUSE_USES_MAP")
+
+
+BPF_COMMANDS = {2: "BPF_MAP_UPDATE_ELEM", 3: "BPF_MAP_DELETE_ELEM", 21: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
+                22: "BPF_MAP_FREEZE", 25: "BPF_MAP_LOOKUP_AND_DELETE_BATCH", 26: "BPF_MAP_UPDATE_BATCH",
+                27: "BPF_MAP_DELETE_BATCH", 29: "BPF_LINK_UPDATE", 34: "BPF_LINK_DETACH"}
+
+
+@dataclass(frozen=True)
+class SealRecord:
+    """An attempt the seal refused with EPERM: what, on what, and who (docs/seal.md)."""
+
+    timestamp: float  # wall clock seconds
+    attempt: str  # SealAttempt name, lower case: map_write, link_write, prog_load, unlink, umount, mount
+    detail: str  # the bpf() command, why a program was refused, or the mount flags
+    object_id: int | None  # map, link or program id, or mount id
+    target: bytes | None  # the map's, program's or file's name, or the mount point's
+    pid: int
+    comm: bytes
+    uid: int
+    auid: int
+    ses: int
+    exe: bytes | None
+
+
+def _seal_detail(attempt: int, detail: int) -> str:
+    if attempt in (SealAttempt.MAP_WRITE, SealAttempt.LINK_WRITE):
+        return BPF_COMMANDS.get(detail, f"bpf_cmd_{detail}")
+    if attempt == SealAttempt.PROG_LOAD:
+        return Refusal(detail).name.lower() if detail in Refusal._value2member_map_ else f"reason_{detail}"
+    if attempt in (SealAttempt.UMOUNT, SealAttempt.MOUNT):
+        return f"flags=0x{detail:x}"
+    return "-"
+
+
+def _seal(e: Event) -> SealRecord:
+    attempt = SealAttempt(e.op).name.lower() if e.op in SealAttempt._value2member_map_ else f"attempt_{e.op}"
+    return SealRecord(
+        timestamp=_boot_to_wall(e.boot_ns),
+        attempt=attempt,
+        detail=_seal_detail(e.op, e.rule_index),
+        object_id=e.ino if e.op != SealAttempt.UNLINK else None,
+        target=e.path[: e.path_len] if e.path_kind != PathKind.NONE else None,
+        pid=e.pid,
+        comm=_cstr(e.comm),
         uid=e.uid,
         auid=e.auid,
         ses=e.ses,

@@ -1,11 +1,13 @@
-"""Render AccessRecords as IPE's 1420 text (docs/audit-records.md) or as JSON lines."""
+"""Render ring-buffer records as audit text or JSON lines (docs/audit-records.md): decisions
+(AccessRecord) as IPE's 1420, refused attempts against the seal (SealRecord) as 1121."""
 
 from __future__ import annotations
 
 import json
 
 from ..policy.model import untrusted
-from .record import AccessRecord
+from .policy_records import AUDIT_TRUSTED_APP
+from .record import AccessRecord, SealRecord
 
 AUDIT_IPE_ACCESS = 1420
 
@@ -61,3 +63,37 @@ def json_line(r: AccessRecord, serial: int) -> str:
         },
         sort_keys=False,
     )
+
+
+# ------------------------------------------------------------------ refused attempts (seal)
+
+
+def seal_fields(r: SealRecord) -> str:
+    """The body of a refused attempt: what, on what, and who (docs/seal.md)."""
+    target = "?" if r.target is None else untrusted(r.target)
+    ident = "?" if r.object_id is None else str(r.object_id)
+    exe = "?" if r.exe is None else untrusted(r.exe)
+    return (f"op=seal_refused attempt={r.attempt} detail={r.detail} target={target} id={ident} "
+            f"pid={r.pid} comm={untrusted(r.comm)} uid={r.uid} auid={r.auid} ses={r.ses} exe={exe} "
+            f"lsm=ipe res=0")
+
+
+def seal_text(r: SealRecord, serial: int) -> str:
+    sec = int(r.timestamp)
+    msec = int((r.timestamp - sec) * 1000)
+    return f"type={AUDIT_TRUSTED_APP} audit({sec}.{msec:03d}:{serial}): {seal_fields(r)}"
+
+
+def seal_json(r: SealRecord, serial: int) -> str:
+    return json.dumps({"type": AUDIT_TRUSTED_APP, "serial": serial, "time": round(r.timestamp, 6),
+                       "op": "seal_refused", "attempt": r.attempt, "detail": r.detail,
+                       "target": _text(r.target), "id": r.object_id, "pid": r.pid, "comm": _text(r.comm),
+                       "uid": r.uid, "auid": r.auid, "ses": r.ses, "exe": _text(r.exe)})
+
+
+def any_text(r: "AccessRecord | SealRecord", serial: int) -> str:
+    return seal_text(r, serial) if isinstance(r, SealRecord) else ipe_text(r, serial)
+
+
+def any_json(r: "AccessRecord | SealRecord", serial: int) -> str:
+    return seal_json(r, serial) if isinstance(r, SealRecord) else json_line(r, serial)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import kernel, policy, service, vm
+from . import kernel, policy, seal, service, vm
 
 app = typer.Typer(
     name="ipe-bpf",
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(policy.app, name="policy")
 kernel.register(app)
+seal.register(app)
 service.register(app)
 app.add_typer(vm.app, name="vm")
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from .common import console, emit_line, err_console, fail, print_json, reported_errors
 
 if TYPE_CHECKING:
+    from ..service.config import Config
     from ..kernel.control import Status
     from ..kernel.lifecycle import Outcome
     from ..kernel.maps import Counters, DeviceState
@@ -45,6 +46,7 @@ def load_cmd(
 
     options = loader_mod.LoadOptions(permissive=permissive, rule_entries=rule_entries,
                                      digest_entries=digest_entries, loader=loader)
+    settings = _settings()
     with reported_errors():
         try:
             report = load_and_apply(options)
@@ -64,6 +66,29 @@ def load_cmd(
     else:
         console.print(f"active policy: {info.name_text} {info.version_text} (generation {info.generation})",
                       markup=False)
+    if settings.seal:
+        _seal_after_load(settings)
+
+
+def _settings() -> "Config":
+    """The service settings (`seal = yes` seals right after load: the boot unit's `load`)."""
+    from ..service.config import load_config
+
+    with reported_errors():
+        return load_config()
+
+
+def _seal_after_load(settings: "Config") -> None:
+    from ..service.config import config_path
+    from .seal import seal_cmd
+
+    console.print(f"seal = yes ({config_path()}): sealing until reboot", markup=False)
+    try:
+        seal_cmd(yes=True, force=False, as_json=False)
+    except typer.Exit as done:
+        if done.exit_code:
+            fail("load: loaded and enforcing, but NOT SEALED (see the line above)")
+        raise
 
 
 def _store_rule_lookup() -> object:
@@ -80,7 +105,9 @@ def _store_rule_lookup() -> object:
 def unload_cmd() -> None:
     """Detach and unpin; waits until the kernel has released the programs."""
     from ..kernel import loader
+    from .seal import refuse_if_sealed
 
+    refuse_if_sealed("unload")
     with reported_errors():
         waited = loader.unload()
     console.print(f"unloaded (detached after {waited * 1000:.0f} ms)", markup=False)
@@ -112,8 +139,22 @@ def _kernel_line(found: "Status") -> str:
     return f"loaded: {mode}, {len(found.hooks)} hooks, {what}"
 
 
+def _seal_line(found: "Status") -> str | None:
+    k = found.kernel
+    if k is None or k.sealed_at is None:
+        return None
+    from ..kernel.seal import SealState
+
+    refused = found.counters.seal_refused if found.counters is not None else 0
+    return (f"sealed since {SealState(k.sealed_at).since} until reboot: policy, mode and programs "
+            f"cannot change ({refused} attempts refused)")
+
+
 def _print_status(found: "Status") -> None:
     typer.echo(_kernel_line(found) if found.kernel is not None else "not loaded: nothing is enforced")
+    sealed = _seal_line(found)
+    if sealed is not None:
+        typer.echo(sealed)
     if found.store_problem is not None:
         enforced = (f"the kernel still enforces generation {found.kernel_generation}"
                     if found.kernel_generation is not None else
@@ -160,7 +201,7 @@ def enforce_cmd(value: Annotated[str, typer.Argument(help="on | off")]) -> None:
     from .lifecycle import NOT_LOADED, open_lifecycle
 
     on = _on_off(value)
-    with open_lifecycle("enforce") as life:
+    with open_lifecycle("enforce", attempt=f"enforce {'on' if on else 'off'}") as life:
         if life.target is None:  # `load` sets the mode itself (like ipe.enforce= at boot)
             fail(f"enforce: ENOENT: {NOT_LOADED} (use `ipe-bpf load --permissive` to start permissive)")
         outcome = life.set_enforce(on)
@@ -172,7 +213,7 @@ def success_audit_cmd(value: Annotated[str, typer.Argument(help="on | off")]) ->
     from .lifecycle import open_lifecycle
 
     on = _on_off(value)
-    with open_lifecycle("success-audit") as life:
+    with open_lifecycle("success-audit", attempt=f"success-audit {'on' if on else 'off'}") as life:
         outcome = life.set_success_audit(on)
     _print_setting("success_audit", on, outcome)
 

@@ -56,8 +56,15 @@ def kernel_target() -> Iterator[PolicyTarget | None]:
 
 
 @contextlib.contextmanager
-def open_lifecycle(command: str) -> Iterator[Lifecycle]:
-    """A Lifecycle over the default store and the kernel (if loaded); errors become one line."""
+def open_lifecycle(command: str, attempt: str | None = None) -> Iterator[Lifecycle]:
+    """A Lifecycle over the default store and the kernel (if loaded); errors become one line.
+
+    ``attempt`` names a change (e.g. ``policy activate``): refused with EPERM while sealed.
+    """
+    if attempt is not None:
+        from .seal import refuse_if_sealed
+
+        refuse_if_sealed(attempt)
     try:
         with kernel_target() as target:
             yield Lifecycle(PolicyStore.default(), target, kernel=running_kernel)
@@ -121,7 +128,7 @@ def deploy(
 ) -> None:
     """Deploy a signed policy (kernel IPE's new_policy). It is not activated."""
     blob = _read("deploy", file)
-    with open_lifecycle("deploy") as life:
+    with open_lifecycle("deploy", attempt="policy deploy") as life:
         outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file),
                               allow_unevaluable=allow_unevaluable)
     _warn_unsigned(unsigned, outcome)
@@ -143,7 +150,7 @@ def activate(
     as_json: JsonOption = False,
 ) -> None:
     """Make a deployed policy the active one."""
-    with open_lifecycle("activate") as life:
+    with open_lifecycle("activate", attempt="policy activate") as life:
         outcome = life.activate(policy_name(name))
     print_warnings(outcome)
     if as_json:
@@ -166,7 +173,7 @@ def update(
 ) -> None:
     """Replace a deployed policy with a higher version of itself (active stays active)."""
     blob = _read("update", file)
-    with open_lifecycle("update") as life:
+    with open_lifecycle("update", attempt="policy update") as life:
         outcome = life.update(policy_name(name), blob, trust, allow_unsigned=unsigned,
                               source=str(file), allow_unevaluable=allow_unevaluable)
     _warn_unsigned(unsigned, outcome)
@@ -186,7 +193,7 @@ def delete(
     as_json: JsonOption = False,
 ) -> None:
     """Delete a deployed policy that is not active."""
-    with open_lifecycle("delete") as life:
+    with open_lifecycle("delete", attempt="policy delete") as life:
         outcome = life.delete(policy_name(name))
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))

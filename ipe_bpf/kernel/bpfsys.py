@@ -139,10 +139,13 @@ def obj_pin(fd: int, path: str) -> None:
     bpf(BPF_OBJ_PIN, attr, f"pin {path}")
 
 
-def obj_get(path: str) -> int:
-    """Open a pinned object; the caller owns the returned fd."""
+BPF_F_RDONLY = 1 << 3
+
+
+def obj_get(path: str, read_only: bool = False) -> int:
+    """Open a pinned object (a map read-only if asked); the caller owns the returned fd."""
     buf = ctypes.create_string_buffer(os.fsencode(path))
-    attr = _ObjAttr(pathname=ctypes.addressof(buf))
+    attr = _ObjAttr(pathname=ctypes.addressof(buf), file_flags=BPF_F_RDONLY if read_only else 0)
     return bpf(BPF_OBJ_GET, attr, f"open {path}")
 
 
@@ -343,3 +346,62 @@ def prog_exists(prog_id: int) -> bool:
     if err == errno.ENOENT:
         return False
     raise _fail(f"look up program {prog_id}", err)
+
+
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_MAP_FREEZE = 22
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """Open a map by id, read-write (the caller owns the fd)."""
+    return bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id), f"open map {map_id}")
+
+
+class _FreezeAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+def freeze(fd: int) -> bool:
+    """BPF_MAP_FREEZE: no bpf() write through any fd, ever again; False if it already was
+    (the kernel says EBUSY, or EPERM: a frozen map has no write permission left)."""
+    ret, err = bpf_errno(BPF_MAP_FREEZE, _FreezeAttr(map_fd=fd))
+    if ret < 0:
+        if err in (errno.EBUSY, errno.EPERM) and is_frozen(fd):
+            return False
+        raise _fail("map freeze", err)
+    return True
+
+
+def is_frozen(fd: int) -> bool:
+    """Whether the map of fd is frozen (its fdinfo says so)."""
+    try:
+        info = open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace").read()
+    except OSError:
+        return False
+    return any(line.split() == ["frozen:", "1"] for line in info.splitlines())
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def prog_map_ids(prog_fd: int) -> list[int]:
+    """The ids of the maps a loaded program uses."""
+    ids = (ctypes.c_uint32 * 64)()
+    info = _ProgInfo(nr_map_ids=64, map_ids=ctypes.addressof(ids))
+    attr = _InfoAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "program info")
+    return list(ids[: min(info.nr_map_ids, 64)])

@@ -86,6 +86,7 @@ class Status:
         data: dict[str, object] = {"loaded": self.loaded}
         if self.kernel is not None:
             data.update(self.kernel.as_dict())
+            data["sealed"] = self.kernel.sealed
             data["hooks"] = list(self.hooks)
             data["counters"] = self.counters.as_dict() if self.counters is not None else None
             data["devices"] = [d.as_dict() for d in self.devices]

@@ -1,4 +1,5 @@
-"""Audited decisions from the loaded program: drain the ring buffer, decode, print (`audit tail`)."""
+"""Audited decisions, and attempts refused by the seal, from the loaded program: drain the ring
+buffer, decode, print (`audit tail`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..audit.record import AccessRecord, RuleLookup, decode
-from ..audit.render import ipe_text, json_line
+from ..audit.record import AccessRecord, RuleLookup, SealRecord, decode_any
+from ..audit.render import any_json, any_text
 from .pins import PIN_ROOT
 from .ringbuf import RingBuffer
 
@@ -19,6 +20,18 @@ def records(
     root: Path = PIN_ROOT,
     idle_exit: float | None = None,
 ) -> Iterator[AccessRecord]:
+    """Decoded decisions (the seal's records are consumed and left out; see all_records)."""
+    for r in all_records(follow, rules, root, idle_exit):
+        if isinstance(r, AccessRecord):
+            yield r
+
+
+def all_records(
+    follow: bool = False,
+    rules: RuleLookup | None = None,
+    root: Path = PIN_ROOT,
+    idle_exit: float | None = None,
+) -> Iterator["AccessRecord | SealRecord"]:
     """Decoded records: what is buffered now, then (follow) new ones as they come.
 
     With follow and idle_exit, stop after idle_exit seconds without a record.
@@ -29,7 +42,7 @@ def records(
             got = False
             for raw in rb.drain():
                 got = True
-                yield decode(raw, rules)
+                yield decode_any(raw, rules)
             if got:
                 last = time.monotonic()
             if not follow:
@@ -49,8 +62,8 @@ def tail(
     """Print records through `emit`; returns how many."""
     count = 0
     serial = itertools.count(1)
-    for r in records(follow, rules, root):
+    for r in all_records(follow, rules, root):
         n = next(serial)
-        emit(json_line(r, n) if as_json else ipe_text(r, n))
+        emit(any_json(r, n) if as_json else any_text(r, n))
         count += 1
     return count

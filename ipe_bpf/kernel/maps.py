@@ -10,6 +10,7 @@
         maps.drops()                          # ring-buffer records lost
         maps.devices()                        # dm-verity devices the setintegrity hook captured
         maps.deactivate()                     # back to "no policy" (tests; IPE has no such op)
+        maps.seal_entry()                     # the seal's state (kernel/seal.py seals)
 
 `install(compiled, generation)`: writes the compiled tables into the inactive slot
 (digests, rules, then that slot's defaults carrying `generation`), flips the config's
@@ -57,6 +58,11 @@ class KernelState:
     enforcing: bool
     success_audit: bool
     flips: int
+    sealed_at: float | None = None  # epoch seconds since which it is sealed; None: not sealed
+
+    @property
+    def sealed(self) -> bool:
+        return self.sealed_at is not None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -69,6 +75,7 @@ class Counters:
     audited: int
     dropped: int
     undecidable: int  # denied because the answer hung on a signature state the kernel could not give
+    seal_refused: int = 0  # attempts the seal refused (EPERM)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -125,6 +132,7 @@ class RawCounters:
     audited: int
     dropped: int
     undecidable: int
+    seal_refused: int
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,32 @@ class BdevState:
     digest_len: int
     alg: bytes
     digest: bytes
+
+
+@dataclass(frozen=True)
+class SealEntry:
+    """struct ipe_seal: the seal's one entry (kernel/seal.py fills it)."""
+
+    sealed: int
+    bpffs_dev: int
+    sealed_at: int  # CLOCK_REALTIME ns
+    sealed_boot_ns: int
+    nr_maps: int
+    nr_progs: int
+    nr_links: int
+    nr_dirs: int
+    nr_points: int
+    map_id: tuple[int, ...]
+    map_type: tuple[int, ...]
+    map_key_size: tuple[int, ...]
+    map_value_size: tuple[int, ...]
+    map_flags: tuple[int, ...]
+    prog_id: tuple[int, ...]
+    link_id: tuple[int, ...]
+    dir_dev: tuple[int, ...]
+    dir_ino: tuple[int, ...]
+    point_mnt: tuple[int, ...]
+    point_ino: tuple[int, ...]
 
 
 @dataclass
@@ -152,7 +186,7 @@ class PinnedPolicyMaps:
 
     root: Path = PIN_ROOT
     header: Header = field(default_factory=load_header)
-    _maps: dict[str, _Map] = field(default_factory=dict, init=False)
+    _maps: dict[tuple[str, bool], _Map] = field(default_factory=dict, init=False)
 
     def __enter__(self) -> "PinnedPolicyMaps":
         return self
@@ -165,16 +199,21 @@ class PinnedPolicyMaps:
             os.close(m.fd)
         self._maps.clear()
 
-    def _map(self, name: str) -> _Map:
-        m = self._maps.get(name)
+    def _map(self, name: str, write: bool = False) -> _Map:
+        """An fd to a pinned map: read-only unless `write` (readers never hold write fds)."""
+        m = self._maps.get((name, write))
         if m is None:
             path = map_path(name, self.root)
             if not path.exists():
                 raise KernelError("ENOENT", "ipe-bpf is not loaded (run `ipe-bpf load`)")
-            fd = bpfsys.obj_get(str(path))
+            fd = bpfsys.obj_get(str(path), read_only=not write)
             info = bpfsys.map_info(fd)
-            m = self._maps[name] = _Map(fd, info.key_size, info.value_size)
+            m = self._maps[(name, write)] = _Map(fd, info.key_size, info.value_size)
         return m
+
+    def map_fd(self, name: str, write: bool = False) -> int:
+        """The fd of a pinned map (owned by this object)."""
+        return self._map(name, write).fd
 
     # ------------------------------------------------------------ config
 
@@ -186,7 +225,7 @@ class PinnedPolicyMaps:
 
     def _write_config(self, config: Config) -> None:
         view = self.header.struct("ipe_config").view(Config)
-        bpfsys.update(self._map("ipe_config").fd, struct.pack("=I", 0), view.pack(config))
+        bpfsys.update(self._map("ipe_config", write=True).fd, struct.pack("=I", 0), view.pack(config))
 
     def set_enforce(self, on: bool) -> None:
         with control_lock():
@@ -210,6 +249,7 @@ class PinnedPolicyMaps:
         cfg = self._config()
         slot = cfg.active - 1 if cfg.active else None
         generation = None if slot is None else self._defaults(slot).generation
+        seal = self.seal_entry()
         return KernelState(
             loaded=True,
             active_slot=slot,
@@ -217,7 +257,23 @@ class PinnedPolicyMaps:
             enforcing=not cfg.permissive,
             success_audit=bool(cfg.success_audit),
             flips=cfg.flips,
+            sealed_at=seal.sealed_at / 1e9 if seal is not None and seal.sealed else None,
         )
+
+    # ------------------------------------------------------------ seal (kernel/seal.py)
+
+    def seal_entry(self) -> SealEntry | None:
+        """The seal's entry; None if the loaded program has no seal map (an older load)."""
+        if not map_path("ipe_seal", self.root).exists():
+            return None
+        view = self.header.struct("ipe_seal").view(SealEntry)
+        raw = bpfsys.lookup(self._map("ipe_seal").fd, struct.pack("=I", 0), view.layout.size)
+        assert raw is not None, "array maps always have index 0"
+        return view.unpack(raw)
+
+    def write_seal_entry(self, entry: SealEntry) -> None:
+        view = self.header.struct("ipe_seal").view(SealEntry)
+        bpfsys.update(self._map("ipe_seal", write=True).fd, struct.pack("=I", 0), view.pack(entry))
 
     def _defaults(self, slot: int) -> SlotDefaults:
         view = self.header.struct("ipe_policy_defaults").view(SlotDefaults)
@@ -231,7 +287,7 @@ class PinnedPolicyMaps:
         """Delete every digests/rules entry of `slot` (byte 0 of both key structs)."""
         deleted = 0
         for name in ("ipe_rules", "ipe_digests"):
-            m = self._map(name)
+            m = self._map(name, write=True)
             doomed = [k for k in bpfsys.dump_keys(m.fd, m.key_size, m.value_size) if k[0] == slot]
             bpfsys.delete_many(m.fd, doomed)
             deleted += len(doomed)
@@ -246,10 +302,10 @@ class PinnedPolicyMaps:
             self._delete_slot(new_slot)  # leftovers of an interrupted install
             enc = encode(compiled, new_slot, generation=generation)
             for name, entries in (("ipe_digests", enc.digests), ("ipe_rules", enc.rules)):
-                m = self._map(name)
+                m = self._map(name, write=True)
                 bpfsys.update_many(m.fd, entries, m.key_size, m.value_size)
             for k, v in enc.defaults:
-                bpfsys.update(self._map("ipe_defaults").fd, k, v)
+                bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
             self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))
             if active:
                 _grace_period()
@@ -271,6 +327,7 @@ class PinnedPolicyMaps:
             audited=sum(c.audited for c in per_cpu),
             dropped=sum(c.dropped for c in per_cpu),
             undecidable=sum(c.undecidable for c in per_cpu),
+            seal_refused=sum(c.seal_refused for c in per_cpu),
         )
 
     def drops(self) -> int:

@@ -30,6 +30,7 @@ MAP_NAMES: tuple[str, ...] = (
     "ipe_counters",
     "ipe_events",
     "ipe_inodes",
+    "ipe_seal",  # the seal's state (kernel/seal.py)
 )
 
 HOOKS: tuple[str, ...] = (
@@ -44,6 +45,21 @@ HOOKS: tuple[str, ...] = (
     "file_open",  # with file_ioctl: which verity files' signature checks the program saw
     "file_ioctl",
 )
+
+# What the seal guards with (CO-RE object only; idle until `ipe-bpf seal`): bpf() on our maps
+# and links, new programs, the pin folders, the mounts leading to them (docs/seal.md).
+SEAL_HOOKS: tuple[str, ...] = (
+    "bpf",
+    "bpf_prog",
+    "inode_unlink",
+    "inode_rmdir",
+    "inode_rename",
+    "sb_umount",
+    "sb_mount",
+    "move_mount",
+)
+
+HOOKS = HOOKS + SEAL_HOOKS
 
 
 def maps_dir(root: Path = PIN_ROOT) -> Path:

@@ -16,6 +16,10 @@ means every default.  Every error names the file and line (``ipe-bpf.conf:4: EIN
     boot_failure = open        # what the boot unit does when it cannot load: open (boot on,
                                #   unenforced), emergency (emergency.target: console only),
                                #   poweroff; `ipe-bpf service install` applies it
+    seal = no                  # yes: `ipe-bpf load` (the boot unit) seals right after loading:
+                               #   until reboot nobody, root included, can unload ipe-bpf, switch
+                               #   enforcement off or change the policy (docs/seal.md); a load
+                               #   that cannot seal (permissive, no policy) fails
 
 ``$IPE_BPF_RUN_DIR`` (default /run/ipe-bpf) holds the per-boot state: the serial counter, the
 control-record spool, the daemon's ring-buffer cursor and status.
@@ -62,6 +66,7 @@ class Config:
     kernel_audit: str = "auto"
     ring_buffer_size: int = 1 << 20
     boot_failure: str = "open"
+    seal: bool = False
     run_dir: Path = field(default=DEFAULT_RUN_DIR, metadata={"file": False})
 
     @property
@@ -140,6 +145,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "kernel_audit": _choice("auto", "yes", "no"),
     "ring_buffer_size": _ring_size,
     "boot_failure": _choice("open", "emergency", "poweroff"),
+    "seal": _bool,
 }
 assert set(_PARSERS) == {f.name for f in fields(Config) if f.metadata.get("file", True)}
 

@@ -20,7 +20,10 @@ type   name                body
                            the fields the kernel uses for an LSM being switched on or off
 1130   SERVICE_START       the audit daemon started: ``op=start pid=P ... lsm=ipe res=1``
 1131   SERVICE_STOP        the audit daemon stopped cleanly
-1121   TRUSTED_APP         records lost: ``op=lost lost=N reason=R [sink=S] lsm=ipe res=0``
+1121   TRUSTED_APP         records lost: ``op=lost lost=N reason=R [sink=S] lsm=ipe res=0``;
+                           the seal (``op=seal``) and attempts it refused (``op=seal_refused``,
+                           from the ring buffer or the control plane; docs/seal.md), the
+                           ring buffer's with a 1300 companion
 =====  ==================  ====================================================================
 
 1130, 1131 and 1121 are user-space message types of the audit subsystem, so the kernel-audit
@@ -35,8 +38,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..audit.policy_records import AUDIT_MAC_STATUS, UNSET_ID, AuditIdentity, AuditLog, Record
-from ..audit.record import AccessRecord
-from ..audit.render import AUDIT_IPE_ACCESS, ipe_text, untrusted
+from ..audit.record import AccessRecord, SealRecord
+from ..audit.render import AUDIT_IPE_ACCESS, ipe_text, seal_text, untrusted
 
 AUDIT_SYSCALL = 1300
 AUDIT_TRUSTED_APP = 1121
@@ -64,7 +67,7 @@ class Identity:
         return f"pid={pid} auid={self.auid} uid={self.uid} ses={self.ses} exe={exe}"
 
 
-def identity_of(record: AccessRecord) -> Identity | None:
+def identity_of(record: "AccessRecord | SealRecord") -> Identity | None:
     """The subject's identity if the BPF event carried it (``uid``, ``auid``, ``ses``, ``exe``
     attributes of the AccessRecord); None while the ring-buffer record has no such fields."""
     uid = getattr(record, "uid", None)
@@ -87,13 +90,19 @@ def line(record_type: int, time_ns: int, serial: int, body: str) -> str:
     return Record(record_type, body).line(time_ns, serial)
 
 
-def access_lines(record: AccessRecord, serial: int) -> list[str]:
-    """The 1420 line, byte-identical to kernel IPE's, and its 1300 companion if known."""
-    text = ipe_text(record, serial)
+def access_lines(record: "AccessRecord | SealRecord", serial: int) -> list[str]:
+    """The 1420 line, byte-identical to kernel IPE's, and its 1300 companion if known; for an
+    attempt the seal refused, its 1121 line and the 1300 companion."""
+    if isinstance(record, SealRecord):
+        text = seal_text(record, serial)
+        kind = AUDIT_TRUSTED_APP
+    else:
+        text = ipe_text(record, serial)
+        kind = AUDIT_IPE_ACCESS
     who = identity_of(record)
     if who is None:
         return [text]
-    head = text[: text.index("): ") + 3].replace(f"type={AUDIT_IPE_ACCESS} ", f"type={AUDIT_SYSCALL} ", 1)
+    head = text[: text.index("): ") + 3].replace(f"type={kind} ", f"type={AUDIT_SYSCALL} ", 1)
     return [text, head + who.body(record.pid)]
 
 

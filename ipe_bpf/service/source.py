@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import IpeBpfError
-from ..audit.record import AccessRecord, RuleLookup, decode, event_size
+from ..audit.record import AccessRecord, RuleLookup, SealRecord, decode_any, event_size
 from ..kernel.ringbuf import RingBuffer
 from ..kernel import bpfsys
 from ..kernel.maps import PinnedPolicyMaps
@@ -47,7 +47,7 @@ class EventSource(Protocol):
     def drops(self) -> int:
         """Records the kernel could not write (ring full) since load."""
 
-    def decode(self, raw: bytes) -> AccessRecord: ...
+    def decode(self, raw: bytes) -> "AccessRecord | SealRecord": ...
 
     def wait(self, timeout: float) -> None: ...
 
@@ -119,8 +119,8 @@ class RingSource:
     def drops(self) -> int:
         return self._maps.drops()
 
-    def decode(self, raw: bytes) -> AccessRecord:
-        return decode(raw, self._rules)
+    def decode(self, raw: bytes) -> "AccessRecord | SealRecord":
+        return decode_any(raw, self._rules)
 
     def wait(self, timeout: float) -> None:
         self._rb.wait(timeout)

@@ -357,7 +357,14 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
     per_cpu = counters.pack(allow=tuple(range(8)), deny=(1,) * 8, audited=3, dropped=1, undecidable=2)
     tables[fds["ipe_counters"]][_struct.pack("=I", 0)] = per_cpu * cpus
 
-    monkeypatch.setattr(bpfsys, "obj_get", lambda path: fds[path.rsplit("/", 1)[1]])
+    opened: set[tuple[str, bool]] = set()
+
+    def obj_get(path: str, read_only: bool = False) -> int:
+        name = path.rsplit("/", 1)[1]
+        opened.add((name, read_only))
+        return fds[name]
+
+    monkeypatch.setattr(bpfsys, "obj_get", obj_get)
     monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(1, fd, *next(sizes[n] for n, f in fds.items() if f == fd), 0, 0, ""))
     monkeypatch.setattr(bpfsys, "lookup", lambda fd, key, size: tables[fd].get(key))
     monkeypatch.setattr(bpfsys, "update", lambda fd, key, value, flags=0: tables[fd].__setitem__(key, value))
@@ -389,3 +396,6 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
         (device,) = maps.devices()
         assert (device.major, device.minor, device.alg, device.roothash, device.signature_valid) == (
             253, 1, "sha256", bytes(range(32)).hex(), True)
+    # readers hold read-only fds; only what writes asks for a writable one
+    assert {name for name, ro in opened if not ro} == {"ipe_config", "ipe_defaults", "ipe_rules", "ipe_digests"}
+    assert {name for name, ro in opened if ro} == {"ipe_config", "ipe_defaults", "ipe_counters", "ipe_devices"}
