@@ -32,7 +32,9 @@ def _control_record(body: str) -> tuple[str, ...]:
     from ..service.control import ControlLog
 
     try:
-        log = ControlLog.default(PolicyStore.default().audit_log_path)
+        store_log = PolicyStore.default().audit_log_path
+        store_log.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # as the store makes it
+        log = ControlLog.default(store_log)
         _lines, warnings = log.emit([Record(AUDIT_TRUSTED_APP, body)], time.time_ns())
     except (IpeBpfError, OSError) as err:
         return (f"audit record not written: {err}",)

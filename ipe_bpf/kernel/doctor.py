@@ -14,9 +14,14 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..bpf_files import OBJECT, bpf_file
-from ..errors import KernelError
+from ..errors import IpeBpfError, KernelError
 from .pins import BPFFS
+
+if TYPE_CHECKING:
+    from ..policy.model import Policy
 
 LSM_LIST = Path("/sys/kernel/security/lsm")
 LOADERS = ("core", "bcc")
@@ -151,11 +156,73 @@ def kernel_checks() -> list[Check]:
     return checks
 
 
+# ---------------------------------------------------------------- what the seal rests on
+
+LOCKDOWN = Path("/sys/kernel/security/lockdown")
+KERNEL_LOADS = {"KMODULE": "kernel module", "KEXEC_IMAGE": "kexec kernel", "KEXEC_INITRAMFS": "kexec initramfs"}
+
+
+def seal_checks(policy: "Policy | None", lockdown: str | None) -> list[Check]:
+    """The seal (docs/seal.md) guards ipe-bpf's own programs, maps and pins; a kernel module
+    or a kexec'd kernel can undo anything, so the policy must judge KMODULE and KEXEC (an
+    allowlist: their default DENY), and lockdown=integrity must keep root from writing kernel
+    memory (/dev/mem, unsigned modules, hibernation images).  `lockdown` is the text of
+    /sys/kernel/security/lockdown (None: no lockdown LSM)."""
+    from ..policy.model import Action, Op
+
+    checks = []
+    for name, what in KERNEL_LOADS.items():
+        op = Op[name]
+        if policy is None:
+            checks.append(Check(f"seal {name}", False, "no active policy: every kernel module and kexec image "
+                                "loads; activate a policy that judges them", False))
+            continue
+        own = policy.op_default(op)
+        fallback = own if own is not None else policy.global_default
+        ok = fallback == Action.DENY
+        detail = (f"judged by the active policy ({len(policy.rules_for(op))} rules, default DENY)" if ok else
+                  f"the active policy allows what no rule matches: a root process can load a {what} that undoes "
+                  f"the seal; recommended: `DEFAULT op={name} action=DENY` and rules allowing yours "
+                  f"(dm-verity, fs-verity, boot_verified)")
+        checks.append(Check(f"seal {name}", ok, detail, False))
+    mode = None if lockdown is None else next((w.strip("[]") for w in lockdown.split() if w.startswith("[")), None)
+    if mode in ("integrity", "confidentiality"):
+        checks.append(Check("seal lockdown", True, f"lockdown={mode}", False))
+    else:
+        checks.append(Check("seal lockdown", False, f"lockdown={mode or 'unavailable'}: root can write kernel memory "
+                            f"(/dev/mem, unsigned modules, hibernation); boot with lockdown=integrity", False))
+    return checks
+
+
+def _active_policy() -> "Policy | None":
+    from ..policy import signing
+    from ..policy.parser import parse_policy
+    from .store import PolicyStore
+
+    try:
+        store = PolicyStore.default()
+        with store.locked(shared=True):
+            stored = store.load().active_policy()
+            if stored is None:
+                return None
+            blob = store.blob(stored)
+        return parse_policy(signing.extract_content(blob) if stored.signed else blob)
+    except (IpeBpfError, OSError):
+        return None
+
+
+def _lockdown() -> str | None:
+    try:
+        return LOCKDOWN.read_text()
+    except OSError:
+        return None
+
+
 def run_checks(loader: str | None = None) -> list[Check]:
     fatal = [check_root(), check_bpf_lsm(), check_btf(), check_bpffs(), _loader_check(loader or default_loader())]
     if not all(c.ok for c in fatal[1:3]):
         return fatal
-    return fatal + kernel_checks()
+    return fatal + kernel_checks() + seal_checks(_active_policy(), _lockdown())
 
 
 _ERRNO = {"root": "EPERM", "loader": "ENOPKG"}
