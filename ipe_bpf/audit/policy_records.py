@@ -1,4 +1,5 @@
-"""Control-plane audit records: 1421 CONFIG_CHANGE, 1422 POLICY_LOAD, 1404 MAC_STATUS.
+"""Control-plane audit records: 1421 CONFIG_CHANGE, 1422 POLICY_LOAD, 1404 MAC_STATUS, and the
+seal's 1121 (``op=seal``, ``op=seal_refused``; docs/seal.md).
 
 The bodies are rendered field for field as kernel IPE 6.12 writes them (docs/audit-records.md):
 
