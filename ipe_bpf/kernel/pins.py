@@ -33,19 +33,6 @@ MAP_NAMES: tuple[str, ...] = (
     "ipe_seal",  # the seal's state (kernel/seal.py)
 )
 
-HOOKS: tuple[str, ...] = (
-    "bprm_check_security",
-    "mmap_file",
-    "file_mprotect",
-    "kernel_read_file",
-    "kernel_load_data",
-    "bdev_setintegrity",
-    "bdev_free_security",
-    "inode_setintegrity",
-    "file_open",  # with file_ioctl: which verity files' signature checks the program saw
-    "file_ioctl",
-)
-
 # What the seal guards with (CO-RE object only; idle until `ipe-bpf seal`): bpf() on our maps
 # and links, new programs, the pin folders, the mounts leading to them (docs/seal.md).
 SEAL_HOOKS: tuple[str, ...] = (
@@ -59,7 +46,19 @@ SEAL_HOOKS: tuple[str, ...] = (
     "move_mount",
 )
 
-HOOKS = HOOKS + SEAL_HOOKS
+HOOKS: tuple[str, ...] = (
+    "bprm_check_security",
+    "mmap_file",
+    "file_mprotect",
+    "kernel_read_file",
+    "kernel_load_data",
+    "bdev_setintegrity",
+    "bdev_free_security",
+    "inode_setintegrity",
+    "file_open",  # with file_ioctl: which verity files' signature checks the program saw
+    "file_ioctl",
+    *SEAL_HOOKS,
+)
 
 
 def maps_dir(root: Path = PIN_ROOT) -> Path:

@@ -85,7 +85,7 @@ def test_live_table_gives_the_signature_state_the_hook_would(
     from ipe_bpf.kernel import bpfsys
 
     with ipe.maps() as maps:
-        assert bpfsys.delete(maps._map("ipe_devices").fd, struct.pack("=I", signed_volume.dev))
+        assert bpfsys.delete(maps.map_fd("ipe_devices", write=True), struct.pack("=I", signed_volume.dev))
         assert signed_volume.dev not in {d.dev for d in maps.devices()}
     ipe.activate(policy(f"op=EXECUTE {signed_volume.property} dmverity_signature=TRUE action=DENY"))
     assert ipe.exec_status(signed_volume.mount / "prog") == EACCES
