@@ -113,7 +113,8 @@ def _forget_unused_inodes() -> None:
     are checked again, in view of the program, when next opened.  Files in use keep an
     unknown signature state (decisions that hang on it are denied; `status` counts them)."""
     try:
-        DROP_CACHES.write_text("3\n")  # page cache too: an inode with cached pages stays otherwise
+        for _ in range(3):  # an inode recently used survives one pass of the LRU (referenced bit)
+            DROP_CACHES.write_text("3\n")  # page cache too: an inode with cached pages stays
     except OSError:
         pass
 
