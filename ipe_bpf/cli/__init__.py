@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import kernel, policy, vm
+from . import generate, kernel, policy, vm
 
 app = typer.Typer(
     name="ipe-bpf",
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.add_typer(policy.app, name="policy")
 kernel.register(app)
 app.add_typer(vm.app, name="vm")
+generate.register(app, policy.app)
 
 
 def _version(value: bool) -> None:

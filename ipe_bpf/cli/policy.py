@@ -14,7 +14,7 @@ from ..policy import signing
 from ..policy.evaluate import evaluate, first_failing_property
 from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
 from ..policy.parser import format_policy, parse_policy
-from . import lifecycle, sign
+from . import generate, lifecycle, sign
 from .common import console, fail, print_json, read_bytes, reported_errors
 
 app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
@@ -80,7 +80,9 @@ def _digest_option(value: Optional[str], option: str) -> Optional[Digest]:
 @app.command()
 def explain(
     file: Path,
-    op: Annotated[str, typer.Option(help="EXECUTE, FIRMWARE, KMODULE, KEXEC_IMAGE, KEXEC_INITRAMFS, POLICY, X509_CERT or UNKNOWN.")],
+    op: Annotated[str, typer.Option(help="EXECUTE, FIRMWARE, KMODULE, KEXEC_IMAGE, KEXEC_INITRAMFS, POLICY, X509_CERT or UNKNOWN.")] = "EXECUTE",
+    target: Annotated[Optional[Path], typer.Option("--file", help="Measure this real file for the attributes.")] = None,
+    exit_status: Annotated[bool, typer.Option("--exit-status", help="Exit 0 if allowed, 1 if denied.")] = False,
     no_file: Annotated[bool, typer.Option("--no-file", help="An event with no file (anonymous memory, kernel_load_data).")] = False,
     boot_verified: Annotated[bool, typer.Option("--boot-verified")] = False,
     dmverity_roothash: Annotated[Optional[str], typer.Option("--dmverity-roothash", metavar="ALG:HEX")] = None,
@@ -100,6 +102,12 @@ def explain(
         fsverity_digest=_digest_option(fsverity_digest, "--fsverity-digest"),
         fsverity_signature=fsverity_signature,
     )
+    measured = None
+    if target is not None:
+        if attrs != FileAttributes():
+            fail("--file: EINVAL: the file's measured attributes cannot be combined with attribute options", code=2)
+        measured = generate.measure_file(target)
+        attrs = measured.attributes()
     policy = load_policy(file)
     decision = evaluate(policy, Op[op], attrs)
     rules = policy.rules_for(Op[op])
@@ -112,13 +120,19 @@ def explain(
             "rule": decision.rule_text,
             "line": decision.rule.line if decision.rule else None,
             "skipped": [{"line": r.line, "rule": str(r), "failed": str(p)} for r, p in misses],
+            **({"file": generate.measurement_json(measured), "audit": generate.audit_fields(measured, decision)}
+               if measured else {}),
         })
+        generate.exit_with_decision(exit_status, decision)
         return
     for rule, prop in misses:
         console.print(f"  line {rule.line}: {rule}  [dim](no: {prop})[/]", markup=True, highlight=False)
     colour = "green" if decision.action.name == "ALLOW" else "red"
     where = f" (line {decision.rule.line})" if decision.rule else ""
     console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: {decision.rule_text}{where}", highlight=False)
+    if measured is not None:
+        generate.print_measurement(measured, decision)
+    generate.exit_with_decision(exit_status, decision)
 
 
 @app.command("format")

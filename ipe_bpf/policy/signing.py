@@ -121,9 +121,11 @@ def _public_der(key: object) -> bytes:
 
 
 def sign_policy(content: bytes, key_pem: bytes, cert_pem: bytes, *,
-                digest: str = "sha256") -> bytes:
+                digest: str = "sha256", detached: bool = False) -> bytes:
     """Sign ``content`` as kernel IPE wants it: attached PKCS#7, DER, no signed attributes.
 
+    ``detached``: the content left out and no certificates, the form dm-verity takes for a
+    root hash signature (``openssl smime -sign -nocerts -noattr -binary -outform der``).
     ``key_pem`` must be an unencrypted RSA or EC (P-256/P-384) private key that belongs to
     ``cert_pem``.  Raises SignatureError(EINVAL) for unusable keys or certificates.
     """
@@ -135,6 +137,8 @@ def sign_policy(content: bytes, key_pem: bytes, cert_pem: bytes, *,
     if _public_der(cert.public_key()) != _public_der(key.public_key()):
         raise SignatureError("EINVAL", "the private key does not belong to the certificate")
     options = [crypto_pkcs7.PKCS7Options.Binary, crypto_pkcs7.PKCS7Options.NoAttributes]
+    if detached:
+        options += [crypto_pkcs7.PKCS7Options.DetachedSignature, crypto_pkcs7.PKCS7Options.NoCerts]
     builder = (crypto_pkcs7.PKCS7SignatureBuilder().set_data(content)
                .add_signer(cert, key, DIGESTS[digest]()))
     return builder.sign(serialization.Encoding.DER, options)
