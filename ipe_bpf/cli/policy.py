@@ -80,7 +80,7 @@ def _digest_option(value: Optional[str], option: str) -> Optional[Digest]:
 @app.command()
 def explain(
     file: Path,
-    op: Annotated[str, typer.Option(help="EXECUTE, FIRMWARE, KMODULE, KEXEC_IMAGE, KEXEC_INITRAMFS, POLICY, X509_CERT or UNKNOWN.")] = "EXECUTE",
+    op: Annotated[Optional[str], typer.Option(help="EXECUTE, FIRMWARE, KMODULE, KEXEC_IMAGE, KEXEC_INITRAMFS, POLICY, X509_CERT or UNKNOWN (with --file: EXECUTE by default).")] = None,
     target: Annotated[Optional[Path], typer.Option("--file", help="Measure this real file for the attributes.")] = None,
     exit_status: Annotated[bool, typer.Option("--exit-status", help="Exit 0 if allowed, 1 if denied.")] = False,
     no_file: Annotated[bool, typer.Option("--no-file", help="An event with no file (anonymous memory, kernel_load_data).")] = False,
@@ -92,6 +92,9 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show what the policy decides for an event, and why each earlier rule did not match."""
+    if op is None and target is None:
+        fail("--op: EINVAL: missing (name the op, or give --file)", code=2)
+    op = op or "EXECUTE"
     if op.upper() not in Op.__members__ or op != op.upper():
         fail(f"--op: EINVAL: unknown op {op!r}", code=2)
     attrs = FileAttributes(
