@@ -126,6 +126,41 @@ def learn_command(
               *(f"cannot learn: {what}" for what in learned.unlearnable)])
 
 
+def measure_file(path: Path) -> measure.Measurement:
+    """`policy explain --file`: the real file's attributes on this machine."""
+    with reported_errors(str(path)):
+        return measure.measure(path)
+
+
+def audit_fields(m: measure.Measurement, decision: Decision) -> str:
+    """The decision as a 1420 record would show it (without the event's hook, pid and comm)."""
+    rule = rule_audit_text(decision.rule) if decision.rule is not None else decision.rule_text
+    return (f"ipe_op={decision.op.name} path={untrusted(os.fsencode(m.path))} dev={untrusted(m.dev.encode())} "
+            f"ino={m.ino} rule=\"{rule}\"")
+
+
+def measurement_json(m: measure.Measurement) -> dict[str, object]:
+    a = m.attributes()
+    return {"path": m.path, "dev": m.dev, "ino": m.ino, "boot_verified": a.boot_verified,
+            "dmverity_roothash": str(a.dmverity_roothash) if a.dmverity_roothash else None,
+            "dmverity_device": f"/dev/mapper/{m.volume.name}" if m.volume else None,
+            "dmverity_signature": a.dmverity_signature,
+            "fsverity_digest": str(a.fsverity_digest) if a.fsverity_digest else None,
+            "fsverity_signature": a.fsverity_signature}
+
+
+def print_measurement(m: measure.Measurement, decision: Decision) -> None:
+    for key, value in measurement_json(m).items():
+        if key not in ("path", "dev", "ino"):
+            console.print(f"  {key}: {value}", markup=False, highlight=False)
+    console.print(audit_fields(m, decision), markup=False, highlight=False, soft_wrap=True)
+
+
+def exit_with_decision(wanted: bool, decision: Decision) -> None:
+    if wanted and decision.action is Action.DENY:
+        raise typer.Exit(1)
+
+
 verity_app = typer.Typer(help="dm-verity volumes for IPE: pack a directory, open and close images.",
                          no_args_is_help=True)
 
