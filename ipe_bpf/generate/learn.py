@@ -128,7 +128,11 @@ def _learn_one(d: Denial, options: Options, plan: Plan, base: Policy | None, out
     if d.ino is not None and st.st_ino != d.ino:
         out.unlearnable.append(f"{d.op} {path}: replaced since it was audited (inode {d.ino}, now {st.st_ino})")
         return
-    before = measure.measure(Path(path))
+    try:
+        before = measure.measure(Path(path))
+    except IpeBpfError as err:
+        out.unlearnable.append(f"{d.op} {path}: {err.errno_name}: {err.message}")
+        return
     if base is not None and evaluate(base, op, before.attributes()).action is Action.ALLOW:
         out.already.append(f"{d.op} {path}")
         return
