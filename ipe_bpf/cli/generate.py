@@ -11,9 +11,6 @@ import typer
 from rich.markup import escape
 
 from ..audit.render import rule_audit_text, untrusted
-from ..generate import learn as learning
-from ..generate import volumes
-from ..generate.plan import Options, generate
 from ..kernel import measure
 from ..policy import signing
 from ..policy.evaluate import Decision
@@ -73,6 +70,7 @@ def generate_command(
     cert: CertOption = None,
 ) -> None:
     """Write a policy that allows exactly these files (and what they need) to execute."""
+    from ..generate.plan import Options, generate  # pyelftools and friends: only when generating
     if not paths and not package:
         fail("nothing to allow: name files, directories or --package", code=2)
     if hash_alg not in ("sha256", "sha512"):
@@ -105,6 +103,8 @@ def learn_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print what was learned as JSON (not the policy).")] = False,
 ) -> None:
     """Propose the rules that would have allowed what a permissive run denied."""
+    from ..generate import learn as learning
+    from ..generate.plan import Options
     from .policy import policy_text
 
     if enable_verity:
@@ -175,6 +175,8 @@ def pack_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """A read-only ext4 image of DIR with a dm-verity hash tree; prints its root hash and rule."""
+    from ..generate import volumes
+
     signer = _signer(key, cert)
     with reported_errors(str(output)):
         packed = volumes.pack(directory, output, signer)
@@ -195,6 +197,8 @@ def open_command(
     mount: Annotated[Optional[Path], typer.Option("--mount", help="Mount it read-only here.")] = None,
 ) -> None:
     """Open a packed image with dm-verity (with its root hash signature when there is one)."""
+    from ..generate import volumes
+
     with reported_errors(str(image)):
         packed = volumes.open_volume(image, name, mount)
     where = f", mounted at {escape(str(mount))}" if mount else ""
@@ -205,6 +209,8 @@ def open_command(
 @verity_app.command("close")
 def close_command(name: Annotated[str, typer.Argument(help="The device: /dev/mapper/NAME.")]) -> None:
     """Unmount, close and detach a volume opened by `verity open`."""
+    from ..generate import volumes
+
     with reported_errors():
         volumes.close_volume(name)
 
