@@ -4,6 +4,8 @@
 Copies of python3 and coreutils programs live on /work (ext4 with the verity feature); their
 libraries are the guest's own (its root disk also has the verity feature, and every run starts
 from a fresh snapshot of it, so enabling fs-verity there changes nothing beyond this boot).
+Named to run after the other enforcement tests (it enables fs-verity on system libraries)
+and before test_enforce_zz_lifecycle, which unloads the program.
 """
 
 from __future__ import annotations
