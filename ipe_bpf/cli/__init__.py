@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import kernel, policy, service, vm
+from . import generate, kernel, policy, service, vm
 
 app = typer.Typer(
     name="ipe-bpf",
@@ -19,6 +19,7 @@ app.add_typer(policy.app, name="policy")
 kernel.register(app)
 service.register(app)
 app.add_typer(vm.app, name="vm")
+generate.register(app, policy.app)
 
 
 def _version(value: bool) -> None:

@@ -263,11 +263,11 @@ def format_policy(policy: Policy) -> bytes:
         lines.append(f"DEFAULT action={policy.global_default.name}".encode())
     for op, action in policy.op_defaults:
         lines.append(f"DEFAULT op={op.name} action={action.name}".encode())
-    lines.extend(_format_rule(rule) for rule in policy.rules)
+    lines.extend(format_rule(rule) for rule in policy.rules)
     return b"\n".join(lines) + b"\n"
 
 
-def _format_rule(rule: Rule) -> bytes:
+def format_rule(rule: Rule) -> bytes:
     parts = [f"op={rule.op.name}".encode()]
     for prop in rule.properties:
         if isinstance(prop, BoolProperty):
@@ -296,7 +296,7 @@ def format_text(data: bytes) -> bytes:
         elif not seen_header:
             line, seen_header = b"policy_name=" + policy.name + b" policy_version=" + policy.version_text.encode(), True
         elif number in rules:
-            line = _format_rule(rules[number])
+            line = format_rule(rules[number])
         else:
             line = b" ".join(tokens)  # a DEFAULT line: its tokens, single-spaced
         if hash_mark:
