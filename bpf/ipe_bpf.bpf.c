@@ -36,12 +36,15 @@
 const volatile struct {
 	__u8 fsverity_kfunc;	/* call bpf_get_fsverity_digest (no i_verity_info) */
 	__u8 fsv_sig_hook;	/* inode_setintegrity is attached: fs-verity signatures are reported */
+	__u8 dm_hook;		/* bdev_setintegrity is attached: dm-verity changes are reported */
 } ipe_load = {};
 #define IPE_USE_FSVERITY_KFUNC (ipe_load.fsverity_kfunc && !IPE_HAVE_INODE_VERITY)
 #define IPE_FSV_SIG_HOOK ipe_load.fsv_sig_hook
+#define IPE_DM_HOOK ipe_load.dm_hook
 #else
 #define IPE_USE_FSVERITY_KFUNC 0
 #define IPE_FSV_SIG_HOOK 1	/* BCC runs on 6.12, which has inode_setintegrity */
+#define IPE_DM_HOOK 1
 #endif
 
 #define S_VERITY (1 << 16)	/* include/linux/fs.h: inode->i_flags, stable since 5.4 */
@@ -53,6 +56,7 @@ struct ipe_attrs {
 	__u32 digest_id;	/* id of the file's fs-verity digest in the slot, or 0 */
 	__u8 bools;		/* IPE_BOOL_* the file has */
 	__u8 unknown;		/* IPE_BOOL_* whose value this kernel cannot tell (not guessed FALSE) */
+	__u8 walked;		/* its dm-verity state was read from the live table, not the hook */
 };
 
 struct ipe_decision {
@@ -256,8 +260,11 @@ static __always_inline void ipe_dmverity_attrs(void *inode, int slot, struct ipe
 	if (!bdev)
 		return;
 	IPE_FIELD(dev, bdev, struct block_device, bd_dev);
-	if (!ipe_dm_hooked_roothash(dev, &key, &signed_) && !ipe_dm_table_roothash(bdev, &key, &signed_))
-		return;
+	if (!ipe_dm_hooked_roothash(dev, &key, &signed_)) {
+		if (!ipe_dm_table_roothash(bdev, &key, &signed_))
+			return;
+		a->walked = 1;
+	}
 	if (signed_ > 0)
 		a->bools |= IPE_BOOL_DMV_SIGNATURE;
 	else if (signed_ < 0)
@@ -680,6 +687,91 @@ static __always_inline void ipe_audit(struct file *file, __u8 op, __u8 hook, __u
 	ipe_ringbuf_submit(e);
 }
 
+#if IPE_HAVE_CACHE
+/*
+ * The decision cache (op EXECUTE).  A cached decision is valid while the slot's epoch (a new
+ * one per policy install), the file's verity bit (fs-verity can be turned on later) and the
+ * count of dm-verity device changes are unchanged.  Not cached: overlayfs files (a copy-up
+ * changes the real inode) and files whose dm-verity state came from a live table on a kernel
+ * that does not report table changes (no bdev_setintegrity).
+ */
+static __always_inline int ipe_cacheable(struct inode *inode)
+{
+	return inode && inode->i_sb && inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC;
+}
+
+static __always_inline __u32 ipe_dev_change_count(void)
+{
+	__u64 *n = bpf_map_lookup_elem(&ipe_dev_changes, &(__u32){0});
+
+	return n ? (__u32)*n : 0;
+}
+
+static __always_inline int ipe_cache_get(struct inode *inode, __u64 epoch, struct ipe_decision *d, int *split)
+{
+	struct ipe_cached *c;
+	__u64 tag;
+	__u32 dev_changes, index;
+	__u8 action, source, cached_split, verity;
+
+	if (!ipe_cacheable(inode))
+		return 0;
+	c = bpf_inode_storage_get(&ipe_cache, inode, 0, 0);
+	if (!c)
+		return 0;
+	bpf_spin_lock(&c->lock);
+	tag = c->epoch;
+	dev_changes = c->dev_changes;
+	index = c->index;
+	action = c->action;
+	source = c->source;
+	cached_split = c->split;
+	verity = c->verity;
+	bpf_spin_unlock(&c->lock);
+	if (tag != epoch || dev_changes != ipe_dev_change_count() ||
+	    verity != !!(inode->i_flags & S_VERITY))
+		return 0;
+	d->index = index;
+	d->action = action;
+	d->source = source;
+	*split = cached_split;
+	return 1;
+}
+
+static __always_inline void ipe_cache_put(struct inode *inode, __u64 epoch, __u32 dev_changes,
+					  struct ipe_attrs *a, struct ipe_decision *d, int split)
+{
+	struct ipe_cached *c;
+	__u8 verity;
+
+	if (!ipe_cacheable(inode) || (a->walked && !IPE_DM_HOOK))
+		return;
+	verity = !!(inode->i_flags & S_VERITY);
+	c = bpf_inode_storage_get(&ipe_cache, inode, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c)
+		return;
+	bpf_spin_lock(&c->lock);
+	c->epoch = epoch;
+	c->dev_changes = dev_changes;
+	c->index = d->index;
+	c->action = d->action;
+	c->source = d->source;
+	c->split = split;
+	c->verity = verity;
+	bpf_spin_unlock(&c->lock);
+}
+
+static __always_inline void ipe_note_dev_change(void)
+{
+	__u64 *n = bpf_map_lookup_elem(&ipe_dev_changes, &(__u32){0});
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+#else
+#define ipe_note_dev_change() do { } while (0)
+#endif
+
 /* The whole evaluation of one event; returns the hook's return value. */
 static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, int use_d_path)
 {
@@ -690,8 +782,8 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	struct ipe_attrs a = {};
 	struct ipe_decision d = {};
 	__u8 active, enforcing;
-	__u32 slot;
-	int split;
+	__u32 slot, dev_changes = 0;
+	int split = 0;
 
 	if (!cfg)
 		return 0;
@@ -702,9 +794,20 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	def = ipe_map_lookup(ipe_defaults, &slot);
 	if (!def)
 		return 0;
+#if IPE_HAVE_CACHE
+	if (file && op == IPE_OP_EXECUTE && ipe_cache_get(file->f_inode, def->epoch, &d, &split))
+		goto decided;
+	/* the count before the attributes are read: a change meanwhile leaves a stale tag */
+	dev_changes = ipe_dev_change_count();
+#endif
 	if (file)
 		ipe_file_attrs(file, slot, &a);
 	split = ipe_decide_all(def, slot, op, &a, &d);
+#if IPE_HAVE_CACHE
+	if (file && op == IPE_OP_EXECUTE)
+		ipe_cache_put(file->f_inode, def->epoch, dev_changes, &a, &d, split);
+decided:
+#endif
 	enforcing = !cfg->permissive;
 
 	c = ipe_map_lookup(ipe_counters, &zero);
@@ -872,6 +975,7 @@ IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type t
 		}
 	}
 	ipe_map_update(ipe_devices, &dev, &st);
+	ipe_note_dev_change();
 	return 0;
 }
 
@@ -880,6 +984,7 @@ IPE_HOOK(bdev_free_security, struct block_device *bdev)
 	__u32 dev = bdev->bd_dev;
 
 	ipe_map_delete(ipe_devices, &dev);
+	ipe_note_dev_change();
 	return 0;
 }
 

@@ -70,6 +70,7 @@ struct ipe_policy_defaults {
 	__u8 shapes;			/* bit s set: some rule has shape s (0..3) */
 	__u8 pad[6];
 	__u64 generation;		/* which deployed policy fills this slot */
+	__u64 epoch;			/* unique per install (the config's flips after it): tags cached decisions */
 };
 
 /* ------------------------------------------------------------------------------------

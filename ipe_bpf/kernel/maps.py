@@ -114,6 +114,7 @@ class SlotDefaults:
     global_default: int
     shapes: int
     generation: int
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ class PinnedPolicyMaps:
             active = cfg.active
             new_slot = 1 if active == 1 else 0
             self._delete_slot(new_slot)  # leftovers of an interrupted install
-            enc = encode(compiled, new_slot, generation=generation)
+            # the epoch tags the program's cached decisions: unique per install, never reused
+            enc = encode(compiled, new_slot, generation=generation, epoch=cfg.flips + 1)
             for name, entries in (("ipe_digests", enc.digests), ("ipe_rules", enc.rules)):
                 m = self._map(name)
                 bpfsys.update_many(m.fd, entries, m.key_size, m.value_size)

@@ -246,7 +246,7 @@ class EncodedMaps:
         return sum(len(k) + len(v) for table in (self.digests, self.rules, self.defaults) for k, v in table)
 
 
-def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0) -> EncodedMaps:
+def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0, epoch: int = 0) -> EncodedMaps:
     """The entries of every map for `compiled` written into `slot`."""
     abi = compiled.abi
     if not 0 <= slot < abi.slots:
@@ -263,7 +263,7 @@ def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0) -> Encod
     defaults = [
         (
             codecs.array_key.pack(slot),
-            codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, generation),
+            codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, generation, epoch),
         )
     ]
     return EncodedMaps(digests, rules, defaults)

@@ -62,6 +62,29 @@ def test_same_file_flips_with_the_policy(ipe: Kernel) -> None:
     assert ipe.exec_status(ipe.good) == 0
 
 
+def test_a_decision_made_before_fs_verity_is_enabled_is_not_reused(ipe: Kernel) -> None:
+    """The program caches decisions per inode: turning fs-verity on afterwards must count.
+    The same policy throughout; the file is decided (allowed, plain), gets fs-verity, and the
+    next decision sees its digest."""
+    target = FSV / "later-verity"
+    target.unlink(missing_ok=True)
+    target.write_bytes(ipe.good.read_bytes() + b"later")
+    target.chmod(0o755)
+    from .kernel_fixtures import FSV, measure, sh
+
+    digest_copy = FSV / "later-verity-digest"  # its digest, measured on a twin
+    digest_copy.unlink(missing_ok=True)
+    digest_copy.write_bytes(target.read_bytes())
+    sh("fsverity", "enable", digest_copy)
+    digest = measure(digest_copy)
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={digest} action=DENY"))
+    for _ in range(3):
+        assert ipe.exec_status(target) == 0  # plain: no digest, allowed (and cached)
+    sh("fsverity", "enable", target)
+    assert ipe.exec_status(target) == EACCES
+    assert ipe.exec_status(target) == EACCES  # and the new decision is what is cached
+
+
 def test_op_default_and_global_default_sources(ipe: Kernel) -> None:
     ipe.activate(policy(
         f"op=EXECUTE fsverity_digest={ipe.good_digest} action=ALLOW",
