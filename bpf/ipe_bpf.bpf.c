@@ -453,16 +453,17 @@ static __always_inline int ipe_decide_all(struct ipe_policy_defaults *def, int s
 					  struct ipe_attrs *a, struct ipe_decision *d)
 {
 	struct ipe_decision alt = {};
-	__u8 known = a->bools & ~a->unknown;
+	__u8 unknown = a->unknown & def->bool_mask;	/* what no rule tests cannot matter */
+	__u8 known = a->bools & ~unknown & def->bool_mask;
 	int split = 0;
 
 	ipe_decide(def, slot, op, a, known, d);
-	if (!a->unknown)
+	if (!unknown)
 		return 0;
 #pragma unroll
 	for (__u8 extra = IPE_BOOL_DMV_SIGNATURE; extra <= (IPE_BOOL_DMV_SIGNATURE | IPE_BOOL_FSV_SIGNATURE);
 	     extra += IPE_BOOL_DMV_SIGNATURE) {
-		if (extra & ~a->unknown)
+		if (extra & ~unknown)
 			continue;
 		ipe_decide(def, slot, op, a, known | extra, &alt);
 		if (alt.action == d->action)

@@ -68,7 +68,8 @@ struct ipe_policy_defaults {
 	__u8 op_default[IPE_NR_OPS];	/* IPE_ACTION_* or IPE_DEFAULT_NONE */
 	__u8 global_default;		/* IPE_ACTION_* or IPE_DEFAULT_NONE */
 	__u8 shapes;			/* bit s set: some rule has shape s (0..3) */
-	__u8 pad[6];
+	__u8 bool_mask;			/* IPE_BOOL_* some rule tests: the only bits rule keys carry */
+	__u8 pad[5];
 	__u64 generation;		/* which deployed policy fills this slot */
 	__u64 epoch;			/* unique per install (the config's flips after it): tags cached decisions */
 };

@@ -113,6 +113,7 @@ class SlotDefaults:
     op_default: bytes
     global_default: int
     shapes: int
+    bool_mask: int
     generation: int
     epoch: int
 

@@ -5,15 +5,17 @@ Tables (structs in bpf/ipe_bpf.h; every entry carries the slot it belongs to):
 * digests map   `ipe_digest_key -> __u32 id`: every digest a rule can match gets an id > 0.
 * rules map     `ipe_rule_key -> ipe_rule_value`: for a rule *shape* (which of dm-verity
   root hash / fs-verity digest the rule tests), the file's ids for that shape and the file's
-  three boolean attributes, the lowest index of a rule of that shape that matches.
-* defaults map  (array, index = slot) `ipe_policy_defaults`: per-op and global defaults and
-  the bitmask of shapes that occur.
+  boolean attributes (those the policy tests at all), the lowest index of a rule of that
+  shape that matches.
+* defaults map  (array, index = slot) `ipe_policy_defaults`: per-op and global defaults, the
+  bitmask of shapes that occur and the boolean attributes some rule tests (`bool_mask`).
 
 Each rule is normalised (boolean properties fold into required bit values; repeated digest
 properties of one key must all be the same digest) and expanded over the values of the
-booleans it leaves free, so a rule makes at most 2**3 = 8 rule entries and at most 2 digest
-entries: the tables are O(number of rules), and a decision costs at most 2 digest lookups,
-4 rule lookups and 1 defaults lookup whatever the policy size.
+booleans it leaves free among those the policy tests, so a rule makes at most 2**3 = 8 rule
+entries (one when the policy tests no boolean, as a digest allowlist does) and at most 2
+digest entries: the tables are O(number of rules), and a decision costs at most 2 digest
+lookups, 4 rule lookups and 1 defaults lookup whatever the policy size.
 
 `encode()` turns the tables into map entries for a slot; ipe_bpf.policy.lookup decides events
 from them exactly as the BPF program does; ipe_bpf.policy.abi holds the header's constants.
@@ -75,10 +77,10 @@ class NormalRule:
             abi.shape_fsverity if self.fsverity is not None else 0
         )
 
-    def file_bools(self, abi: Abi) -> Iterator[int]:
-        """Every value of the file's boolean bits this rule accepts (2**free of them)."""
+    def file_bools(self, abi: Abi, relevant: int) -> Iterator[int]:
+        """Every value of the file's `relevant` boolean bits this rule accepts (2**free of them)."""
         for value in range(abi.all_bools + 1):
-            if value & self.mask == self.bools:
+            if value & ~relevant == 0 and value & self.mask == self.bools:
                 yield value
 
 
@@ -139,6 +141,7 @@ class Defaults:
     op_default: tuple[int, ...]  # per op number: IPE_ACTION_* or IPE_DEFAULT_NONE
     global_default: int  # IPE_ACTION_* or IPE_DEFAULT_NONE
     shapes: int  # bit s set: some rule entry has shape s
+    bool_mask: int  # the IPE_BOOL_* bits some rule tests (rule keys carry only these)
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def _digest_id(digests: dict[DigestEntry, int], entry: DigestEntry) -> int:
     return found
 
 
-def _defaults(policy: Policy, abi: Abi, shapes: int) -> Defaults:
+def _defaults(policy: Policy, abi: Abi, shapes: int, bool_mask: int) -> Defaults:
     def action_or_none(action: Action | None) -> int:
         return abi.default_none if action is None else int(action)
 
@@ -184,7 +187,7 @@ def _defaults(policy: Policy, abi: Abi, shapes: int) -> Defaults:
         abi.default_none if op == abi.op_unknown else action_or_none(policy.op_default(Op(op)))
         for op in range(abi.nr_ops)
     )
-    return Defaults(op_default, action_or_none(policy.global_default), shapes)
+    return Defaults(op_default, action_or_none(policy.global_default), shapes, bool_mask)
 
 
 def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledPolicy:
@@ -194,10 +197,12 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
     digests: dict[DigestEntry, int] = {}
     rules: dict[RuleKey, RuleValue] = {}
     shapes = 0
-    for index, rule in enumerate(policy.rules):
-        if rule.op is Op.UNKNOWN:
-            continue  # never consulted: UNKNOWN events only see the global default
-        normal = normalise(rule, abi)
+    normals = [(index, rule, normalise(rule, abi)) for index, rule in enumerate(policy.rules)
+               if rule.op is not Op.UNKNOWN]  # UNKNOWN events only ever see the global default
+    relevant = 0
+    for _, _, normal in normals:
+        relevant |= normal.mask if normal is not None else 0
+    for index, rule, normal in normals:
         if normal is None:
             continue  # can never match: no entry
         roothash_id = digest_id = 0
@@ -208,13 +213,13 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
         shape = normal.shape(abi)
         shapes |= 1 << shape
         value = RuleValue(index, int(rule.action))
-        for bools in normal.file_bools(abi):
+        for bools in normal.file_bools(abi, relevant):
             # Rules come in index order: the first one to claim a key is the lowest index.
             rules.setdefault(RuleKey(int(rule.op), shape, bools, roothash_id, digest_id), value)
     return CompiledPolicy(
         digests=MappingProxyType(digests),
         rules=MappingProxyType(rules),
-        defaults=_defaults(policy, abi, shapes),
+        defaults=_defaults(policy, abi, shapes, relevant),
         rule_texts=tuple(str(rule) for rule in policy.rules),
         policy=policy,
         abi=abi,
@@ -263,7 +268,7 @@ def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0, epoch: i
     defaults = [
         (
             codecs.array_key.pack(slot),
-            codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, generation, epoch),
+            codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, d.bool_mask, generation, epoch),
         )
     ]
     return EncodedMaps(digests, rules, defaults)
