@@ -180,14 +180,15 @@ def pack_command(
     signer = _signer(key, cert)
     with reported_errors(str(output)):
         packed = volumes.pack(directory, output, signer)
+    rule = format_rule(packed.rule).decode()  # as a policy spells it, ready to paste
     if as_json:
         print_json({"image": str(packed.image), "hash_tree": str(packed.hash_tree), "roothash": packed.roothash,
-                    "signature": str(packed.signature) if packed.signature else None, "rule": str(packed.rule)})
+                    "signature": str(packed.signature) if packed.signature else None, "rule": rule})
         return
     typer.echo(f"root hash: {packed.roothash}")
     if packed.signature:
         typer.echo(f"signature: {packed.signature}")
-    typer.echo(f"rule: {packed.rule}")
+    typer.echo(f"rule: {rule}")
 
 
 @verity_app.command("open")

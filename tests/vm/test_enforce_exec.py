@@ -10,7 +10,7 @@ import subprocess
 from ipe_bpf.audit.render import ipe_fields, ipe_text
 from ipe_bpf.kernel import pins
 
-from .kernel_fixtures import Kernel, get_kernel, ipe, kernel, policy  # noqa: F401
+from .kernel_fixtures import FSV, Kernel, get_kernel, ipe, kernel, measure, policy, sh  # noqa: F401
 
 EACCES = 13
 
@@ -70,8 +70,6 @@ def test_a_decision_made_before_fs_verity_is_enabled_is_not_reused(ipe: Kernel) 
     target.unlink(missing_ok=True)
     target.write_bytes(ipe.good.read_bytes() + b"later")
     target.chmod(0o755)
-    from .kernel_fixtures import FSV, measure, sh
-
     digest_copy = FSV / "later-verity-digest"  # its digest, measured on a twin
     digest_copy.unlink(missing_ok=True)
     digest_copy.write_bytes(target.read_bytes())

@@ -25,7 +25,7 @@ from ipe_bpf.cli import app
 from ipe_bpf.kernel import measure
 from ipe_bpf.policy.evaluate import evaluate
 from ipe_bpf.policy.model import Op
-from ipe_bpf.policy.parser import parse_policy
+from ipe_bpf.policy.parser import format_rule, parse_policy
 
 from .kernel_fixtures import ALLOW_ALL, Kernel, get_kernel, ipe, kernel  # noqa: F401
 from .test_enforce_differential import _files, _random_policy
@@ -182,7 +182,7 @@ def test_packed_volume_is_allowed_by_its_generated_rule(ipe: Kernel, tree: Path)
         made = cli("policy", "generate", "--no-closure", mount / "prog", tree / "prog-copy", "--enable-verity")
         policy = parse_policy(made.stdout.encode())
         volume_rule = f"op=EXECUTE dmverity_roothash=sha256:{packed['roothash']} action=ALLOW"
-        assert volume_rule == packed["rule"] and volume_rule in [str(r) for r in policy.rules]
+        assert volume_rule == packed["rule"] and volume_rule in [format_rule(r).decode() for r in policy.rules]
         assert f"# {mount / 'prog'}\n# dm-verity volume /dev/mapper/{VOLUME}\n{volume_rule}" in made.stdout
         # allow the volume only, not the copy of the same program
         only_volume = made.stdout.split("\n\n")[0] + f"\n{volume_rule}\n"

@@ -74,14 +74,19 @@ def test_signature_checked_before_load_is_never_taken_as_false(kernel: Kernel) -
     (kept open, so its inode and verity info stay): the program never saw the check, so the
     signature state is unknown, and a decision that hangs on it is denied (fail-closed), never
     decided on a guessed FALSE.  Once the inode is gone and reopened, the state is known."""
-    from .kernel_fixtures import FSV, SCRATCH, sh
+    from .kernel_fixtures import SCRATCH, sh
     from .test_enforce_fsverity_signature import _signing_key
 
     assert not pins.is_loaded()
     key, cert = _signing_key()
-    signed, unsigned = FSV / "early-signed", FSV / "early-unsigned"
+    # a filesystem of their own: remounting it later evicts exactly their inodes
+    disk, mnt = SCRATCH / "early.img", SCRATCH / "early"
+    sh("truncate", "-s", "16M", disk)
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "verity", disk)
+    mnt.mkdir(exist_ok=True)
+    sh("mount", "-o", "loop", disk, mnt)
+    signed, unsigned = mnt / "signed", mnt / "unsigned"
     for path, extra in ((signed, b"\3"), (unsigned, b"\4")):
-        path.unlink(missing_ok=True)
         path.write_bytes(kernel.good.read_bytes() + extra)
         path.chmod(0o755)
     sh("fsverity", "sign", signed, SCRATCH / "early.sig", "--key", key, "--cert", cert)
@@ -101,9 +106,8 @@ def test_signature_checked_before_load_is_never_taken_as_false(kernel: Kernel) -
             for f in held:
                 f.close()
             held = []
-            # the inodes go (a fresh mount of their filesystem); reopened, their set-up is seen
-            sh("umount", FSV)
-            sh("mount", "-o", "loop", SCRATCH / "fsv.img", FSV)
+            sh("umount", mnt)
+            sh("mount", "-o", "loop", disk, mnt)  # fresh inodes: their set-up is seen now
             kernel.activate(policy("op=EXECUTE fsverity_signature=TRUE action=DENY"))
             assert kernel.exec_status(signed) == EACCES
             assert kernel.exec_status(unsigned) == 0
@@ -112,3 +116,4 @@ def test_signature_checked_before_load_is_never_taken_as_false(kernel: Kernel) -
     finally:
         for f in held:
             f.close()
+        sh("umount", mnt, check=False)
