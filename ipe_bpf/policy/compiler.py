@@ -25,14 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import NamedTuple
 
 from ..errors import IpeBpfError
 from .abi import Abi
 from .layout import Header, load_header
-from .model import POLICY_OPS, Action, BoolProperty, Digest, DigestKey, Op, Policy, Rule
+from .model import POLICY_OPS, Action, BoolProperty, Digest, DigestKey, DigestProperty, Op, Policy, Rule
 
 __all__ = [
     "CompileError",
@@ -77,15 +77,25 @@ class NormalRule:
             abi.shape_fsverity if self.fsverity is not None else 0
         )
 
-    def file_bools(self, abi: Abi, relevant: int) -> Iterator[int]:
+    def file_bools(self, abi: Abi, relevant: int) -> tuple[int, ...]:
         """Every value of the file's `relevant` boolean bits this rule accepts (2**free of them)."""
-        for value in range(abi.all_bools + 1):
-            if value & ~relevant == 0 and value & self.mask == self.bools:
-                yield value
+        return _accepted_bools(abi.all_bools, relevant, self.mask, self.bools)
+
+
+@lru_cache(maxsize=None)
+def _accepted_bools(all_bools: int, relevant: int, mask: int, bools: int) -> tuple[int, ...]:
+    return tuple(v for v in range(all_bools + 1) if v & ~relevant == 0 and v & mask == bools)
 
 
 def normalise(rule: Rule, abi: Abi) -> NormalRule | None:
     """What `rule` requires of a file, or None if no file the kernel sees can match it."""
+    if len(rule.properties) == 1 and isinstance(rule.properties[0], DigestProperty):
+        prop = rule.properties[0]  # the digest allowlist's one-property rule, made fast
+        if not abi.representable(prop.digest):
+            return None
+        if prop.key is DigestKey.FSVERITY_DIGEST:
+            return NormalRule(0, 0, None, prop.digest)
+        return NormalRule(0, 0, prop.digest, None)
     mask = bools = 0
     wanted: dict[DigestKey, set[Digest]] = {DigestKey.DMVERITY_ROOTHASH: set(), DigestKey.FSVERITY_DIGEST: set()}
     for prop in rule.properties:
@@ -151,9 +161,13 @@ class CompiledPolicy:
     digests: Mapping[DigestEntry, int]
     rules: Mapping[RuleKey, RuleValue]
     defaults: Defaults
-    rule_texts: tuple[str, ...]  # index -> the rule as kernel IPE's audit prints it (rule="...")
     policy: Policy = field(repr=False, compare=False)
     abi: Abi = field(repr=False, compare=False)
+
+    @cached_property
+    def rule_texts(self) -> tuple[str, ...]:
+        """Index -> the rule as kernel IPE's audit prints it (rule="..."); made when first asked."""
+        return tuple(str(rule) for rule in self.policy.rules)
 
     @cached_property
     def kernel_maps(self) -> "KernelMaps":
@@ -202,32 +216,29 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
     relevant = 0
     for _, _, normal in normals:
         relevant |= normal.mask if normal is not None else 0
+    claim = rules.setdefault  # rules come in index order: the first to claim a key is the lowest
+    dmverity, fsverity, all_bools = abi.digest_dmverity, abi.digest_fsverity, abi.all_bools
     for index, rule, normal in normals:
         if normal is None:
             continue  # can never match: no entry
         roothash_id = digest_id = 0
         if normal.roothash is not None:
-            roothash_id = _digest_id(digests, DigestEntry(abi.digest_dmverity, *_digest_parts(normal.roothash)))
+            roothash_id = _digest_id(digests, DigestEntry(dmverity, normal.roothash.alg, normal.roothash.value))
         if normal.fsverity is not None:
-            digest_id = _digest_id(digests, DigestEntry(abi.digest_fsverity, *_digest_parts(normal.fsverity)))
+            digest_id = _digest_id(digests, DigestEntry(fsverity, normal.fsverity.alg, normal.fsverity.value))
         shape = normal.shape(abi)
         shapes |= 1 << shape
         value = RuleValue(index, int(rule.action))
-        for bools in normal.file_bools(abi, relevant):
-            # Rules come in index order: the first one to claim a key is the lowest index.
-            rules.setdefault(RuleKey(int(rule.op), shape, bools, roothash_id, digest_id), value)
+        op = int(rule.op)
+        for bools in _accepted_bools(all_bools, relevant, normal.mask, normal.bools):
+            claim(RuleKey(op, shape, bools, roothash_id, digest_id), value)
     return CompiledPolicy(
         digests=MappingProxyType(digests),
         rules=MappingProxyType(rules),
         defaults=_defaults(policy, abi, shapes, relevant),
-        rule_texts=tuple(str(rule) for rule in policy.rules),
         policy=policy,
         abi=abi,
     )
-
-
-def _digest_parts(digest: Digest) -> tuple[bytes, bytes]:
-    return digest.alg, digest.value
 
 
 # ---------------------------------------------------------------- encoding
