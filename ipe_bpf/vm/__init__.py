@@ -11,8 +11,8 @@ Entry points:
 - :func:`build_image` (``ipe-bpf vm build``): mmdebstrap + mke2fs, cached by input hash.
 - :func:`plan_setup` / :func:`apply_setup` (``ipe-bpf vm setup``): host prerequisites.
 
-Layout: ``config`` (settings, cache paths), ``lines`` (kernel lines and releases), ``archive``
-(a mirror's package index), ``mirror`` (Debian mirror from the host's apt), ``wheels`` (the
+Layout: ``config`` (settings, cache paths), ``lines`` (kernel lines), ``releases``
+(which release a line means), ``archive`` (a mirror's package index), ``mirror`` (Debian mirror from the host's apt), ``wheels`` (the
 guest's Python packages), ``inputs`` (what an image is built from, its key, mmdebstrap's
 command line), ``image`` (build and cache), ``qemu`` (command line), ``disks`` (work/control/results disks),
 ``console`` (marker parsing), ``run`` (one boot), ``setup`` and ``host`` (host checks),

@@ -54,9 +54,9 @@ class VmConfig:
     def images_dir(self) -> Path:
         return self.vm_dir / "images"
 
-    @property
-    def debs_dir(self) -> Path:
-        return self.vm_dir / "debs"
+    def debs_dir(self, suite: str) -> Path:
+        """The .deb cache of one Debian suite (a sibling of the single debs/ older versions kept)."""
+        return self.vm_dir / f"debs-{suite}"
 
     @property
     def runs_dir(self) -> Path:

@@ -31,6 +31,7 @@ from .config import VmConfig
 from .inputs import NO_INITRAMFS_PACKAGE, GuestInputs, explain_mmdebstrap_failure, mmdebstrap_argv
 from .lines import line_of_release
 from .mirror import resolve_mirror
+from .releases import known_release, resolve_release
 from .procs import run_logged
 from .progress import Reporter, SilentReporter
 from .wheels import WHEELHOUSE, ensure_wheelhouse, project_requirements, prune_wheelhouses
@@ -88,32 +89,6 @@ def load_image(directory: Path) -> Image:
                 "EUCLEAN", f"cached VM image file {path} has {actual} bytes, expected {size}: {hint}"
             )
     return Image(directory, manifest)
-
-
-def known_release(config: VmConfig) -> str | None:
-    """The kernel release --kernel means, without asking the mirror: the pinned or given one,
-    else the one the floating line resolved to at its last build (None before any)."""
-    choice = config.choice
-    if choice.release is not None:
-        return choice.release
-    try:
-        return config.resolved_path(choice.line).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def resolve_release(config: VmConfig, mirror: str) -> str:
-    """The release to build: for a floating line the newest its suite serves now (remembered)."""
-    choice = config.choice
-    if choice.release is not None:
-        return choice.release
-    release = served_release(choice.line, mirror)
-    path = config.resolved_path(choice.line)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(release + "\n")
-    tmp.replace(path)
-    return release
 
 
 def current_inputs(config: VmConfig, release: str) -> GuestInputs:
@@ -358,7 +333,7 @@ def _build(config: VmConfig, inputs: GuestInputs, mirror: str, work: Path, repor
     line = inputs.line
     with reporter.step(f"wheels for the guest's Python {line.python} (pip download)") as step:
         wheelhouse = ensure_wheelhouse(config.wheels_dir, line, inputs.requirements, log, step)
-    debs = config.debs_dir / inputs.suite
+    debs = config.debs_dir(inputs.suite)
     debs.mkdir(parents=True, exist_ok=True)
     rootfs = work / "rootfs"
     in_ram = _rootfs_on_tmpfs(rootfs)
@@ -420,4 +395,4 @@ def image_summary(image: Image) -> dict:
     return {"directory": str(image.directory), **{k: v for k, v in image.manifest.items() if k != "packages"}}
 
 
-__all__ = ["Image", "build_image", "find_image", "known_release", "load_image", "superseded"]
+__all__ = ["Image", "build_image", "find_image", "image_key", "load_image", "superseded"]

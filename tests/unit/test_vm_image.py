@@ -10,14 +10,13 @@ import pytest
 
 from ipe_bpf.errors import VmError
 from ipe_bpf.vm import image as image_module
+from ipe_bpf.vm import releases
 from ipe_bpf.vm.config import VmConfig, default_cache_dir
 from ipe_bpf.vm.image import (
     build_image,
     find_image,
     image_key,
-    known_release,
     load_image,
-    resolve_release,
     root_image_size,
     superseded,
 )
@@ -30,6 +29,7 @@ from ipe_bpf.vm.inputs import (
     parse_package_list,
 )
 from ipe_bpf.vm.lines import line_named
+from ipe_bpf.vm.releases import known_release, resolve_release
 from ipe_bpf.vm.wheels import WHEELHOUSE, Requirements, project_requirements
 
 PINNED_612 = line_named("6.12").pinned
@@ -243,7 +243,7 @@ def test_a_floating_line_resolves_when_built_and_remembers(tmp_path: Path, monke
         asked.append((getattr(line, "name"), mirror))
         return next(served)
 
-    monkeypatch.setattr(image_module, "served_release", fake_served)
+    monkeypatch.setattr(releases, "served_release", fake_served)
     assert resolve_release(config, "http://m") == "7.3.4+deb13-cloud-amd64"
     assert known_release(config) == "7.3.4+deb13-cloud-amd64" == known_release(VmConfig(cache_dir=tmp_path, kernel="7.x"))
     assert resolve_release(config, "http://m") == "7.3.5+deb13-cloud-amd64"  # a build asks again
