@@ -31,9 +31,9 @@ from .config import VmConfig
 from .inputs import NO_INITRAMFS_PACKAGE, GuestInputs, explain_mmdebstrap_failure, mmdebstrap_argv
 from .lines import line_of_release
 from .mirror import resolve_mirror
-from .releases import known_release, resolve_release
 from .procs import run_logged
 from .progress import Reporter, SilentReporter
+from .releases import known_release, resolve_release
 from .wheels import WHEELHOUSE, ensure_wheelhouse, project_requirements, prune_wheelhouses
 
 ROOT_FILE = "root.img"
