@@ -128,7 +128,7 @@ def ensure_image(config: VmConfig, reporter: Reporter) -> Image:
     """The cached image, built first if there is none (a corrupt one is an error)."""
     image = find_image(config)
     if image is None:
-        reporter.note("no VM image for the current inputs yet: building it")
+        reporter.note(f"no VM image of kernel line {config.choice.line.name} for the current inputs yet: building it")
         image = build_image(config, reporter=reporter)
     return image
 
@@ -280,7 +280,8 @@ def run_vm(
         )
         state = ConsoleState(nonce)
         reporter.note(
-            f"booting Linux {image.manifest.get('kernel_release')} under QEMU TCG"
+            f"booting Linux {image.manifest.get('kernel_release')} (line {image.manifest.get('line')}, "
+            f"Debian {image.manifest.get('suite')}) under QEMU TCG"
             + (" from an initramfs" if request.initramfs else "")
             + (" with -icount" if request.icount else "")
             + (f" under UEFI, {request.uefi_db.name} in db" if request.uefi_db else "")
@@ -329,8 +330,11 @@ def run_in_vm(
     initramfs: bool = False,
     icount: bool = False,
     uefi_db: Path | None = None,
+    kernel: str | None = None,
 ) -> int:
     """Run COMMAND as root in /work of a fresh test VM and return its exit status.
+
+    KERNEL is a line (6.1, 6.12, 7.x) or an exact release; default $IPE_BPF_VM_KERNEL, else 6.12.
 
     The console streams to stdout.  Returns 125 (and says why on stderr) when the guest
     never reported a status: kernel panic, hang past TIMEOUT seconds, QEMU failure.  Raises
@@ -339,6 +343,7 @@ def run_in_vm(
     """
     outcome = run_vm(
         RunRequest(tuple(command), project, results, timeout, initramfs, icount, uefi_db=uefi_db),
+        VmConfig.from_env(kernel=kernel),
         console=sys.stdout.buffer,
     )
     for warning in outcome.warnings:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.vm.config import VmConfig
-from ipe_bpf.vm.image import GuestInputs
+from ipe_bpf.vm.image import image_key
 from ipe_bpf.vm.run import NO_REPORT, RunRequest, run_vm
 
 FAKE_QEMU = """\
@@ -59,7 +59,7 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str) -> VmC
         fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     config = VmConfig(cache_dir=tmp_path / "cache")
-    key = GuestInputs.for_config(config).key()
+    key = image_key(config)
     image = config.images_dir / key
     image.mkdir(parents=True)
     files = {"root.img": b"r", "vmlinuz": b"k", "rootfs.cpio": b"i"}
