@@ -220,6 +220,7 @@ def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
     assert compared >= len(PEER_POLICIES) * len(files)  # at least each exec's BPRM_CHECK
 
 
+@pytest.mark.requires("rebuilt_paths")
 @pytest.mark.requires("kernel_ipe")
 def test_kernel_ipe_and_ipe_bpf_agree_on_the_bypass_hooks(ipe: Kernel, kernel_ipe_peer: None) -> None:
     """mmap, mprotect, anonymous executable memory and memfd exec: the same records (MPROTECT's
