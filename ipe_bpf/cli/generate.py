@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ..policy.model import untrusted
+from ..policy.model import Digest, untrusted
 from ..policy.parser import format_rule
 from ..kernel import measure
 from ..policy import signing
@@ -139,13 +139,18 @@ def audit_fields(m: measure.Measurement, decision: Decision) -> str:
             f"ino={m.ino} rule=\"{decision.rule_text}\"")
 
 
+def _digest_text(digest: Digest | None) -> str | None:
+    """As a policy writes it (`sha256:<hex>`), or None."""
+    return None if digest is None else f"{digest.alg.decode('latin-1')}:{digest.value.hex()}"
+
+
 def measurement_json(m: measure.Measurement) -> dict[str, object]:
     a = m.attributes()
     return {"path": m.path, "dev": m.dev, "ino": m.ino, "boot_verified": a.boot_verified,
-            "dmverity_roothash": str(a.dmverity_roothash) if a.dmverity_roothash else None,
+            "dmverity_roothash": _digest_text(a.dmverity_roothash),
             "dmverity_device": f"/dev/mapper/{m.volume.name}" if m.volume else None,
             "dmverity_signature": a.dmverity_signature,
-            "fsverity_digest": str(a.fsverity_digest) if a.fsverity_digest else None,
+            "fsverity_digest": _digest_text(a.fsverity_digest),
             "fsverity_signature": a.fsverity_signature}
 
 

@@ -70,15 +70,31 @@ def fsverity_digest(path: Path) -> Digest | None:
 
 def fsverity_signed(path: Path) -> bool:
     """Whether the file carries a built-in fs-verity signature (the kernel checked it on open)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return signed_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def signed_fd(fd: int) -> bool:
+    """fsverity_signed() of an open file."""
     buf = ctypes.create_string_buffer(16384)
     arg = bytearray(struct.pack("=QQQQQ", FS_VERITY_METADATA_TYPE_SIGNATURE, 0, len(buf), ctypes.addressof(buf), 0))
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return fcntl.ioctl(fd, FS_IOC_READ_VERITY_METADATA, arg) > 0  # bytes of signature read
     except OSError:
         return False  # ENODATA: no signature (or no fs-verity at all)
-    finally:
-        os.close(fd)
+
+
+def verity_fd(fd: int) -> bool:
+    """Whether fs-verity is enabled on an open file."""
+    buf = bytearray(struct.pack("=HH", 0, _MEASURE_ROOM) + bytes(_MEASURE_ROOM))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
+    except OSError:
+        return False
+    return True
 
 
 def enable_fsverity(path: Path, alg: str = "sha256") -> None:
