@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 
 from ..policy.model import Digest, untrusted
+
+if TYPE_CHECKING:
+    from ..kernel import measure
+    from ..policy.evaluate import Decision
 from ..policy.parser import format_rule
-from ..kernel import measure
-from ..policy import signing
-from ..policy.evaluate import Decision
 from ..policy.model import Action
 from .common import console, err_console, fail, print_json, read_bytes, reported_errors
 
@@ -39,6 +40,8 @@ def _write(text: bytes, output: Optional[Path], sign: bool, key: Optional[Path],
         if signer is None or output is None:
             fail("--sign needs --key, --cert and -o (the signed policy is DER, not for a terminal)", code=2)
         with reported_errors():
+            from ..policy import signing
+
             text = signing.sign_policy(text, *signer)
     if output is None:
         sys.stdout.buffer.write(text)
@@ -129,6 +132,8 @@ def learn_command(
 
 def measure_file(path: Path) -> measure.Measurement:
     """`policy explain --file`: the real file's attributes on this machine."""
+    from ..kernel import measure
+
     with reported_errors(str(path)):
         return measure.measure(path)
 

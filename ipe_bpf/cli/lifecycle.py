@@ -12,16 +12,15 @@ import contextlib
 import errno
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from ..errors import IpeBpfError
-from ..kernel.features import running_kernel
-from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget, policy_name
-from ..kernel.store import PolicyStore
-from ..policy.files import read_input
+
+if TYPE_CHECKING:
+    from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget
 from .common import console, err_console, fail, print_json, root_hint
 
 DEFAULT_TRUST = Path("/etc/ipe-bpf/")
@@ -58,6 +57,10 @@ def kernel_target() -> Iterator[PolicyTarget | None]:
 @contextlib.contextmanager
 def open_lifecycle(command: str) -> Iterator[Lifecycle]:
     """A Lifecycle over the default store and the kernel (if loaded); errors become one line."""
+    from ..kernel.features import running_kernel
+    from ..kernel.lifecycle import Lifecycle
+    from ..kernel.store import PolicyStore
+
     try:
         with kernel_target() as target:
             yield Lifecycle(PolicyStore.default(), target, kernel=running_kernel)
@@ -71,9 +74,17 @@ def open_lifecycle(command: str) -> Iterator[Lifecycle]:
 
 def _read(command: str, path: Path) -> bytes:
     try:
+        from ..policy.files import read_input
+
         return read_input(path)
     except IpeBpfError as err:
         fail(f"{command}: {err.errno_name}: {path}: {err.message}")
+
+
+def _name(name: str) -> bytes:
+    from ..kernel.lifecycle import policy_name
+
+    return policy_name(name)
 
 
 def _say(message: str) -> None:
@@ -144,7 +155,7 @@ def activate(
 ) -> None:
     """Make a deployed policy the active one."""
     with open_lifecycle("activate") as life:
-        outcome = life.activate(policy_name(name))
+        outcome = life.activate(_name(name))
     print_warnings(outcome)
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
@@ -167,7 +178,7 @@ def update(
     """Replace a deployed policy with a higher version of itself (active stays active)."""
     blob = _read("update", file)
     with open_lifecycle("update") as life:
-        outcome = life.update(policy_name(name), blob, trust, allow_unsigned=unsigned,
+        outcome = life.update(_name(name), blob, trust, allow_unsigned=unsigned,
                               source=str(file), allow_unevaluable=allow_unevaluable)
     _warn_unsigned(unsigned, outcome)
     print_warnings(outcome)
@@ -187,7 +198,7 @@ def delete(
 ) -> None:
     """Delete a deployed policy that is not active."""
     with open_lifecycle("delete") as life:
-        outcome = life.delete(policy_name(name))
+        outcome = life.delete(_name(name))
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
         return

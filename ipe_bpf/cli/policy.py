@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import IpeBpfError
-from ..policy import signing
 from ..policy.files import read_input
 from ..policy.evaluate import evaluate, first_failing_property
 from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
@@ -23,7 +22,11 @@ from .common import console, err_console, fail, print_json, read_bytes, reported
 app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
 
 
-policy_text = signing.policy_text
+def policy_text(data: bytes) -> bytes:
+    """The policy text of a file: the payload of an attached PKCS#7 (unchecked), else the bytes."""
+    from ..policy.signing import policy_text as payload  # lazily: cryptography is slow to import
+
+    return payload(data)
 
 
 def load_policy(path: Path) -> Policy:

@@ -14,10 +14,6 @@ import typer
 from ..errors import VmError
 from ..vm.config import KERNEL_ENV, VmConfig
 from ..vm.lines import DEFAULT_LINE, LINES
-from ..vm.image import build_image, image_summary
-from ..vm.progress import RichReporter
-from ..vm.run import NO_REPORT, RunRequest, run_vm
-from ..vm.setup import apply_setup, plan_setup
 from .common import fail
 
 app = typer.Typer(
@@ -47,6 +43,9 @@ def build(
     kernel: Annotated[Optional[str], typer.Option(help=KERNEL_HELP, show_default=False)] = None,
 ) -> None:
     """Build the guest image of a kernel line (as root) unless the cached one matches its inputs."""
+    from ..vm.image import build_image, image_summary
+    from ..vm.progress import RichReporter
+
     reporter = RichReporter()
     try:
         image = build_image(_config(kernel, mirror), force=force, reporter=reporter)
@@ -107,6 +106,9 @@ def run(
 
     IPE_BPF_LOADER is passed on into the guest when it is set here.
     """
+    from ..vm.progress import RichReporter
+    from ..vm.run import NO_REPORT, RunRequest, run_vm
+
     reporter = RichReporter()
     where = project if project is not None else current_checkout(Path.cwd())
     request = RunRequest(tuple(command), where, results, timeout, initramfs, icount,
@@ -130,6 +132,9 @@ def setup(
     check: Annotated[bool, typer.Option("--check", help="Only say what is missing.")] = False,
 ) -> None:
     """Install the host programs the VM needs (Debian/Ubuntu, as root, with apt-get)."""
+    from ..vm.progress import RichReporter
+    from ..vm.setup import apply_setup, plan_setup
+
     plan = plan_setup()
     reporter = RichReporter()
     if plan.complete:

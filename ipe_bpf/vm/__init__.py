@@ -21,21 +21,4 @@ command line), ``image`` (build and cache), ``qemu`` (command line), ``disks`` (
 
 from __future__ import annotations
 
-from .config import VmConfig
-from .image import Image, build_image, find_image
-from .run import NO_REPORT, RunOutcome, RunRequest, run_in_vm, run_vm
-from .setup import apply_setup, plan_setup
-
-__all__ = [
-    "NO_REPORT",
-    "Image",
-    "RunOutcome",
-    "RunRequest",
-    "VmConfig",
-    "apply_setup",
-    "build_image",
-    "find_image",
-    "plan_setup",
-    "run_in_vm",
-    "run_vm",
-]
+# Nothing is imported here: `ipe-bpf` starts without loading the VM tooling (import the modules).
