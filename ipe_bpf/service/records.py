@@ -65,16 +65,11 @@ class Identity:
 
 
 def identity_of(record: AccessRecord) -> Identity | None:
-    """The subject's identity if the BPF event carried it (``uid``, ``auid``, ``ses``, ``exe``
-    attributes of the AccessRecord); None while the ring-buffer record has no such fields."""
-    uid = getattr(record, "uid", None)
-    if uid is None:
+    """The subject's identity as the ring-buffer event carried it (None: a record without it)."""
+    if record.uid is None:
         return None
-    auid = getattr(record, "auid", None)
-    ses = getattr(record, "ses", None)
-    exe = getattr(record, "exe", None)
-    return Identity(int(uid), UNSET_ID if auid is None else int(auid),
-                    UNSET_ID if ses is None else int(ses), None if exe is None else bytes(exe))
+    return Identity(record.uid, UNSET_ID if record.auid is None else record.auid,
+                    UNSET_ID if record.ses is None else record.ses, record.exe)
 
 
 def stamp(time_ns: int) -> str:
@@ -99,20 +94,6 @@ def access_lines(record: AccessRecord, serial: int) -> list[str]:
 
 def access_record_count(lines: Iterable[str]) -> int:
     return sum(1 for text in lines if text.startswith(f"type={AUDIT_IPE_ACCESS} "))
-
-
-def loaded(enforcing: bool, who: AuditIdentity) -> Record:
-    """``ipe-bpf load``: the LSM went from off to on, in mode ``enforcing``."""
-    e = int(enforcing)
-    return Record(AUDIT_MAC_STATUS, f"enforcing={e} old_enforcing={e} {who.fields()} "
-                                    f"enabled=1 old-enabled=0 lsm=ipe res=1")
-
-
-def unloaded(enforcing: bool, who: AuditIdentity) -> Record:
-    """``ipe-bpf unload``: the LSM went from on to off."""
-    e = int(enforcing)
-    return Record(AUDIT_MAC_STATUS, f"enforcing={e} old_enforcing={e} {who.fields()} "
-                                    f"enabled=0 old-enabled=1 lsm=ipe res=1")
 
 
 def daemon_started(pid: int, log: str, repaired_bytes: int) -> Record:

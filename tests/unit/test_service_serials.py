@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.errors import ServiceError
-from ipe_bpf.service.serials import SerialAllocator, read_boot_id
+from ipe_bpf.audit.serials import SerialAllocator, read_boot_id
 
 BOOT_A = "11111111-1111-1111-1111-111111111111"
 BOOT_B = "22222222-2222-2222-2222-222222222222"
