@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+AUDIT_TRUSTED_APP = 1121  # ipe-bpf's "records lost" (a user-space message type of the audit subsystem)
 AUDIT_MAC_STATUS = 1404
 AUDIT_IPE_CONFIG_CHANGE = 1421
 AUDIT_IPE_POLICY_LOAD = 1422
@@ -116,6 +117,13 @@ def lsm_switched(enabled: bool, enforcing: bool, who: AuditIdentity) -> str:
     e, on = int(enforcing), int(enabled)
     return (f"enforcing={e} old_enforcing={e} {who.fields()} enabled={on} old-enabled={1 - on} "
             f"lsm=ipe res=1")
+
+
+def records_lost(count: int | None, reason: str, sink: str | None = None) -> str:
+    """The body of a 1121 record: ``count`` records (None: unknown) never reached the durable
+    log (``sink`` None) or one sink, and why."""
+    where = "" if sink is None else f" sink={sink}"
+    return f"op=lost lost={'?' if count is None else count} reason={reason}{where} lsm=ipe res=0"
 
 
 @dataclass(frozen=True)

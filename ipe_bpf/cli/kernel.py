@@ -106,11 +106,15 @@ def _store_rule_lookup() -> object:
 
 
 def unload_cmd() -> None:
-    """Detach and unpin; waits until the kernel has released the programs."""
+    """Detach and unpin; waits until the kernel has released the programs.
+
+    Records written and not read yet go with the ring buffer: with the audit daemon running it
+    reads them to the end first; without it a `lost` record counts them.
+    """
     from ..kernel.control import unload_and_record
 
     with reported_errors():
-        report = unload_and_record()
+        report = unload_and_record(count_unread=not _daemon_runs())
     console.print(f"unloaded (detached after {report.seconds * 1000:.0f} ms)", markup=False)
     _print_records(report.records, report.warnings)
 
@@ -137,6 +141,17 @@ def status_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
                 typer.echo(line)
     if found.store_problem is not None:
         raise typer.Exit(1)
+
+
+def _daemon_runs() -> bool:
+    from ..errors import IpeBpfError
+    from ..service.config import load_config
+    from ..service.tail import daemon_pid
+
+    try:
+        return daemon_pid(load_config()) is not None
+    except IpeBpfError:
+        return False
 
 
 def _daemon_status() -> "dict[str, object] | None":

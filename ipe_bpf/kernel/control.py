@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Protocol
 
 from ..audit.control_log import ControlLog
-from ..audit.policy_records import AUDIT_MAC_STATUS, AuditIdentity, Record, lsm_switched
+from ..audit.policy_records import (AUDIT_MAC_STATUS, AUDIT_TRUSTED_APP, AuditIdentity, Record, lsm_switched,
+                                    records_lost)
+from ..audit.record import event_size
 from ..errors import IpeBpfError, KernelError
 from . import loader, pins
 from .lifecycle import Lifecycle, Listing, PolicyInfo
 from . import maps
 from .maps import Counters, DeviceState, KernelState
+from .ringbuf import RingBuffer
 from .store import PolicyStore
 
 
@@ -77,27 +80,40 @@ def load_and_apply(options: loader.LoadOptions, store: PolicyStore | None = None
 
 
 def unload_and_record(store: PolicyStore | None = None, *, root: Path = pins.PIN_ROOT,
-                      control: ControlLog | None = None) -> UnloadReport:
-    """Unload (loader.unload) and write the 1404 record of it, in the mode that was in force."""
-    mode = True
+                      control: ControlLog | None = None, count_unread: bool = False) -> UnloadReport:
+    """Unload (loader.unload) and write the 1404 record of it, in the mode that was in force.
+
+    ``count_unread`` (no audit daemon runs to drain the ring buffer to its end): the records
+    still unread in the ring buffer go with it, and a 1121 ``lost=N reason=unloaded_unread``
+    says so.
+    """
+    mode, unread = True, 0
     if pins.is_loaded(root):
         try:
             with maps.PinnedPolicyMaps(root) as target:
                 mode = target.state().enforcing
+            unread = _unread_records(root) if count_unread else 0
         except (IpeBpfError, OSError):
             pass  # a half-loaded program: unload it all the same
     seconds = loader.unload(root)
     store = PolicyStore.default() if store is None else store
     control = ControlLog.default(store.audit_log_path) if control is None else control
-    lines, warnings = _record(control, False, mode)
+    extra = [Record(AUDIT_TRUSTED_APP, records_lost(unread, "unloaded_unread"))] if unread else []
+    lines, warnings = _record(control, False, mode, extra)
     return UnloadReport(seconds, lines, warnings)
 
 
-def _record(control: ControlLog, enabled: bool, enforcing: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _unread_records(root: Path) -> int:
+    with RingBuffer(root) as ring:
+        return ring.pending_bytes() // ((event_size() + 8 + 7) & ~7)  # every record has one size
+
+
+def _record(control: ControlLog, enabled: bool, enforcing: bool,
+            extra: list[Record] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The load/unload 1404 to every sink; warnings instead of errors (it has happened)."""
     record = Record(AUDIT_MAC_STATUS, lsm_switched(enabled, enforcing, AuditIdentity.from_proc()))
     try:
-        return control.emit([record], time.time_ns())
+        return control.emit([*(extra or ()), record], time.time_ns())
     except IpeBpfError as err:
         return (), (f"the {'load' if enabled else 'unload'} record was not written: {err}",)
 

@@ -34,12 +34,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-from ..audit.policy_records import AUDIT_MAC_STATUS, UNSET_ID, AuditIdentity, AuditLog, Record
+from ..audit.policy_records import (AUDIT_MAC_STATUS, AUDIT_TRUSTED_APP, UNSET_ID, AuditIdentity, AuditLog,
+                                    Record, records_lost)
 from ..audit.record import AccessRecord
 from ..audit.render import AUDIT_IPE_ACCESS, ipe_text, untrusted
 
 AUDIT_SYSCALL = 1300
-AUDIT_TRUSTED_APP = 1121
 AUDIT_SERVICE_START = 1130
 AUDIT_SERVICE_STOP = 1131
 
@@ -107,9 +107,7 @@ def daemon_stopped(pid: int, written: int, lost: int) -> Record:
 
 def lost(count: int | None, reason: str, sink: str | None = None) -> Record:
     """Records that never reached the log (sink None) or one sink: ``count`` None if unknown."""
-    where = "" if sink is None else f" sink={sink}"
-    return Record(AUDIT_TRUSTED_APP, f"op=lost lost={'?' if count is None else count} "
-                                     f"reason={reason}{where} lsm=ipe res=0")
+    return Record(AUDIT_TRUSTED_APP, records_lost(count, reason, sink))
 
 
 # ------------------------------------------------------------------------------ reading

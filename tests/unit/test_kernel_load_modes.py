@@ -96,3 +96,13 @@ def test_unload_records_the_mode_that_was_in_force(tmp_path: Path, kernel: dict)
     [line] = report.records
     assert " enforcing=0 old_enforcing=0 " in line and line.endswith(" enabled=0 old-enabled=1 lsm=ipe res=1")
     assert AuditLog(store.audit_log_path).lines()[-1] == line
+
+
+def test_unload_without_a_daemon_counts_the_unread_records_as_lost(
+        tmp_path: Path, kernel: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = stored(tmp_path, enforce=True, success_audit=False)
+    monkeypatch.setattr(control, "_unread_records", lambda root: 17)
+    lost, unload = control.unload_and_record(store, count_unread=True).records
+    assert lost.startswith("type=1121 ") and lost.endswith(" op=lost lost=17 reason=unloaded_unread lsm=ipe res=0")
+    assert " enabled=0 old-enabled=1 " in unload
+    assert len(control.unload_and_record(store, count_unread=False).records) == 1  # a daemon reads them
