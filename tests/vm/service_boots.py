@@ -393,3 +393,21 @@ class TestBoot3:
         # by serial: the daemon's stop, unload, load (handed over through the spool while it was
         # stopped), the daemon's start
         assert kinds[:4] == [(1131, "op=stop"), (1404, "old-enabled=1"), (1404, "old-enabled=0"), (1130, "op=start")], kinds
+
+    def test_a_failed_load_is_a_failed_unit_with_one_clear_journal_line(self) -> None:
+        """boot_failure = open (the default): the unit fails, says NOT ENFORCING, boot goes on."""
+        state = Path("/var/lib/ipe-bpf/state.json")
+        saved = state.read_bytes()
+        ipe("unload")
+        try:
+            state.write_text("{ damaged")
+            assert sh("systemctl", "restart", "ipe-bpf.service", check=False).returncode != 0
+            assert unit_prop("ipe-bpf.service", "ActiveState") == "failed"
+            assert unit_prop("ipe-bpf.service", "ExecMainStatus") not in ("", "0")
+            journal = sh("journalctl", "-b", "-u", "ipe-bpf.service", "--no-pager", "-o", "cat").stdout
+            assert "ipe-bpf: NOT ENFORCING: loading at boot failed" in journal, journal[-2000:]
+            assert "state.json" in journal
+        finally:
+            state.write_bytes(saved)
+        sh("systemctl", "restart", "ipe-bpf.service")
+        assert sh(DENIED, check=False).returncode == 126

@@ -57,7 +57,7 @@ run_command() {
         say "IPE-BPF-VM-RESULTS $nonce failed"
     fi
     $bb sync
-    systemctl poweroff --no-block
+    systemctl start --no-block --job-mode=replace-irreversibly poweroff.target
 }
 
 case "$1" in
