@@ -211,6 +211,11 @@ def early_facts() -> dict[str, str]:
     return {p.name: p.read_text().strip() for p in out.iterdir()}
 
 
+def run_denied() -> int:
+    """The exit status of the denied binary run by a shell: 0 when it ran, 126 when exec failed."""
+    return subprocess.run(["sh", "-c", f"exec {DENIED}"], capture_output=True).returncode
+
+
 def denied_digest() -> str:
     return sh("fsverity", "measure", DENIED).stdout.split()[0]
 
@@ -242,10 +247,10 @@ class TestBoot1:
                        f"op=EXECUTE fsverity_digest={denied_digest()} action=DENY\n")
         ipe("policy", "deploy", "--unsigned", str(pol))
         ipe("policy", "activate", "svc_test")
-        assert sh(DENIED, check=False).returncode != 0  # enforcing: refused
+        assert run_denied() == 126  # enforcing: refused
         ipe("success-audit", "on")
         ipe("enforce", "off")
-        assert sh(DENIED, check=False).returncode == 0  # permissive: runs, audited
+        assert run_denied() == 0  # permissive: runs, audited
         EARLY_SCRIPT.write_text(EARLY_SCRIPT_TEXT)
         EARLY_UNIT.write_text(EARLY_UNIT_TEXT)
         sh("systemctl", "daemon-reload")
@@ -255,7 +260,8 @@ class TestBoot1:
         wait_drained()
         records = log_records(since=boot_time())
         denials = [r for r in records if r.type == 1420 and f'path="{DENIED}"' in r.body]
-        assert [r.body.split(" enforcing=")[1][0] for r in denials] == ["1", "0"]
+        modes = [r.body.split(" enforcing=")[1][0] for r in denials]
+        assert modes[0] == "1" and set(modes[1:]) == {"0"}, modes  # refused; then ran (exec, mmap) audited
         types = {r.type for r in records}
         assert {1130, 1404, 1422, 1421, 1420} <= types  # daemon start, load + enforce off, deploy, activate
         assert any(r.type == 1404 and r.body.endswith("enabled=1 old-enabled=0 lsm=ipe res=1") for r in records)
@@ -281,7 +287,7 @@ class TestBoot2:
 
     def test_boot_1_records_are_still_there(self) -> None:
         before = (TEST_DIR / "boot1-records").read_text().splitlines()
-        assert len(before) == 2
+        assert len(before) >= 2
         texts = {r.text for r in log_records()}
         assert set(before) <= texts
 
@@ -346,7 +352,7 @@ class TestBoot2:
 
     def test_enforce_on_for_the_next_boot(self) -> None:
         ipe("enforce", "on")
-        assert sh(DENIED, check=False).returncode != 0
+        assert run_denied() == 126
 
 
 # ---------------------------------------------------------------------------- boot 3
@@ -366,7 +372,7 @@ class TestBoot3:
         start = next_serial()
         os.kill(pid, signal.SIGKILL)
         ran = stress(2, 10, "boot3")  # while it is down (or just back)
-        assert sh(DENIED, check=False).returncode == 126  # enforcement goes on
+        assert run_denied() == 126  # enforcement goes on
         wait_until("systemd to restart the audit daemon",
                    lambda: daemon_pid() not in (0, pid)
                    and int(unit_prop("ipe-bpf-auditd.service", "NRestarts")) > restarts, 60)
@@ -382,9 +388,9 @@ class TestBoot3:
         start = next_serial()
         sh("systemctl", "stop", "ipe-bpf-auditd.service")
         ipe("unload")
-        assert sh(DENIED, check=False).returncode == 0  # nothing enforced
+        assert run_denied() == 0  # nothing enforced
         ipe("load")
-        assert sh(DENIED, check=False).returncode == 126  # the stored mode again: enforcing
+        assert run_denied() == 126  # the stored mode again: enforcing
         sh("systemctl", "start", "ipe-bpf-auditd.service")
         wait_drained()
         window = sorted((r for r in log_records(since=boot_time()) if r.serial >= start), key=lambda r: r.serial)
@@ -410,4 +416,4 @@ class TestBoot3:
         finally:
             state.write_bytes(saved)
         sh("systemctl", "restart", "ipe-bpf.service")
-        assert sh(DENIED, check=False).returncode == 126
+        assert run_denied() == 126
