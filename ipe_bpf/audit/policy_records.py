@@ -8,7 +8,8 @@ The bodies are rendered field for field as kernel IPE 6.12 writes them (docs/aud
 - 1422 ``policy_name="<n>" policy_version=<v> policy_digest=sha256:<HEX> auid=<u> ses=<u>
   lsm=ipe res=1`` (6.12: successful loads only);
 - 1404 ``enforcing=<new> old_enforcing=<old> auid=<u> ses=<u> enabled=1 old-enabled=1 lsm=ipe
-  res=1``.
+  res=1``; ipe-bpf's ``load`` and ``unload`` write a 1404 too, with ``enabled=1 old-enabled=0``
+  (load) or ``enabled=0 old-enabled=1`` (unload).
 
 Names are printed raw inside double quotes, as the kernel's ``%s`` does (a policy name never
 holds a newline, so one record stays one line); digests are the SHA-256 of the submitted blob in
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+AUDIT_TRUSTED_APP = 1121  # ipe-bpf's "records lost" (a user-space message type of the audit subsystem)
 AUDIT_MAC_STATUS = 1404
 AUDIT_IPE_CONFIG_CHANGE = 1421
 AUDIT_IPE_POLICY_LOAD = 1422
@@ -107,6 +109,21 @@ def mac_status(enforcing: bool, old_enforcing: bool, who: AuditIdentity) -> str:
     """The body of a 1404 record: enforce changed from ``old_enforcing`` to ``enforcing``."""
     return (f"enforcing={int(enforcing)} old_enforcing={int(old_enforcing)} {who.fields()} "
             f"enabled=1 old-enabled=1 lsm=ipe res=1")
+
+
+def lsm_switched(enabled: bool, enforcing: bool, who: AuditIdentity) -> str:
+    """The body of the 1404 record of ``load`` (``enabled``) or ``unload``: the LSM went on or
+    off, in mode ``enforcing``, with the fields the kernel uses for an LSM switched on or off."""
+    e, on = int(enforcing), int(enabled)
+    return (f"enforcing={e} old_enforcing={e} {who.fields()} enabled={on} old-enabled={1 - on} "
+            f"lsm=ipe res=1")
+
+
+def records_lost(count: int | None, reason: str, sink: str | None = None) -> str:
+    """The body of a 1121 record: ``count`` records (None: unknown) never reached the durable
+    log (``sink`` None) or one sink, and why."""
+    where = "" if sink is None else f" sink={sink}"
+    return f"op=lost lost={'?' if count is None else count} reason={reason}{where} lsm=ipe res=0"
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,12 @@ def run(
              "keyring (on 6.12 and 7.x trusted for kernel IPE policies and dm-verity root hash "
              "signatures); adds audit=1.")] = None,
     kernel: Annotated[Optional[str], typer.Option(help=KERNEL_HELP, show_default=False)] = None,
+    systemd: Annotated[bool, typer.Option(
+        "--systemd", help="Boot with systemd as PID 1 (journald, auditd and enabled units run); the "
+                          "command runs once the system is up, then the guest powers off cleanly.")] = False,
+    state: Annotated[Optional[Path], typer.Option(
+        "--state", metavar="DIR",
+        help="Keep the root disk's changes in DIR between boots (made from the image on first use).")] = None,
 ) -> None:
     """Boot the VM, run COMMAND in /work and exit with its status (125: the guest never reported).
 
@@ -112,7 +118,7 @@ def run(
     reporter = RichReporter()
     where = project if project is not None else current_checkout(Path.cwd())
     request = RunRequest(tuple(command), where, results, timeout, initramfs, icount,
-                         env=forwarded_env(os.environ), uefi_db=uefi_db)
+                         env=forwarded_env(os.environ), uefi_db=uefi_db, systemd=systemd, state=state)
     try:
         outcome = run_vm(request, _config(kernel), reporter, console=None if quiet else sys.stdout.buffer)
     except VmError as err:

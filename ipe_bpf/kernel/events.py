@@ -1,13 +1,15 @@
-"""Audited decisions from the loaded program: drain the ring buffer, decode, print (`audit tail`)."""
+"""Audited decisions from the loaded program: drain the ring buffer, decode, print (`audit tail`
+when no audit daemon runs: reading consumes, so each record reaches one reader only)."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..audit.control_log import run_dir
 from ..audit.record import AccessRecord, RuleLookup, decode
+from ..audit.serials import SerialAllocator
 from ..audit.render import ipe_text, json_line
 from .pins import PIN_ROOT
 from .ringbuf import RingBuffer
@@ -45,12 +47,14 @@ def tail(
     as_json: bool = False,
     rules: RuleLookup | None = None,
     root: Path = PIN_ROOT,
+    serials: SerialAllocator | None = None,
 ) -> int:
-    """Print records through `emit`; returns how many."""
+    """Print records through `emit`, numbered from the per-boot serial sequence (the one every
+    ipe-bpf record takes its serial from); returns how many."""
     count = 0
-    serial = itertools.count(1)
+    serials = SerialAllocator.in_dir(run_dir()) if serials is None else serials
     for r in records(follow, rules, root):
-        n = next(serial)
+        n = serials.allocate(1)
         emit(json_line(r, n) if as_json else ipe_text(r, n))
         count += 1
     return count

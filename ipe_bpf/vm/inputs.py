@@ -22,6 +22,8 @@ from .wheels import WHEELHOUSE, Requirements, install_command, pip_conf, wheelho
 # Bump when the way an image is assembled changes (so cached images are rebuilt).
 BUILD_FORMAT = 3
 INIT_PATH = "/usr/local/sbin/ipe-bpf-vm-init"
+SYSTEMD_RUNNER_PATH = "/usr/local/sbin/ipe-bpf-vm-systemd"
+SYSTEMD_UNITS = ("ipe-bpf-vm-disks.service", "ipe-bpf-vm-run.service")  # used by --systemd boots only
 WRAPPER_PATH = "/usr/local/bin/ipe-bpf"
 NO_INITRAMFS_PACKAGE = "ipe-bpf-no-initramfs"
 NO_INITRAMFS_CONTROL = f"""\
@@ -85,6 +87,8 @@ def guest_files() -> tuple[GuestFile, ...]:
         GuestFile(INIT_PATH, guest_file("init.sh") or b"", 0o755),
         GuestFile(WRAPPER_PATH, guest_file("ipe-bpf.sh") or b"", 0o755),
         GuestFile("/etc/pip.conf", pip_conf().encode()),
+        GuestFile(SYSTEMD_RUNNER_PATH, guest_file("systemd.sh") or b"", 0o755),
+        *(GuestFile(f"/etc/systemd/system/{unit}", guest_file(unit) or b"") for unit in SYSTEMD_UNITS),
     )
 
 

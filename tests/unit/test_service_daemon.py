@@ -16,11 +16,12 @@ import pytest
 
 from ipe_bpf.errors import ServiceError
 from ipe_bpf.service.config import Config
-from ipe_bpf.service.control import ControlLog
+from ipe_bpf.audit.control_log import ControlLog
 from ipe_bpf.service.daemon import Daemon
 from ipe_bpf.service.durable import rotated_path
-from ipe_bpf.service.records import AuditIdentity, Event, loaded, parse_line
-from ipe_bpf.service.serials import SerialAllocator
+from ipe_bpf.audit.policy_records import lsm_switched
+from ipe_bpf.service.records import AuditIdentity, Event, Record, parse_line
+from ipe_bpf.audit.serials import SerialAllocator
 from ipe_bpf.service.sink import SinkBusy
 
 from .service_fixtures import BOOT_ID, FakeRing, FileRing, raw_event
@@ -163,13 +164,13 @@ def test_control_records_share_the_serial_sequence(tmp_path: Path) -> None:
     ring = FakeRing()
     control = ControlLog(tmp_path / "store-audit.log", cfg.run_dir,
                          SerialAllocator(cfg.run_dir / "serial", boot_id=lambda: BOOT_ID))
-    lines, warnings = control.emit([loaded(False, AuditIdentity(0, 3))], 1_700_000_000_000_000_000)
+    lines, warnings = control.emit([Record(1404, lsm_switched(True, False, AuditIdentity(0, 3)))], 1_700_000_000_000_000_000)
     assert warnings == ()
     d = daemon(cfg, ring)
     d.start()
     ring.produce(raw_event(1))
     run_until_idle(d)
-    more, _ = control.emit([loaded(True, AuditIdentity(0, 3))], 1_700_000_001_000_000_000)
+    more, _ = control.emit([Record(1404, lsm_switched(True, True, AuditIdentity(0, 3)))], 1_700_000_001_000_000_000)
     ring.produce(raw_event(2))
     run_until_idle(d)
     d.stop()

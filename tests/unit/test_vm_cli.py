@@ -78,6 +78,8 @@ def test_command_script_quotes_and_exports() -> None:
     request = RunRequest(("python3", "-c", "print('a b')"), Path("."), initramfs=True, env=(("X", "y z"),))
     script = command_script(request, terminal=False, columns=None)
     assert "IPE_BPF_IN_VM=1" in script and "IPE_BPF_VM_MODE=initramfs" in script
+    systemd = command_script(RunRequest(("true",), Path("."), systemd=True), terminal=False, columns=None)
+    assert "IPE_BPF_VM_MODE=systemd" in systemd
     assert "PYTHONPATH=/work" in script and "TERM=dumb" in script
     assert "X='y z'; export X" in script
     assert script.rstrip().endswith("exec python3 -c 'print('\"'\"'a b'\"'\"')'")

@@ -64,3 +64,11 @@ def test_uefi_boot_adds_pflash_and_kernel_args() -> None:
     assert "if=pflash,format=raw,unit=1,file=/r/v,,ars.fd" in drives
     assert " audit=1 " in _opt(argv, "-append")[0]
     assert not any("pflash" in d for d in _opt(_spec().argv(), "-drive"))
+
+
+def test_systemd_init_and_a_kept_root_disk() -> None:
+    argv = _spec(init="/lib/systemd/systemd", snapshot=False, kernel_args=("systemd.unit=multi-user.target",)).argv()
+    append = _opt(argv, "-append")[0]
+    assert "init=/lib/systemd/systemd" in append.split() and append.endswith(
+        "systemd.unit=multi-user.target root=/dev/nvme0n1 rootfstype=ext4 rw init=/lib/systemd/systemd")
+    assert _opt(argv, "-drive")[0] == "file=/c/root.img,if=none,id=root,format=raw"
