@@ -67,22 +67,18 @@ struct ipe_decision {
 
 #define IPE_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (src))
 
-/* Copy a kernel byte string of length len (<= IPE_DIGEST_MAX) with verifier-proof sizes. */
+/*
+ * Copy a kernel byte string of length len (<= IPE_DIGEST_MAX) into a digest buffer whose other
+ * bytes become zero (keys compare whole arrays).  No loop over len: an unrolled per-byte test
+ * forks the verifier's state once per byte, which 6.1 cannot prune.
+ */
 static __always_inline void ipe_read_digest(__u8 *dst, const void *src, __u32 len)
 {
+	__builtin_memset(dst, 0, IPE_DIGEST_MAX);
 	if (len >= IPE_DIGEST_MAX)
 		bpf_probe_read_kernel(dst, IPE_DIGEST_MAX, src);
 	else
 		bpf_probe_read_kernel(dst, len & (IPE_DIGEST_MAX - 1), src);
-}
-
-/* Zero the bytes of a digest buffer from len on (keys compare whole arrays). */
-static __always_inline void ipe_clear_tail(__u8 *digest, __u32 len)
-{
-#pragma unroll
-	for (int i = 0; i < IPE_DIGEST_MAX; i++)
-		if (i >= len)
-			digest[i] = 0;
 }
 
 /* A NUL-terminated kernel string into an IPE_ALG_MAX array; returns strlen (> IPE_ALG_MAX: too long). */
@@ -222,7 +218,6 @@ static __always_inline int ipe_dm_table_roothash(void *bdev, struct ipe_digest_k
 	if (alg_len > IPE_ALG_MAX)
 		return 1;
 	ipe_read_digest(key->value, digest, len);
-	ipe_clear_tail(key->value, len);
 	key->alg_len = alg_len;
 	key->len = len;
 	return 1;
@@ -297,7 +292,6 @@ static __always_inline int ipe_fsverity_from_inode(void *inode, struct ipe_diges
 	if (alg_len > IPE_ALG_MAX)
 		return 0;
 	ipe_read_digest(key->value, vi + IPE_OFF_FSVERITY_INFO_DIGEST, size);
-	ipe_clear_tail(key->value, size);
 	key->alg_len = alg_len;
 	key->len = size;
 	return 1;
@@ -307,32 +301,31 @@ static __always_inline int ipe_fsverity_from_inode(void *inode, struct ipe_diges
 /* The fs-verity digest through the kfunc (7.x); 0 if the file has none. */
 static __always_inline int ipe_fsverity_from_kfunc(struct file *file, struct ipe_digest_key *key)
 {
-	struct {
-		__u16 alg;
-		__u16 size;
-		__u8 digest[IPE_DIGEST_MAX];
-	} d = {};
+	struct ipe_path_scratch *s = ipe_map_lookup(ipe_scratch, &(__u32){0});
 	struct bpf_dynptr ptr;
+	__u16 alg;
 
-	if (bpf_dynptr_from_mem(&d, sizeof(d), 0, &ptr))
+	if (!s)
+		return 0;
+	if (bpf_dynptr_from_mem(&s->fsv_alg, sizeof(*s) - offsetof(struct ipe_path_scratch, fsv_alg), 0, &ptr))
 		return 0;
 	if (bpf_get_fsverity_digest(file, &ptr) < 0)
 		return 0;
-	if (d.size > IPE_DIGEST_MAX)
+	alg = s->fsv_alg;
+	if (s->fsv_size > IPE_DIGEST_MAX)
 		return 0;
 	/* the algorithm's name as the inode's verity info spells it: "sha256" or "sha512" */
-	if (d.alg != FS_VERITY_HASH_ALG_SHA256 && d.alg != FS_VERITY_HASH_ALG_SHA512)
+	if (alg != FS_VERITY_HASH_ALG_SHA256 && alg != FS_VERITY_HASH_ALG_SHA512)
 		return 0;
 	key->alg[0] = 's';
 	key->alg[1] = 'h';
 	key->alg[2] = 'a';
-	key->alg[3] = '2' + 3 * (d.alg == FS_VERITY_HASH_ALG_SHA512);
-	key->alg[4] = d.alg == FS_VERITY_HASH_ALG_SHA512 ? '1' : '5';
-	key->alg[5] = d.alg == FS_VERITY_HASH_ALG_SHA512 ? '2' : '6';
+	key->alg[3] = '2' + 3 * (alg == FS_VERITY_HASH_ALG_SHA512);
+	key->alg[4] = alg == FS_VERITY_HASH_ALG_SHA512 ? '1' : '5';
+	key->alg[5] = alg == FS_VERITY_HASH_ALG_SHA512 ? '2' : '6';
 	key->alg_len = 6;
-	__builtin_memcpy(key->value, d.digest, IPE_DIGEST_MAX);
-	ipe_clear_tail(key->value, d.size);
-	key->len = d.size;
+	ipe_read_digest(key->value, s->fsv_digest, s->fsv_size);
+	key->len = s->fsv_size;
 	return 1;
 }
 #endif
@@ -971,7 +964,6 @@ IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type t
 			st.digest_len = 255;	/* can never match */
 		} else {
 			ipe_read_digest(st.digest, digest, len);
-			ipe_clear_tail(st.digest, len);
 			st.digest_len = len;
 		}
 	}

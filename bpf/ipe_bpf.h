@@ -142,11 +142,18 @@ struct ipe_event {
 	char exe[IPE_EXE_MAX];
 };
 
-/* per-CPU scratch (array, one entry): a path rebuilt from its end where bpf_d_path() is refused. */
+/*
+ * per-CPU scratch (array, one entry): a path rebuilt from its end where bpf_d_path() is refused,
+ * and the buffer bpf_get_fsverity_digest() fills (a dynptr over the stack is refused by 7.x).
+ */
 #define IPE_PATH_SCRATCH 1024	/* 2 * IPE_PATH_MAX: masked offsets plus a name stay inside */
 
 struct ipe_path_scratch {
 	char buf[IPE_PATH_SCRATCH];
+	/* the layout of the kernel's struct fsverity_digest, in that order */
+	__u16 fsv_alg;
+	__u16 fsv_size;
+	__u8 fsv_digest[IPE_DIGEST_MAX];
 };
 
 /* counters map (per-CPU array, one entry): decisions per op, and ring buffer drops. */

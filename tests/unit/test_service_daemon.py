@@ -329,9 +329,14 @@ class FileSink:
         os.close(self.fd)
 
 
+# rotating often while being killed, yet keeping every file: how many records a round
+# produces depends on the machine's speed, and a dropped oldest file is not a lost record
+SMALL_LOGS = dict(log_max_size=1 << 16, log_keep=1000)
+
+
 def _serve(tmp: str, stop_file: str) -> None:
     tmp_path = Path(tmp)
-    cfg = config(tmp_path, log_max_size=1 << 16)
+    cfg = config(tmp_path, **SMALL_LOGS)
     ring = FileRing(tmp_path)
     d = daemon(cfg, ring, FileSink(tmp_path / "delivered"))  # type: ignore[arg-type]
     d.run(stopping=lambda: os.path.exists(stop_file))
@@ -359,7 +364,7 @@ def test_sigkill_at_random_moments_never_duplicates(tmp_path: Path) -> None:
     stop_file.unlink()
     p.start()
     deadline = time.monotonic() + 120
-    cfg = config(tmp_path, log_max_size=1 << 16)
+    cfg = config(tmp_path, **SMALL_LOGS)
     while time.monotonic() < deadline and ring.pending():
         time.sleep(0.1)
     time.sleep(0.5)
