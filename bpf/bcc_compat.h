@@ -100,6 +100,10 @@ static __always_inline struct ipe_inode_state *ipe_inodes_get(void *inode, int f
 #define IPE_READING_MODULE_COMPRESSED 0
 #define IPE_HAVE_LOADING_MODULE_COMPRESSED 0
 #define IPE_LOADING_MODULE_COMPRESSED 0
+/* No decision cache in BCC builds (its inode storage cannot hold a bpf_spin_lock): every event
+ * is decided from scratch, with the same results. */
+#define IPE_HAVE_CACHE 0
+
 /* CONFIG_AUDIT (Debian's 6.12): the task has a login uid and session */
 #define IPE_HAVE_LOGINUID 1
 /* overlayfs before 6.5 is not a BCC target */

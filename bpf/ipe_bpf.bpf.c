@@ -36,12 +36,15 @@
 const volatile struct {
 	__u8 fsverity_kfunc;	/* call bpf_get_fsverity_digest (no i_verity_info) */
 	__u8 fsv_sig_hook;	/* inode_setintegrity is attached: fs-verity signatures are reported */
+	__u8 dm_hook;		/* bdev_setintegrity is attached: dm-verity changes are reported */
 } ipe_load = {};
 #define IPE_USE_FSVERITY_KFUNC (ipe_load.fsverity_kfunc && !IPE_HAVE_INODE_VERITY)
 #define IPE_FSV_SIG_HOOK ipe_load.fsv_sig_hook
+#define IPE_DM_HOOK ipe_load.dm_hook
 #else
 #define IPE_USE_FSVERITY_KFUNC 0
 #define IPE_FSV_SIG_HOOK 1	/* BCC runs on 6.12, which has inode_setintegrity */
+#define IPE_DM_HOOK 1
 #endif
 
 #define S_VERITY (1 << 16)	/* include/linux/fs.h: inode->i_flags, stable since 5.4 */
@@ -53,6 +56,7 @@ struct ipe_attrs {
 	__u32 digest_id;	/* id of the file's fs-verity digest in the slot, or 0 */
 	__u8 bools;		/* IPE_BOOL_* the file has */
 	__u8 unknown;		/* IPE_BOOL_* whose value this kernel cannot tell (not guessed FALSE) */
+	__u8 walked;		/* its dm-verity state was read from the live table, not the hook */
 };
 
 struct ipe_decision {
@@ -63,22 +67,18 @@ struct ipe_decision {
 
 #define IPE_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (src))
 
-/* Copy a kernel byte string of length len (<= IPE_DIGEST_MAX) with verifier-proof sizes. */
+/*
+ * Copy a kernel byte string of length len (<= IPE_DIGEST_MAX) into a digest buffer whose other
+ * bytes become zero (keys compare whole arrays).  No loop over len: an unrolled per-byte test
+ * forks the verifier's state once per byte, which 6.1 cannot prune.
+ */
 static __always_inline void ipe_read_digest(__u8 *dst, const void *src, __u32 len)
 {
+	__builtin_memset(dst, 0, IPE_DIGEST_MAX);
 	if (len >= IPE_DIGEST_MAX)
 		bpf_probe_read_kernel(dst, IPE_DIGEST_MAX, src);
 	else
 		bpf_probe_read_kernel(dst, len & (IPE_DIGEST_MAX - 1), src);
-}
-
-/* Zero the bytes of a digest buffer from len on (keys compare whole arrays). */
-static __always_inline void ipe_clear_tail(__u8 *digest, __u32 len)
-{
-#pragma unroll
-	for (int i = 0; i < IPE_DIGEST_MAX; i++)
-		if (i >= len)
-			digest[i] = 0;
 }
 
 /* A NUL-terminated kernel string into an IPE_ALG_MAX array; returns strlen (> IPE_ALG_MAX: too long). */
@@ -218,7 +218,6 @@ static __always_inline int ipe_dm_table_roothash(void *bdev, struct ipe_digest_k
 	if (alg_len > IPE_ALG_MAX)
 		return 1;
 	ipe_read_digest(key->value, digest, len);
-	ipe_clear_tail(key->value, len);
 	key->alg_len = alg_len;
 	key->len = len;
 	return 1;
@@ -256,8 +255,11 @@ static __always_inline void ipe_dmverity_attrs(void *inode, int slot, struct ipe
 	if (!bdev)
 		return;
 	IPE_FIELD(dev, bdev, struct block_device, bd_dev);
-	if (!ipe_dm_hooked_roothash(dev, &key, &signed_) && !ipe_dm_table_roothash(bdev, &key, &signed_))
-		return;
+	if (!ipe_dm_hooked_roothash(dev, &key, &signed_)) {
+		if (!ipe_dm_table_roothash(bdev, &key, &signed_))
+			return;
+		a->walked = 1;
+	}
 	if (signed_ > 0)
 		a->bools |= IPE_BOOL_DMV_SIGNATURE;
 	else if (signed_ < 0)
@@ -290,7 +292,6 @@ static __always_inline int ipe_fsverity_from_inode(void *inode, struct ipe_diges
 	if (alg_len > IPE_ALG_MAX)
 		return 0;
 	ipe_read_digest(key->value, vi + IPE_OFF_FSVERITY_INFO_DIGEST, size);
-	ipe_clear_tail(key->value, size);
 	key->alg_len = alg_len;
 	key->len = size;
 	return 1;
@@ -300,32 +301,31 @@ static __always_inline int ipe_fsverity_from_inode(void *inode, struct ipe_diges
 /* The fs-verity digest through the kfunc (7.x); 0 if the file has none. */
 static __always_inline int ipe_fsverity_from_kfunc(struct file *file, struct ipe_digest_key *key)
 {
-	struct {
-		__u16 alg;
-		__u16 size;
-		__u8 digest[IPE_DIGEST_MAX];
-	} d = {};
+	struct ipe_path_scratch *s = ipe_map_lookup(ipe_scratch, &(__u32){0});
 	struct bpf_dynptr ptr;
+	__u16 alg;
 
-	if (bpf_dynptr_from_mem(&d, sizeof(d), 0, &ptr))
+	if (!s)
+		return 0;
+	if (bpf_dynptr_from_mem(&s->fsv_alg, sizeof(*s) - offsetof(struct ipe_path_scratch, fsv_alg), 0, &ptr))
 		return 0;
 	if (bpf_get_fsverity_digest(file, &ptr) < 0)
 		return 0;
-	if (d.size > IPE_DIGEST_MAX)
+	alg = s->fsv_alg;
+	if (s->fsv_size > IPE_DIGEST_MAX)
 		return 0;
 	/* the algorithm's name as the inode's verity info spells it: "sha256" or "sha512" */
-	if (d.alg != FS_VERITY_HASH_ALG_SHA256 && d.alg != FS_VERITY_HASH_ALG_SHA512)
+	if (alg != FS_VERITY_HASH_ALG_SHA256 && alg != FS_VERITY_HASH_ALG_SHA512)
 		return 0;
 	key->alg[0] = 's';
 	key->alg[1] = 'h';
 	key->alg[2] = 'a';
-	key->alg[3] = '2' + 3 * (d.alg == FS_VERITY_HASH_ALG_SHA512);
-	key->alg[4] = d.alg == FS_VERITY_HASH_ALG_SHA512 ? '1' : '5';
-	key->alg[5] = d.alg == FS_VERITY_HASH_ALG_SHA512 ? '2' : '6';
+	key->alg[3] = '2' + 3 * (alg == FS_VERITY_HASH_ALG_SHA512);
+	key->alg[4] = alg == FS_VERITY_HASH_ALG_SHA512 ? '1' : '5';
+	key->alg[5] = alg == FS_VERITY_HASH_ALG_SHA512 ? '2' : '6';
 	key->alg_len = 6;
-	__builtin_memcpy(key->value, d.digest, IPE_DIGEST_MAX);
-	ipe_clear_tail(key->value, d.size);
-	key->len = d.size;
+	ipe_read_digest(key->value, s->fsv_digest, s->fsv_size);
+	key->len = s->fsv_size;
 	return 1;
 }
 #endif
@@ -446,16 +446,17 @@ static __always_inline int ipe_decide_all(struct ipe_policy_defaults *def, int s
 					  struct ipe_attrs *a, struct ipe_decision *d)
 {
 	struct ipe_decision alt = {};
-	__u8 known = a->bools & ~a->unknown;
+	__u8 unknown = a->unknown & def->bool_mask;	/* what no rule tests cannot matter */
+	__u8 known = a->bools & ~unknown & def->bool_mask;
 	int split = 0;
 
 	ipe_decide(def, slot, op, a, known, d);
-	if (!a->unknown)
+	if (!unknown)
 		return 0;
 #pragma unroll
 	for (__u8 extra = IPE_BOOL_DMV_SIGNATURE; extra <= (IPE_BOOL_DMV_SIGNATURE | IPE_BOOL_FSV_SIGNATURE);
 	     extra += IPE_BOOL_DMV_SIGNATURE) {
-		if (extra & ~a->unknown)
+		if (extra & ~unknown)
 			continue;
 		ipe_decide(def, slot, op, a, known | extra, &alt);
 		if (alt.action == d->action)
@@ -681,6 +682,91 @@ static __always_inline void ipe_audit(struct file *file, __u8 op, __u8 hook, __u
 	ipe_ringbuf_submit(e);
 }
 
+#if IPE_HAVE_CACHE
+/*
+ * The decision cache (op EXECUTE).  A cached decision is valid while the slot's epoch (a new
+ * one per policy install), the file's verity bit (fs-verity can be turned on later) and the
+ * count of dm-verity device changes are unchanged.  Not cached: overlayfs files (a copy-up
+ * changes the real inode) and files whose dm-verity state came from a live table on a kernel
+ * that does not report table changes (no bdev_setintegrity).
+ */
+static __always_inline int ipe_cacheable(struct inode *inode)
+{
+	return inode && inode->i_sb && inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC;
+}
+
+static __always_inline __u32 ipe_dev_change_count(void)
+{
+	__u64 *n = bpf_map_lookup_elem(&ipe_dev_changes, &(__u32){0});
+
+	return n ? (__u32)*n : 0;
+}
+
+static __always_inline int ipe_cache_get(struct inode *inode, __u64 epoch, struct ipe_decision *d, int *split)
+{
+	struct ipe_cached *c;
+	__u64 tag;
+	__u32 dev_changes, index;
+	__u8 action, source, cached_split, verity;
+
+	if (!ipe_cacheable(inode))
+		return 0;
+	c = bpf_inode_storage_get(&ipe_cache, inode, 0, 0);
+	if (!c)
+		return 0;
+	bpf_spin_lock(&c->lock);
+	tag = c->epoch;
+	dev_changes = c->dev_changes;
+	index = c->index;
+	action = c->action;
+	source = c->source;
+	cached_split = c->split;
+	verity = c->verity;
+	bpf_spin_unlock(&c->lock);
+	if (tag != epoch || dev_changes != ipe_dev_change_count() ||
+	    verity != !!(inode->i_flags & S_VERITY))
+		return 0;
+	d->index = index;
+	d->action = action;
+	d->source = source;
+	*split = cached_split;
+	return 1;
+}
+
+static __always_inline void ipe_cache_put(struct inode *inode, __u64 epoch, __u32 dev_changes,
+					  struct ipe_attrs *a, struct ipe_decision *d, int split)
+{
+	struct ipe_cached *c;
+	__u8 verity;
+
+	if (!ipe_cacheable(inode) || (a->walked && !IPE_DM_HOOK))
+		return;
+	verity = !!(inode->i_flags & S_VERITY);
+	c = bpf_inode_storage_get(&ipe_cache, inode, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c)
+		return;
+	bpf_spin_lock(&c->lock);
+	c->epoch = epoch;
+	c->dev_changes = dev_changes;
+	c->index = d->index;
+	c->action = d->action;
+	c->source = d->source;
+	c->split = split;
+	c->verity = verity;
+	bpf_spin_unlock(&c->lock);
+}
+
+static __always_inline void ipe_note_dev_change(void)
+{
+	__u64 *n = bpf_map_lookup_elem(&ipe_dev_changes, &(__u32){0});
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+#else
+#define ipe_note_dev_change() do { } while (0)
+#endif
+
 /* The whole evaluation of one event; returns the hook's return value. */
 static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, int use_d_path)
 {
@@ -691,8 +777,8 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	struct ipe_attrs a = {};
 	struct ipe_decision d = {};
 	__u8 active, enforcing;
-	__u32 slot;
-	int split;
+	__u32 slot, dev_changes = 0;
+	int split = 0;
 
 	if (!cfg)
 		return 0;
@@ -703,9 +789,20 @@ static __always_inline int ipe_evaluate(struct file *file, __u8 op, __u8 hook, i
 	def = ipe_map_lookup(ipe_defaults, &slot);
 	if (!def)
 		return 0;
+#if IPE_HAVE_CACHE
+	if (file && op == IPE_OP_EXECUTE && ipe_cache_get(file->f_inode, def->epoch, &d, &split))
+		goto decided;
+	/* the count before the attributes are read: a change meanwhile leaves a stale tag */
+	dev_changes = ipe_dev_change_count();
+#endif
 	if (file)
 		ipe_file_attrs(file, slot, &a);
 	split = ipe_decide_all(def, slot, op, &a, &d);
+#if IPE_HAVE_CACHE
+	if (file && op == IPE_OP_EXECUTE)
+		ipe_cache_put(file->f_inode, def->epoch, dev_changes, &a, &d, split);
+decided:
+#endif
 	enforcing = !cfg->permissive;
 
 	c = ipe_map_lookup(ipe_counters, &zero);
@@ -868,11 +965,11 @@ IPE_HOOK(bdev_setintegrity, struct block_device *bdev, enum lsm_integrity_type t
 			st.digest_len = 255;	/* can never match */
 		} else {
 			ipe_read_digest(st.digest, digest, len);
-			ipe_clear_tail(st.digest, len);
 			st.digest_len = len;
 		}
 	}
 	ipe_map_update(ipe_devices, &dev, &st);
+	ipe_note_dev_change();
 	return 0;
 }
 
@@ -881,6 +978,7 @@ IPE_HOOK(bdev_free_security, struct block_device *bdev)
 	__u32 dev = bdev->bd_dev;
 
 	ipe_map_delete(ipe_devices, &dev);
+	ipe_note_dev_change();
 	return 0;
 }
 

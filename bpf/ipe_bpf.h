@@ -68,8 +68,10 @@ struct ipe_policy_defaults {
 	__u8 op_default[IPE_NR_OPS];	/* IPE_ACTION_* or IPE_DEFAULT_NONE */
 	__u8 global_default;		/* IPE_ACTION_* or IPE_DEFAULT_NONE */
 	__u8 shapes;			/* bit s set: some rule has shape s (0..3) */
-	__u8 pad[6];
+	__u8 bool_mask;			/* IPE_BOOL_* some rule tests: the only bits rule keys carry */
+	__u8 pad[5];
 	__u64 generation;		/* which deployed policy fills this slot */
+	__u64 epoch;			/* unique per install (the config's flips after it): tags cached decisions */
 };
 
 /* ------------------------------------------------------------------------------------
@@ -143,11 +145,18 @@ struct ipe_event {
 	char exe[IPE_EXE_MAX];
 };
 
-/* per-CPU scratch (array, one entry): a path rebuilt from its end where bpf_d_path() is refused. */
+/*
+ * per-CPU scratch (array, one entry): a path rebuilt from its end where bpf_d_path() is refused,
+ * and the buffer bpf_get_fsverity_digest() fills (a dynptr over the stack is refused by 7.x).
+ */
 #define IPE_PATH_SCRATCH 1024	/* 2 * IPE_PATH_MAX: masked offsets plus a name stay inside */
 
 struct ipe_path_scratch {
 	char buf[IPE_PATH_SCRATCH];
+	/* the layout of the kernel's struct fsverity_digest, in that order */
+	__u16 fsv_alg;
+	__u16 fsv_size;
+	__u8 fsv_digest[IPE_DIGEST_MAX];
 };
 
 /* counters map (per-CPU array, one entry): decisions per op, and ring buffer drops. */

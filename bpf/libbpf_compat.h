@@ -114,6 +114,39 @@ struct {
 	__type(value, struct ipe_path_scratch);
 } ipe_scratch SEC(".maps");
 
+/*
+ * A decision cached per inode (op EXECUTE only: exec, mmap, mprotect): valid while the active
+ * slot's epoch, the file's verity state and the count of dm-verity device changes are what
+ * they were when it was made.  A lock makes the entry one value (two CPUs may fill it at once).
+ */
+struct ipe_cached {
+	struct bpf_spin_lock lock;
+	__u32 index;
+	__u32 dev_changes;
+	__u8 action;
+	__u8 source;
+	__u8 split;
+	__u8 verity;
+	__u64 epoch;		/* ipe_policy_defaults.epoch; 0: nothing cached */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_INODE_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ipe_cached);
+} ipe_cache SEC(".maps");
+
+/* How many times the bdev_setintegrity / bdev_free_security hooks changed a device. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} ipe_dev_changes SEC(".maps");
+
+#define IPE_HAVE_CACHE 1
+
 #define ipe_map_lookup(map, key) bpf_map_lookup_elem(&(map), key)
 #define ipe_map_update(map, key, value) bpf_map_update_elem(&(map), key, value, BPF_ANY)
 #define ipe_map_delete(map, key) bpf_map_delete_elem(&(map), key)

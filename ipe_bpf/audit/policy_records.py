@@ -9,7 +9,8 @@ The bodies are rendered field for field as kernel IPE 6.12 writes them (docs/aud
 - 1422 ``policy_name="<n>" policy_version=<v> policy_digest=sha256:<HEX> auid=<u> ses=<u>
   lsm=ipe res=1`` (6.12: successful loads only);
 - 1404 ``enforcing=<new> old_enforcing=<old> auid=<u> ses=<u> enabled=1 old-enabled=1 lsm=ipe
-  res=1``.
+  res=1``; ipe-bpf's ``load`` and ``unload`` write a 1404 too, with ``enabled=1 old-enabled=0``
+  (load) or ``enabled=0 old-enabled=1`` (unload).
 
 Names are printed raw inside double quotes, as the kernel's ``%s`` does (a policy name never
 holds a newline, so one record stays one line); digests are the SHA-256 of the submitted blob in
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AUDIT_MAC_STATUS = 1404
-AUDIT_TRUSTED_APP = 1121  # user-space message type: the seal and refused attempts against it
+AUDIT_TRUSTED_APP = 1121  # user-space message type: records lost, the seal, attempts refused by it
 AUDIT_IPE_CONFIG_CHANGE = 1421
 AUDIT_IPE_POLICY_LOAD = 1422
 
@@ -122,6 +123,21 @@ def seal_refused(attempt: str, pid: int, comm: str, who: AuditIdentity) -> str:
     activate``) because ipe-bpf is sealed."""
     return (f"op=seal_refused attempt={_quoted(attempt.encode())} pid={pid} "
             f"comm={_quoted(comm.encode())} {who.fields()} lsm=ipe res=0")
+
+
+def lsm_switched(enabled: bool, enforcing: bool, who: AuditIdentity) -> str:
+    """The body of the 1404 record of ``load`` (``enabled``) or ``unload``: the LSM went on or
+    off, in mode ``enforcing``, with the fields the kernel uses for an LSM switched on or off."""
+    e, on = int(enforcing), int(enabled)
+    return (f"enforcing={e} old_enforcing={e} {who.fields()} enabled={on} old-enabled={1 - on} "
+            f"lsm=ipe res=1")
+
+
+def records_lost(count: int | None, reason: str, sink: str | None = None) -> str:
+    """The body of a 1121 record: ``count`` records (None: unknown) never reached the durable
+    log (``sink`` None) or one sink, and why."""
+    where = "" if sink is None else f" sink={sink}"
+    return f"op=lost lost={'?' if count is None else count} reason={reason}{where} lsm=ipe res=0"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import kernel, policy, seal, service, vm
+from . import generate, kernel, policy, seal, service, vm
 
 app = typer.Typer(
     name="ipe-bpf",
@@ -20,6 +20,7 @@ kernel.register(app)
 seal.register(app)
 service.register(app)
 app.add_typer(vm.app, name="vm")
+generate.register(app, policy.app)
 
 
 def _version(value: bool) -> None:

@@ -33,30 +33,37 @@ def _on_off(value: str) -> bool:
 
 
 def load_cmd(
-    permissive: Annotated[bool, typer.Option("--permissive", help="Audit DENY decisions but do not enforce them.")] = False,
+    enforce: Annotated[Optional[bool], typer.Option(
+        "--enforce/--permissive",
+        help="Enforce DENY decisions, or only audit them (permissive); the choice is stored. "
+             "Default: the stored mode (`ipe-bpf enforce on|off`).", show_default=False)] = None,
     rule_entries: Annotated[int, typer.Option(help="Capacity of the rules map (both slots).")] = 1 << 21,
     digest_entries: Annotated[int, typer.Option(help="Capacity of the digests map (both slots).")] = 1 << 19,
     loader: Annotated[Optional[str], typer.Option(
         help="core: the prebuilt CO-RE object through libbpf (default, or $IPE_BPF_LOADER); "
              "bcc: compile with BCC (development).")] = None,
 ) -> None:
-    """Load and attach the BPF-LSM program, pin it, install the stored active policy."""
+    """Load and attach the BPF-LSM program, pin it, install the stored active policy and settings.
+
+    The ring buffer's size is `ring_buffer_size` of /etc/ipe-bpf/ipe-bpf.conf.
+    """
     from ..kernel import loader as loader_mod
     from ..kernel.control import ApplyError, load_and_apply
 
-    options = loader_mod.LoadOptions(permissive=permissive, rule_entries=rule_entries,
-                                     digest_entries=digest_entries, loader=loader)
     settings = _settings()
+    options = loader_mod.LoadOptions(rule_entries=rule_entries, digest_entries=digest_entries,
+                                     ringbuf_pages=settings.ringbuf_pages, loader=loader)
     with reported_errors():
         try:
-            report = load_and_apply(options)
+            report = load_and_apply(options, enforce=enforce)
         except ApplyError as err:
             fail(f"load: {err.message}")
     r = report.loaded
     unsupported = [p.property for p in r.features.properties().values() if not p.supported]
     note = f"; this kernel cannot evaluate {', '.join(unsupported)} (see `ipe-bpf doctor`)" if unsupported else ""
+    mode = "enforcing" if report.enforcing else "permissive"
     console.print(
-        f"loaded ({r.loader}): {len(r.hooks)} hooks, {'permissive' if permissive else 'enforcing'}, "
+        f"loaded ({r.loader}): {len(r.hooks)} hooks, {mode}{' (stored)' if enforce is None else ''}, "
         f"in {r.seconds:.1f} s{note}",
         markup=False,
     )
@@ -66,16 +73,23 @@ def load_cmd(
     else:
         console.print(f"active policy: {info.name_text} {info.version_text} (generation {info.generation})",
                       markup=False)
+    _print_records(report.records, report.warnings)
     if settings.seal:
         _seal_after_load(settings)
 
 
 def _settings() -> "Config":
-    """The service settings (`seal = yes` seals right after load: the boot unit's `load`)."""
-    from ..service.config import load_config
+    """The service settings: the ring buffer's size, and `seal = yes` (seal right after load,
+    as the boot unit's `load` does).  A broken settings file costs the defaults and a warning,
+    never the load (enforcement matters more)."""
+    from ..errors import IpeBpfError
+    from ..service.config import Config, load_config
 
-    with reported_errors():
+    try:
         return load_config()
+    except IpeBpfError as err:
+        err_console.print(f"warning: {err}; loading with the default settings (not sealed)", markup=False)
+        return Config()
 
 
 def _seal_after_load(settings: "Config") -> None:
@@ -91,6 +105,13 @@ def _seal_after_load(settings: "Config") -> None:
         raise
 
 
+def _print_records(records: "tuple[str, ...]", warnings: "tuple[str, ...]") -> None:
+    for line in records:
+        console.print(line, markup=False)
+    for warning in warnings:
+        err_console.print(f"warning: {warning}", markup=False)
+
+
 def _store_rule_lookup() -> object:
     """Rule texts for audit from the policy store (None if it cannot be read)."""
     try:
@@ -103,18 +124,24 @@ def _store_rule_lookup() -> object:
 
 
 def unload_cmd() -> None:
-    """Detach and unpin; waits until the kernel has released the programs."""
-    from ..kernel import loader
+    """Detach and unpin; waits until the kernel has released the programs.
+
+    Records written and not read yet go with the ring buffer: with the audit daemon running it
+    reads them to the end first; without it a `lost` record counts them.
+    """
+    from ..kernel.control import unload_and_record
     from .seal import refuse_if_sealed
 
     refuse_if_sealed("unload")
     with reported_errors():
-        waited = loader.unload()
-    console.print(f"unloaded (detached after {waited * 1000:.0f} ms)", markup=False)
+        report = unload_and_record(count_unread=not _daemon_runs())
+    console.print(f"unloaded (detached after {report.seconds * 1000:.0f} ms)", markup=False)
+    _print_records(report.records, report.warnings)
 
 
 def status_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Loaded or not, mode, the active policy, deployed policies, counters, drops, devices.
+    """Loaded or not, mode, the active policy, deployed policies, counters, drops, devices, and
+    the audit daemon (records waiting in the ring buffer, how far each sink is behind).
 
     Exits 1 when the policy store is damaged (the kernel keeps enforcing what it holds).
     """
@@ -122,12 +149,43 @@ def status_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
 
     with reported_errors():
         found = status()
+    daemon = _daemon_status()
     if as_json:
-        print_json(found.to_json())
+        print_json({**found.to_json(), "audit_daemon": daemon})
     else:
         _print_status(found)
+        if daemon is not None:
+            from .service import describe_daemon
+
+            for line in describe_daemon(daemon):
+                typer.echo(line)
     if found.store_problem is not None:
         raise typer.Exit(1)
+
+
+def _daemon_runs() -> bool:
+    from ..errors import IpeBpfError
+    from ..service.config import load_config
+    from ..service.tail import daemon_pid
+
+    try:
+        return daemon_pid(load_config()) is not None
+    except IpeBpfError:
+        return False
+
+
+def _daemon_status() -> "dict[str, object] | None":
+    """The audit daemon's state and lag (ipe_bpf.service.status); None, with a warning, when the
+    service settings cannot be read."""
+    from ..errors import IpeBpfError
+    from ..service.config import load_config
+    from ..service.status import daemon_status
+
+    try:
+        return daemon_status(load_config())
+    except IpeBpfError as err:
+        err_console.print(f"warning: audit daemon: {err}", markup=False)
+        return None
 
 
 def _kernel_line(found: "Status") -> str:
@@ -262,14 +320,28 @@ def doctor_verdict(fatal: list[str], *, root: bool) -> str:
 def audit_tail_cmd(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new records.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of IPE 1420 text.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help=(
+        "With the audit daemon running: start this many records back in the durable log."))] = 10,
 ) -> None:
-    """Print audited decisions from the ring buffer (consumes them)."""
-    from ..kernel.events import tail
+    """Print audited decisions.
 
-    rules = _store_rule_lookup()
+    With the audit daemon running (`ipe-bpf auditd`): from its durable log, like `tail -n N
+    -F`, so any number of readers see every record, with the serials every sink shows.
+    Without it: from the ring buffer, which gives each record to one reader only (consumed).
+    """
+    from ..service.config import load_config
+    from ..service.tail import daemon_pid, tail_log
+
+    with reported_errors():
+        cfg = load_config()
     try:
         with reported_errors():
-            tail(emit_line, follow=follow, as_json=as_json, rules=rules)  # type: ignore[arg-type]
+            if daemon_pid(cfg) is not None:
+                tail_log(emit_line, cfg, follow=follow, as_json=as_json, lines=lines)
+                return
+            from ..kernel.events import tail
+
+            tail(emit_line, follow=follow, as_json=as_json, rules=_store_rule_lookup())  # type: ignore[arg-type]
     except KeyboardInterrupt:
         pass
 

@@ -12,16 +12,15 @@ import contextlib
 import errno
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from ..errors import IpeBpfError
-from ..kernel.features import running_kernel
-from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget, policy_name
-from ..kernel.store import PolicyStore
-from ..policy.files import read_input
+
+if TYPE_CHECKING:
+    from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget
 from .common import console, err_console, fail, print_json, root_hint
 
 DEFAULT_TRUST = Path("/etc/ipe-bpf/")
@@ -61,6 +60,10 @@ def open_lifecycle(command: str, attempt: str | None = None) -> Iterator[Lifecyc
 
     ``attempt`` names a change (e.g. ``policy activate``): refused with EPERM while sealed.
     """
+    from ..kernel.features import running_kernel
+    from ..kernel.lifecycle import Lifecycle
+    from ..kernel.store import PolicyStore
+
     if attempt is not None:
         from .seal import refuse_if_sealed
 
@@ -78,9 +81,17 @@ def open_lifecycle(command: str, attempt: str | None = None) -> Iterator[Lifecyc
 
 def _read(command: str, path: Path) -> bytes:
     try:
+        from ..policy.files import read_input
+
         return read_input(path)
     except IpeBpfError as err:
         fail(f"{command}: {err.errno_name}: {path}: {err.message}")
+
+
+def _name(name: str) -> bytes:
+    from ..kernel.lifecycle import policy_name
+
+    return policy_name(name)
 
 
 def _say(message: str) -> None:
@@ -151,7 +162,7 @@ def activate(
 ) -> None:
     """Make a deployed policy the active one."""
     with open_lifecycle("activate", attempt="policy activate") as life:
-        outcome = life.activate(policy_name(name))
+        outcome = life.activate(_name(name))
     print_warnings(outcome)
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
@@ -174,7 +185,7 @@ def update(
     """Replace a deployed policy with a higher version of itself (active stays active)."""
     blob = _read("update", file)
     with open_lifecycle("update", attempt="policy update") as life:
-        outcome = life.update(policy_name(name), blob, trust, allow_unsigned=unsigned,
+        outcome = life.update(_name(name), blob, trust, allow_unsigned=unsigned,
                               source=str(file), allow_unevaluable=allow_unevaluable)
     _warn_unsigned(unsigned, outcome)
     print_warnings(outcome)
@@ -194,7 +205,7 @@ def delete(
 ) -> None:
     """Delete a deployed policy that is not active."""
     with open_lifecycle("delete", attempt="policy delete") as life:
-        outcome = life.delete(policy_name(name))
+        outcome = life.delete(_name(name))
     if as_json:
         print_json(_outcome_json(outcome, life.loaded))
         return

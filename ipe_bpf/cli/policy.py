@@ -11,21 +11,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import IpeBpfError
-from ..policy import signing
 from ..policy.files import read_input
 from ..policy.evaluate import evaluate, first_failing_property
 from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
 from ..policy.lint import lint
 from ..policy.parser import format_text, parse_policy
-from . import lifecycle, sign
+from . import generate, lifecycle, sign
 from .common import console, err_console, fail, print_json, read_bytes, reported_errors
 
 app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
 
 
 def policy_text(data: bytes) -> bytes:
-    """The policy text of a file: the payload of an attached PKCS#7, else the bytes."""
-    return signing.extract_content(data) if signing.looks_like_pkcs7(data) else data
+    """The policy text of a file: the payload of an attached PKCS#7 (unchecked), else the bytes."""
+    from ..policy.signing import policy_text as payload  # lazily: cryptography is slow to import
+
+    return payload(data)
 
 
 def load_policy(path: Path) -> Policy:
@@ -89,7 +90,9 @@ def _digest_option(value: Optional[str], option: str) -> Optional[Digest]:
 @app.command()
 def explain(
     file: Path,
-    op: Annotated[str, typer.Option(help="EXECUTE, FIRMWARE, KMODULE, KEXEC_IMAGE, KEXEC_INITRAMFS, POLICY, X509_CERT or UNKNOWN.")],
+    op: Annotated[Optional[str], typer.Option(help="EXECUTE, FIRMWARE, KMODULE, KEXEC_IMAGE, KEXEC_INITRAMFS, POLICY, X509_CERT or UNKNOWN (with --file: EXECUTE by default).")] = None,
+    target: Annotated[Optional[Path], typer.Option("--file", help="Measure this real file for the attributes.")] = None,
+    exit_status: Annotated[bool, typer.Option("--exit-status", help="Exit 0 if allowed, 1 if denied.")] = False,
     no_file: Annotated[bool, typer.Option("--no-file", help="An event with no file (anonymous memory, kernel_load_data).")] = False,
     boot_verified: Annotated[bool, typer.Option("--boot-verified")] = False,
     dmverity_roothash: Annotated[Optional[str], typer.Option("--dmverity-roothash", metavar="ALG:HEX")] = None,
@@ -99,6 +102,9 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show what the policy decides for an event, and why each earlier rule did not match."""
+    if op is None and target is None:
+        fail("--op: EINVAL: missing (name the op, or give --file)", code=2)
+    op = op or "EXECUTE"
     if op.upper() not in Op.__members__ or op != op.upper():
         fail(f"--op: EINVAL: unknown op {op!r}", code=2)
     attrs = FileAttributes(
@@ -109,6 +115,12 @@ def explain(
         fsverity_digest=_digest_option(fsverity_digest, "--fsverity-digest"),
         fsverity_signature=fsverity_signature,
     )
+    measured = None
+    if target is not None:
+        if attrs != FileAttributes():
+            fail("--file: EINVAL: the file's measured attributes cannot be combined with attribute options", code=2)
+        measured = generate.measure_file(target)
+        attrs = measured.attributes()
     policy = load_policy(file)
     decision = evaluate(policy, Op[op], attrs)
     rules = policy.rules_for(Op[op])
@@ -121,7 +133,10 @@ def explain(
             "rule": decision.rule_text,
             "line": decision.rule.line if decision.rule else None,
             "skipped": [{"line": r.line, "rule": str(r), "failed": str(p)} for r, p in misses],
+            **({"file": generate.measurement_json(measured), "audit": generate.audit_fields(measured, decision)}
+               if measured else {}),
         })
+        generate.exit_with_decision(exit_status, decision)
         return
     for rule, prop in misses:
         console.print(f"  line {rule.line}: {escape(str(rule))}  [dim](no: {escape(str(prop))})[/]",
@@ -130,6 +145,9 @@ def explain(
     where = f" (line {decision.rule.line})" if decision.rule else ""
     console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: "
                   f"{escape(decision.rule_text)}{where}", highlight=False)
+    if measured is not None:
+        generate.print_measurement(measured, decision)
+    generate.exit_with_decision(exit_status, decision)
 
 
 @app.command("format")

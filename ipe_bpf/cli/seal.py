@@ -29,7 +29,7 @@ def _comm() -> str:
 def _control_record(body: str) -> tuple[str, ...]:
     """Stamp and append one 1121 record to the control log; returns warnings."""
     from ..kernel.store import PolicyStore
-    from ..service.control import ControlLog
+    from ..audit.control_log import ControlLog
 
     try:
         store_log = PolicyStore.default().audit_log_path

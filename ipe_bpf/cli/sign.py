@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 
 from ..errors import IpeBpfError
-from ..policy import signing
 from ..policy.model import Policy, text
 from .common import console, fail, print_json, read_bytes, reported_errors
 
@@ -34,6 +33,8 @@ def sign(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Sign a policy as kernel IPE takes it: attached PKCS#7, DER, no signed attributes."""
+    from ..policy import signing
+
     content = read_bytes(policy_file)
     policy = None
     if not no_check:
@@ -77,6 +78,8 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Verify a signed policy in-process and show who signed it and what it is."""
+    from ..policy import signing
+
     blob = read_bytes(file)
     try:
         trusted = signing.load_trust(trust)

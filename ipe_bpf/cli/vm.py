@@ -1,30 +1,36 @@
-"""`ipe-bpf vm build|run|setup`: the bundled test VM (Debian trixie, Linux 6.12, QEMU)."""
+"""`ipe-bpf vm build|run|setup`: the bundled test VM (Debian guests on three kernel lines, QEMU)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import VmError
-from ..vm.config import VmConfig
-from ..vm.image import build_image, image_summary
-from ..vm.progress import RichReporter
-from ..vm.run import NO_REPORT, RunRequest, run_vm
-from ..vm.setup import apply_setup, plan_setup
+from ..vm.config import KERNEL_ENV, VmConfig
+from ..vm.lines import DEFAULT_LINE, LINES
 from .common import fail
 
 app = typer.Typer(
-    help="The test VM: a Debian trixie guest whose kernel has BPF LSM and IPE, under QEMU.",
+    help="The test VM: a Debian guest with BPF LSM (Linux 6.1, 6.12 with kernel IPE, or 7.x) under QEMU.",
     no_args_is_help=True,
 )
 
+# Passed on from the host into the guest's command environment.
+FORWARDED_ENV = ("IPE_BPF_LOADER",)
+KERNEL_HELP = (
+    f"Kernel line ({', '.join(line.name for line in LINES)}) or exact release (e.g. 6.1.0-50-cloud-amd64); "
+    f"default ${KERNEL_ENV}, else {DEFAULT_LINE}."
+)
 
-def _config(mirror: str | None = None) -> VmConfig:
-    return VmConfig.from_env(mirror=mirror)
+
+def _config(kernel: str | None, mirror: str | None = None) -> VmConfig:
+    return VmConfig.from_env(kernel=kernel, mirror=mirror)
 
 
 @app.command()
@@ -34,11 +40,15 @@ def build(
         Optional[str], typer.Option(help="Debian mirror URL (default: $IPE_BPF_MIRROR, else this host's apt sources).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the image's manifest as JSON.")] = False,
+    kernel: Annotated[Optional[str], typer.Option(help=KERNEL_HELP, show_default=False)] = None,
 ) -> None:
-    """Build the guest image (as root) unless the cached one matches its inputs."""
+    """Build the guest image of a kernel line (as root) unless the cached one matches its inputs."""
+    from ..vm.image import build_image, image_summary
+    from ..vm.progress import RichReporter
+
     reporter = RichReporter()
     try:
-        image = build_image(_config(mirror), force=force, reporter=reporter)
+        image = build_image(_config(kernel, mirror), force=force, reporter=reporter)
     except VmError as err:
         fail(f"ipe-bpf vm build: {err}")
     except KeyboardInterrupt:
@@ -48,9 +58,15 @@ def build(
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         reporter.note(
-            f"VM image {summary['key']} (Linux {summary['kernel_release']}, built {summary['built_at']} "
+            f"VM image {summary['key']} (line {summary.get('line')}: Linux {summary['kernel_release']}, "
+            f"Debian {summary.get('suite')}, built {summary['built_at']} "
             f"in {summary['build_seconds']} s) in {summary['directory']}"
         )
+
+
+def forwarded_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The host's settings the guest's command gets too (the loader choice)."""
+    return tuple((name, env[name]) for name in FORWARDED_ENV if env.get(name))
 
 
 def current_checkout(start: Path) -> Path:
@@ -81,15 +97,30 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not stream the guest console.")] = False,
     uefi_db: Annotated[Optional[Path], typer.Option(
         "--uefi-db", metavar="CERT",
-        help="Boot UEFI (OVMF) with CERT in the firmware's db: the kernel trusts it in its .platform "
-             "keyring (kernel IPE policies, dm-verity root hash signatures); adds audit=1.")] = None,
+        help="Boot UEFI (OVMF) with CERT in the firmware's db: the kernel loads it into its .platform "
+             "keyring (on 6.12 and 7.x trusted for kernel IPE policies and dm-verity root hash "
+             "signatures); adds audit=1.")] = None,
+    kernel: Annotated[Optional[str], typer.Option(help=KERNEL_HELP, show_default=False)] = None,
+    systemd: Annotated[bool, typer.Option(
+        "--systemd", help="Boot with systemd as PID 1 (journald, auditd and enabled units run); the "
+                          "command runs once the system is up, then the guest powers off cleanly.")] = False,
+    state: Annotated[Optional[Path], typer.Option(
+        "--state", metavar="DIR",
+        help="Keep the root disk's changes in DIR between boots (made from the image on first use).")] = None,
 ) -> None:
-    """Boot the VM, run COMMAND in /work and exit with its status (125: the guest never reported)."""
+    """Boot the VM, run COMMAND in /work and exit with its status (125: the guest never reported).
+
+    IPE_BPF_LOADER is passed on into the guest when it is set here.
+    """
+    from ..vm.progress import RichReporter
+    from ..vm.run import NO_REPORT, RunRequest, run_vm
+
     reporter = RichReporter()
     where = project if project is not None else current_checkout(Path.cwd())
-    request = RunRequest(tuple(command), where, results, timeout, initramfs, icount, uefi_db=uefi_db)
+    request = RunRequest(tuple(command), where, results, timeout, initramfs, icount,
+                         env=forwarded_env(os.environ), uefi_db=uefi_db, systemd=systemd, state=state)
     try:
-        outcome = run_vm(request, _config(), reporter, console=None if quiet else sys.stdout.buffer)
+        outcome = run_vm(request, _config(kernel), reporter, console=None if quiet else sys.stdout.buffer)
     except VmError as err:
         fail(f"ipe-bpf vm run: {err}", NO_REPORT)
     except KeyboardInterrupt:
@@ -107,6 +138,9 @@ def setup(
     check: Annotated[bool, typer.Option("--check", help="Only say what is missing.")] = False,
 ) -> None:
     """Install the host programs the VM needs (Debian/Ubuntu, as root, with apt-get)."""
+    from ..vm.progress import RichReporter
+    from ..vm.setup import apply_setup, plan_setup
+
     plan = plan_setup()
     reporter = RichReporter()
     if plan.complete:

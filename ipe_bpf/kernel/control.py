@@ -1,7 +1,11 @@
-"""What `ipe-bpf load` and `ipe-bpf status` do, as one library call each.
+"""What `ipe-bpf load`, `unload` and `status` do, as one library call each.
 
 `load_and_apply`: load and pin the program, then install the store's active policy and
-settings; if that fails the program is unloaded again, so a failed load leaves nothing loaded.
+settings (enforcing or permissive, success audit: every stored setting, unless the caller
+gives the mode); if that fails the program is unloaded again, so a failed load leaves nothing
+loaded.  A load and an unload each write a 1404 record (``enabled=1 old-enabled=0``, and the
+reverse) with a serial of the per-boot sequence, handed to the audit daemon like the policy
+records (audit/control_log.py).
 
 `status`: the kernel side (if loaded) and the store, with what is damaged named: a damaged
 `state.json` or a stored copy of the active policy that no longer matches its digest is a
@@ -11,16 +15,22 @@ problem to report (the kernel keeps enforcing what it was given), never "no poli
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from ..audit.control_log import ControlLog
+from ..audit.policy_records import (AUDIT_MAC_STATUS, AUDIT_TRUSTED_APP, AuditIdentity, Record, lsm_switched,
+                                    records_lost)
+from ..audit.record import event_size
 from ..errors import IpeBpfError, KernelError
 from . import loader, pins
 from .lifecycle import Lifecycle, Listing, PolicyInfo
 from . import maps
 from .maps import Counters, DeviceState, KernelState
+from .ringbuf import RingBuffer
 from .store import PolicyStore
 
 
@@ -28,6 +38,16 @@ from .store import PolicyStore
 class LoadReport:
     loaded: loader.LoadResult
     active: PolicyInfo | None  # the stored active policy, now installed (None: no policy)
+    enforcing: bool
+    records: tuple[str, ...] = ()  # the load's 1404 line
+    warnings: tuple[str, ...] = ()  # records that could not be written
+
+
+@dataclass(frozen=True)
+class UnloadReport:
+    seconds: float  # waited for the kernel to detach
+    records: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 class ApplyError(KernelError):
@@ -35,13 +55,17 @@ class ApplyError(KernelError):
     unloaded again)."""
 
 
-def load_and_apply(options: loader.LoadOptions, store: PolicyStore | None = None) -> LoadReport:
-    """Load, then apply the stored policy and settings (boot mode: `options.permissive`)."""
+def load_and_apply(options: loader.LoadOptions, store: PolicyStore | None = None, *,
+                   enforce: bool | None = None, control: ControlLog | None = None) -> LoadReport:
+    """Load, then apply the stored policy and settings; ``enforce`` None: the stored mode (as
+    `ipe-bpf enforce on|off` left it), else the mode to load in, which becomes the stored one."""
     store = PolicyStore.default() if store is None else store
-    result = loader.load(options)
+    life = Lifecycle(store, control=control)
+    mode = life.state().enforce if enforce is None else enforce
+    result = loader.load(replace(options, permissive=not mode))
     try:
         with maps.PinnedPolicyMaps() as target:
-            active = Lifecycle(store).apply_active(target, enforce=not options.permissive)
+            active = life.apply_active(target, enforce=mode)
     except (IpeBpfError, OSError) as err:
         try:
             loader.unload()
@@ -51,7 +75,47 @@ def load_and_apply(options: loader.LoadOptions, store: PolicyStore | None = None
         raise ApplyError(errno_name, f"the stored active policy could not be applied (unloaded again): "
                                      f"{err if isinstance(err, IpeBpfError) else f'{errno_name}: {err.strerror}'}"
                          ) from None
-    return LoadReport(result, active)
+    lines, warnings = _record(life.control, True, mode)
+    return LoadReport(result, active, mode, lines, warnings)
+
+
+def unload_and_record(store: PolicyStore | None = None, *, root: Path = pins.PIN_ROOT,
+                      control: ControlLog | None = None, count_unread: bool = False) -> UnloadReport:
+    """Unload (loader.unload) and write the 1404 record of it, in the mode that was in force.
+
+    ``count_unread`` (no audit daemon runs to drain the ring buffer to its end): the records
+    still unread in the ring buffer go with it, and a 1121 ``lost=N reason=unloaded_unread``
+    says so.
+    """
+    mode, unread = True, 0
+    if pins.is_loaded(root):
+        try:
+            with maps.PinnedPolicyMaps(root) as target:
+                mode = target.state().enforcing
+            unread = _unread_records(root) if count_unread else 0
+        except (IpeBpfError, OSError):
+            pass  # a half-loaded program: unload it all the same
+    seconds = loader.unload(root)
+    store = PolicyStore.default() if store is None else store
+    control = ControlLog.default(store.audit_log_path) if control is None else control
+    extra = [Record(AUDIT_TRUSTED_APP, records_lost(unread, "unloaded_unread"))] if unread else []
+    lines, warnings = _record(control, False, mode, extra)
+    return UnloadReport(seconds, lines, warnings)
+
+
+def _unread_records(root: Path) -> int:
+    with RingBuffer(root) as ring:
+        return ring.pending_bytes() // ((event_size() + 8 + 7) & ~7)  # every record has one size
+
+
+def _record(control: ControlLog, enabled: bool, enforcing: bool,
+            extra: list[Record] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The load/unload 1404 to every sink; warnings instead of errors (it has happened)."""
+    record = Record(AUDIT_MAC_STATUS, lsm_switched(enabled, enforcing, AuditIdentity.from_proc()))
+    try:
+        return control.emit([*(extra or ()), record], time.time_ns())
+    except IpeBpfError as err:
+        return (), (f"the {'load' if enabled else 'unload'} record was not written: {err}",)
 
 
 class KernelView(Protocol):

@@ -81,17 +81,18 @@ def _set_max_entries(obj: int, name: str, entries: int) -> None:
 
 
 def _set_rodata(obj: int, features: KernelFeatures) -> None:
-    """The frozen load-time settings (ipe_load in ipe_bpf.bpf.c: fsverity_kfunc, fsv_sig_hook)."""
+    """The frozen load-time settings (ipe_load in ipe_bpf.bpf.c: fsverity_kfunc, fsv_sig_hook, dm_hook)."""
     lib = libbpf.lib()
     m = lib.bpf_object__next_map(obj, None)
     while m:
         if (lib.bpf_map__name(m) or b"").endswith(b".rodata"):
             size = ctypes.c_size_t()
-            if not lib.bpf_map__initial_value(m, ctypes.byref(size)) or size.value < 2:
+            if not lib.bpf_map__initial_value(m, ctypes.byref(size)) or size.value < 3:
                 raise KernelError("EINVAL", f"{OBJECT}: .rodata has no load settings")
             data = ctypes.create_string_buffer(size.value)
             data[0] = 1 if features.fsverity == "kfunc" else 0
             data[1] = 1 if "inode_setintegrity" in features.hooks else 0
+            data[2] = 1 if "bdev_setintegrity" in features.hooks else 0
             libbpf.check(lib.bpf_map__set_initial_value(m, data, size.value), "set the load settings")
             return
         m = lib.bpf_object__next_map(obj, m)

@@ -1,15 +1,17 @@
 """Audited decisions, and attempts refused by the seal, from the loaded program: drain the ring
-buffer, decode, print (`audit tail`)."""
+buffer, decode, print (`audit tail` when no audit daemon runs: reading consumes, so each record
+reaches one reader only)."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..audit.control_log import run_dir
 from ..audit.record import AccessRecord, RuleLookup, SealRecord, decode_any
 from ..audit.render import any_json, any_text
+from ..audit.serials import SerialAllocator
 from .pins import PIN_ROOT
 from .ringbuf import RingBuffer
 
@@ -58,12 +60,14 @@ def tail(
     as_json: bool = False,
     rules: RuleLookup | None = None,
     root: Path = PIN_ROOT,
+    serials: SerialAllocator | None = None,
 ) -> int:
-    """Print records through `emit`; returns how many."""
+    """Print records through `emit`, numbered from the per-boot serial sequence (the one every
+    ipe-bpf record takes its serial from); returns how many."""
     count = 0
-    serial = itertools.count(1)
+    serials = SerialAllocator.in_dir(run_dir()) if serials is None else serials
     for r in all_records(follow, rules, root):
-        n = next(serial)
+        n = serials.allocate(1)
         emit(any_json(r, n) if as_json else any_text(r, n))
         count += 1
     return count

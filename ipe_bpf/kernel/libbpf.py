@@ -99,14 +99,19 @@ _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, c
 
 def _print(level: int, fmt: bytes, args: int) -> int:
     if platform.machine() == "x86_64":  # va_list is a pointer there: vsnprintf can format it
-        buf = ctypes.create_string_buffer(4096)
+        # a verifier log comes as one message of up to 16 MiB; its end says why
+        buf = ctypes.create_string_buffer(_VERIFIER_LOG_BYTES if b"LOG" in fmt else 4096)
         _libc.vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode(errors="replace")
     else:
         text = fmt.decode(errors="replace")
     _log.extend(line for line in text.splitlines() if line.strip())
-    del _log[:-400]
+    del _log[:-_KEPT_LINES]
     return 0
+
+
+_VERIFIER_LOG_BYTES = 17 << 20
+_KEPT_LINES = 4000
 
 
 _print_fn = _PRINT_FN(_print)  # kept alive for as long as libbpf may call it

@@ -33,12 +33,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Protocol, runtime_checkable
 
+from ..audit.control_log import ControlLog
 from ..audit.policy_records import (
     AUDIT_IPE_CONFIG_CHANGE,
     AUDIT_IPE_POLICY_LOAD,
     AUDIT_MAC_STATUS,
     AuditIdentity,
-    AuditLog,
     PolicyRef,
     Record,
     config_change,
@@ -120,9 +120,11 @@ class Lifecycle:
         identity: AuditIdentity | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         kernel: Callable[[], KernelFeatures | None] | None = None,
+        control: ControlLog | None = None,
     ) -> None:
         self.store = store
         self.target = target
+        self._control = control
         self._kernel = kernel  # what this kernel can evaluate (None: not checked)
         self._identity = identity
         self._clock_ns = clock_ns
@@ -137,6 +139,13 @@ class Lifecycle:
     @property
     def loaded(self) -> bool:
         return self.target is not None
+
+    @property
+    def control(self) -> ControlLog:
+        """Where records go: the per-boot serials, the store's audit.log, the daemon's spool."""
+        if self._control is None:
+            self._control = ControlLog.default(self.store.audit_log_path)
+        return self._control
 
     # ------------------------------------------------------------------- queries
 
@@ -370,23 +379,21 @@ class Lifecycle:
         blobs: dict[str, bytes] | None = None,
         undo: Callable[[], object] | None = None,
     ) -> Outcome:
-        """Commit ``new_state`` with its audit serials, then append the records.
+        """Commit ``new_state``, then append the records (serials from the per-boot sequence,
+        taken before the commit).
 
         If the commit fails after the kernel was changed (``applied``), ``undo`` puts the kernel
         back as it was.
         """
-        serial = state.audit_serial
-        now = self._clock_ns()
-        lines = tuple(record.line(now, serial + i + 1) for i, record in enumerate(records))
-        final = replace(new_state, audit_serial=serial + len(records))
         try:
-            self.store.commit(final, blobs)
+            lines = self.control.stamp(records, self._clock_ns())
+            self.store.commit(new_state, blobs)
         except IpeBpfError:
             if applied and undo is not None:
                 undo()
             raise
-        warnings = self._append_audit(lines)
-        info = PolicyInfo.of(policy, final) if policy is not None else None
+        warnings = self.control.append(lines)
+        info = PolicyInfo.of(policy, new_state) if policy is not None else None
         return Outcome(info, changed=True, applied=applied, records=lines, warnings=warnings)
 
     def _restore(self, policy: StoredPolicy | None) -> None:
@@ -398,13 +405,6 @@ class Lifecycle:
                 _call_target(self.target.deactivate)
         except IpeBpfError:
             pass  # the original error is the one to report
-
-    def _append_audit(self, lines: Sequence[str]) -> tuple[str, ...]:
-        try:
-            AuditLog(self.store.audit_log_path).append(lines)
-        except OSError as exc:
-            return (f"audit records not written to {self.store.audit_log_path}: {exc.strerror}",)
-        return ()
 
 
 def _call_target(call: Callable[[], None]) -> None:

@@ -110,10 +110,10 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 def _forget_unused_inodes() -> None:
     """Evict unused inodes, so that fs-verity files whose signature was checked before load
-    are checked again, in view of the program, when next opened.  Files in use keep an
-    unknown signature state (decisions that hang on it are denied; `status` counts them)."""
+    are checked again, in view of the program, when next opened (files in use: verity_seed)."""
     try:
-        DROP_CACHES.write_text("3\n")  # page cache too: an inode with cached pages stays otherwise
+        for _ in range(3):  # an inode recently used survives one pass of the LRU (referenced bit)
+            DROP_CACHES.write_text("3\n")  # page cache too: an inode with cached pages stays
     except OSError:
         pass
 
@@ -173,6 +173,9 @@ def load(options: LoadOptions = LoadOptions(), root: Path = PIN_ROOT,
         seconds = time.monotonic() - started
         if "inode_setintegrity" in hooks:
             _forget_unused_inodes()
+            from . import verity_seed
+
+            verity_seed.seed(root)
     obj = bpf_file(OBJECT)
     digest = hashlib.sha256(obj.read_bytes()).hexdigest() if loader == "core" else None
     state = LoadedState(loader, hooks, found, digest, time.time())

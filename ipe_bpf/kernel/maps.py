@@ -120,7 +120,9 @@ class SlotDefaults:
     op_default: bytes
     global_default: int
     shapes: int
+    bool_mask: int
     generation: int
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,8 @@ class PinnedPolicyMaps:
             active = cfg.active
             new_slot = 1 if active == 1 else 0
             self._delete_slot(new_slot)  # leftovers of an interrupted install
-            enc = encode(compiled, new_slot, generation=generation)
+            # the epoch tags the program's cached decisions: unique per install, never reused
+            enc = encode(compiled, new_slot, generation=generation, epoch=cfg.flips + 1)
             for name, entries in (("ipe_digests", enc.digests), ("ipe_rules", enc.rules)):
                 m = self._map(name, write=True)
                 bpfsys.update_many(m.fd, entries, m.key_size, m.value_size)

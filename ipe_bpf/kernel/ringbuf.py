@@ -74,6 +74,11 @@ class RingBuffer:
             if record is not None:
                 yield record
 
+    def pending_bytes(self) -> int:
+        """Bytes of records written and not yet consumed."""
+        cons = struct.unpack_from("=Q", self._cons, 0)[0]
+        return max(0, struct.unpack_from("=Q", self._prod, 0)[0] - cons)
+
     def wait(self, timeout: float | None) -> bool:
         """Block until the kernel signals new data (or timeout); True if signalled."""
         return bool(self._epoll.poll(-1 if timeout is None else timeout))

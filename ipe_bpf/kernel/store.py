@@ -10,7 +10,7 @@ Layout under the state directory (``/var/lib/ipe-bpf``, or ``$IPE_BPF_STATE_DIR`
 
 ``state.json`` holds the deployed policies (raw name, version, SHA-256 of the submitted blob and of
 the policy text, generation, signer), the active policy's name, the enforce and success_audit
-settings, the next generation number, the audit serial, and the highest version ever seen per
+settings, the next generation number, and the highest version ever seen per
 policy name together with the digest of its text.  That last table is never pruned: rollback
 protection survives deletes and reboots.
 
@@ -128,7 +128,6 @@ class StoreState:
     success_audit: bool = False
     highest: Mapping[bytes, HighWater] = field(default_factory=dict)
     next_generation: int = 1
-    audit_serial: int = 0
     retired: tuple[StoredPolicy, ...] = ()  # most recent last
 
     def find(self, name: bytes) -> StoredPolicy | None:
@@ -173,7 +172,6 @@ class StoreState:
         return {
             "format": FORMAT,
             "next_generation": self.next_generation,
-            "audit_serial": self.audit_serial,
             "active": None if self.active is None else self.active.hex(),
             "enforce": self.enforce,
             "success_audit": self.success_audit,
@@ -200,7 +198,6 @@ class StoreState:
                                                     _hex_digest(hw["content_digest"]))
                      for name, hw in highest_obj.items()},
             next_generation=_positive(obj["next_generation"]),
-            audit_serial=int(obj.get("audit_serial", 0)),  # type: ignore[arg-type]
             retired=tuple(StoredPolicy.from_json(p) for p in _list(obj.get("retired"))),
         )
 

@@ -101,7 +101,7 @@ class Codecs:
         self.rule_value_layout = h.struct("ipe_rule_value")
         self.rule_value = self.rule_value_layout.packer("index", "action")
         self.defaults_layout = h.struct("ipe_policy_defaults")
-        self.defaults = self.defaults_layout.packer("op_default", "global_default", "shapes", "generation")
+        self.defaults = self.defaults_layout.packer("op_default", "global_default", "shapes", "bool_mask", "generation", "epoch")
         # A digest id has the type of the rule key's id fields.
         self.digest_id = struct.Struct("=" + h.struct("ipe_rule_key").field("roothash_id").format)
         self.array_key = struct.Struct("=I")  # BPF array maps are indexed by a __u32

@@ -11,19 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pyasn1.codec.der import decoder, encoder
-from pyasn1.error import PyAsn1Error, SubstrateUnderrunError
-from pyasn1_modules import rfc5652
-
 from ..errors import SignatureError
 
-OID_DATA = str(rfc5652.id_data)
-OID_SIGNED_DATA = str(rfc5652.id_signedData)
-OID_CONTENT_TYPE = str(rfc5652.id_contentType)
-OID_MESSAGE_DIGEST = str(rfc5652.id_messageDigest)
+# RFC 5652's object identifiers (pyasn1_modules.rfc5652 spells the same; imported only to
+# decode, as it costs a third of a second at start-up)
+OID_DATA = "1.2.840.113549.1.7.1"
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 
 # The DER of `OBJECT IDENTIFIER pkcs7-signedData`: what follows the outer SEQUENCE header.
-SIGNED_DATA_OID_DER = encoder.encode(rfc5652.id_signedData)
+SIGNED_DATA_OID_DER = bytes.fromhex("06092a864886f70d010702")  # the DER of OID_SIGNED_DATA
 _SET_OF = 0x31  # the universal tag signed attributes are re-tagged with before verifying
 
 
@@ -63,6 +61,8 @@ class SignerInfo:
         values = self.attribute(OID_MESSAGE_DIGEST)
         if values is None or len(values) != 1:
             raise malformed("signed attributes lack a single messageDigest")
+        from pyasn1_modules import rfc5652
+
         return bytes(_decode(values[0], rfc5652.MessageDigest(), "messageDigest attribute"))
 
     def content_types(self) -> list[str] | None:
@@ -70,6 +70,8 @@ class SignerInfo:
         values = self.attribute(OID_CONTENT_TYPE)
         if values is None:
             return None
+        from pyasn1_modules import rfc5652
+
         return [str(_decode(v, rfc5652.ContentType(), "contentType attribute")) for v in values]
 
     def attribute(self, oid: str) -> tuple[bytes, ...] | None:
@@ -89,6 +91,9 @@ class SignedData:
 
 def _decode(der: bytes, spec: Any, what: str) -> Any:
     """One DER value of type `spec` spanning all of `der`; EBADMSG naming `what` otherwise."""
+    from pyasn1.codec.der import decoder
+    from pyasn1.error import PyAsn1Error, SubstrateUnderrunError
+
     try:
         value, rest = decoder.decode(der, asn1Spec=spec)
     except SubstrateUnderrunError:
@@ -110,6 +115,8 @@ def _present(value: Any) -> bool:
 
 
 def _signer(info: Any) -> SignerInfo:
+    from pyasn1.codec.der import encoder
+
     sid = info["sid"]
     issuer = serial = key_id = None
     if sid.getName() == "issuerAndSerialNumber":
@@ -129,6 +136,10 @@ def _signer(info: Any) -> SignerInfo:
 
 def parse_signed_data(blob: bytes) -> SignedData:
     """Take a DER ContentInfo holding SignedData apart; EBADMSG if it is not one."""
+    from pyasn1.codec.der import encoder
+    from pyasn1.error import PyAsn1Error
+    from pyasn1_modules import rfc5652
+
     if not blob:
         raise malformed("truncated DER: the envelope is empty")
     info = _decode(blob, rfc5652.ContentInfo(), "PKCS#7 envelope")

@@ -5,15 +5,17 @@ Tables (structs in bpf/ipe_bpf.h; every entry carries the slot it belongs to):
 * digests map   `ipe_digest_key -> __u32 id`: every digest a rule can match gets an id > 0.
 * rules map     `ipe_rule_key -> ipe_rule_value`: for a rule *shape* (which of dm-verity
   root hash / fs-verity digest the rule tests), the file's ids for that shape and the file's
-  three boolean attributes, the lowest index of a rule of that shape that matches.
-* defaults map  (array, index = slot) `ipe_policy_defaults`: per-op and global defaults and
-  the bitmask of shapes that occur.
+  boolean attributes (those the policy tests at all), the lowest index of a rule of that
+  shape that matches.
+* defaults map  (array, index = slot) `ipe_policy_defaults`: per-op and global defaults, the
+  bitmask of shapes that occur and the boolean attributes some rule tests (`bool_mask`).
 
 Each rule is normalised (boolean properties fold into required bit values; repeated digest
 properties of one key must all be the same digest) and expanded over the values of the
-booleans it leaves free, so a rule makes at most 2**3 = 8 rule entries and at most 2 digest
-entries: the tables are O(number of rules), and a decision costs at most 2 digest lookups,
-4 rule lookups and 1 defaults lookup whatever the policy size.
+booleans it leaves free among those the policy tests, so a rule makes at most 2**3 = 8 rule
+entries (one when the policy tests no boolean, as a digest allowlist does) and at most 2
+digest entries: the tables are O(number of rules), and a decision costs at most 2 digest
+lookups, 4 rule lookups and 1 defaults lookup whatever the policy size.
 
 `encode()` turns the tables into map entries for a slot; ipe_bpf.policy.lookup decides events
 from them exactly as the BPF program does; ipe_bpf.policy.abi holds the header's constants.
@@ -23,14 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import NamedTuple
 
 from ..errors import IpeBpfError
 from .abi import Abi
 from .layout import Header, load_header
-from .model import POLICY_OPS, Action, BoolProperty, Digest, DigestKey, Op, Policy, Rule
+from .model import POLICY_OPS, Action, BoolProperty, Digest, DigestKey, DigestProperty, Op, Policy, Rule
 
 __all__ = [
     "CompileError",
@@ -75,15 +77,25 @@ class NormalRule:
             abi.shape_fsverity if self.fsverity is not None else 0
         )
 
-    def file_bools(self, abi: Abi) -> Iterator[int]:
-        """Every value of the file's boolean bits this rule accepts (2**free of them)."""
-        for value in range(abi.all_bools + 1):
-            if value & self.mask == self.bools:
-                yield value
+    def file_bools(self, abi: Abi, relevant: int) -> tuple[int, ...]:
+        """Every value of the file's `relevant` boolean bits this rule accepts (2**free of them)."""
+        return _accepted_bools(abi.all_bools, relevant, self.mask, self.bools)
+
+
+@lru_cache(maxsize=None)
+def _accepted_bools(all_bools: int, relevant: int, mask: int, bools: int) -> tuple[int, ...]:
+    return tuple(v for v in range(all_bools + 1) if v & ~relevant == 0 and v & mask == bools)
 
 
 def normalise(rule: Rule, abi: Abi) -> NormalRule | None:
     """What `rule` requires of a file, or None if no file the kernel sees can match it."""
+    if len(rule.properties) == 1 and isinstance(rule.properties[0], DigestProperty):
+        prop = rule.properties[0]  # the digest allowlist's one-property rule, made fast
+        if not abi.representable(prop.digest):
+            return None
+        if prop.key is DigestKey.FSVERITY_DIGEST:
+            return NormalRule(0, 0, None, prop.digest)
+        return NormalRule(0, 0, prop.digest, None)
     mask = bools = 0
     wanted: dict[DigestKey, set[Digest]] = {DigestKey.DMVERITY_ROOTHASH: set(), DigestKey.FSVERITY_DIGEST: set()}
     for prop in rule.properties:
@@ -139,6 +151,7 @@ class Defaults:
     op_default: tuple[int, ...]  # per op number: IPE_ACTION_* or IPE_DEFAULT_NONE
     global_default: int  # IPE_ACTION_* or IPE_DEFAULT_NONE
     shapes: int  # bit s set: some rule entry has shape s
+    bool_mask: int  # the IPE_BOOL_* bits some rule tests (rule keys carry only these)
 
 
 @dataclass(frozen=True)
@@ -148,9 +161,13 @@ class CompiledPolicy:
     digests: Mapping[DigestEntry, int]
     rules: Mapping[RuleKey, RuleValue]
     defaults: Defaults
-    rule_texts: tuple[str, ...]  # index -> the rule as kernel IPE's audit prints it (rule="...")
     policy: Policy = field(repr=False, compare=False)
     abi: Abi = field(repr=False, compare=False)
+
+    @cached_property
+    def rule_texts(self) -> tuple[str, ...]:
+        """Index -> the rule as kernel IPE's audit prints it (rule="..."); made when first asked."""
+        return tuple(str(rule) for rule in self.policy.rules)
 
     @cached_property
     def kernel_maps(self) -> "KernelMaps":
@@ -175,7 +192,7 @@ def _digest_id(digests: dict[DigestEntry, int], entry: DigestEntry) -> int:
     return found
 
 
-def _defaults(policy: Policy, abi: Abi, shapes: int) -> Defaults:
+def _defaults(policy: Policy, abi: Abi, shapes: int, bool_mask: int) -> Defaults:
     def action_or_none(action: Action | None) -> int:
         return abi.default_none if action is None else int(action)
 
@@ -184,7 +201,7 @@ def _defaults(policy: Policy, abi: Abi, shapes: int) -> Defaults:
         abi.default_none if op == abi.op_unknown else action_or_none(policy.op_default(Op(op)))
         for op in range(abi.nr_ops)
     )
-    return Defaults(op_default, action_or_none(policy.global_default), shapes)
+    return Defaults(op_default, action_or_none(policy.global_default), shapes, bool_mask)
 
 
 def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledPolicy:
@@ -194,35 +211,34 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
     digests: dict[DigestEntry, int] = {}
     rules: dict[RuleKey, RuleValue] = {}
     shapes = 0
-    for index, rule in enumerate(policy.rules):
-        if rule.op is Op.UNKNOWN:
-            continue  # never consulted: UNKNOWN events only see the global default
-        normal = normalise(rule, abi)
+    normals = [(index, rule, normalise(rule, abi)) for index, rule in enumerate(policy.rules)
+               if rule.op is not Op.UNKNOWN]  # UNKNOWN events only ever see the global default
+    relevant = 0
+    for _, _, normal in normals:
+        relevant |= normal.mask if normal is not None else 0
+    claim = rules.setdefault  # rules come in index order: the first to claim a key is the lowest
+    dmverity, fsverity, all_bools = abi.digest_dmverity, abi.digest_fsverity, abi.all_bools
+    for index, rule, normal in normals:
         if normal is None:
             continue  # can never match: no entry
         roothash_id = digest_id = 0
         if normal.roothash is not None:
-            roothash_id = _digest_id(digests, DigestEntry(abi.digest_dmverity, *_digest_parts(normal.roothash)))
+            roothash_id = _digest_id(digests, DigestEntry(dmverity, normal.roothash.alg, normal.roothash.value))
         if normal.fsverity is not None:
-            digest_id = _digest_id(digests, DigestEntry(abi.digest_fsverity, *_digest_parts(normal.fsverity)))
+            digest_id = _digest_id(digests, DigestEntry(fsverity, normal.fsverity.alg, normal.fsverity.value))
         shape = normal.shape(abi)
         shapes |= 1 << shape
         value = RuleValue(index, int(rule.action))
-        for bools in normal.file_bools(abi):
-            # Rules come in index order: the first one to claim a key is the lowest index.
-            rules.setdefault(RuleKey(int(rule.op), shape, bools, roothash_id, digest_id), value)
+        op = int(rule.op)
+        for bools in _accepted_bools(all_bools, relevant, normal.mask, normal.bools):
+            claim(RuleKey(op, shape, bools, roothash_id, digest_id), value)
     return CompiledPolicy(
         digests=MappingProxyType(digests),
         rules=MappingProxyType(rules),
-        defaults=_defaults(policy, abi, shapes),
-        rule_texts=tuple(str(rule) for rule in policy.rules),
+        defaults=_defaults(policy, abi, shapes, relevant),
         policy=policy,
         abi=abi,
     )
-
-
-def _digest_parts(digest: Digest) -> tuple[bytes, bytes]:
-    return digest.alg, digest.value
 
 
 # ---------------------------------------------------------------- encoding
@@ -246,7 +262,7 @@ class EncodedMaps:
         return sum(len(k) + len(v) for table in (self.digests, self.rules, self.defaults) for k, v in table)
 
 
-def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0) -> EncodedMaps:
+def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0, epoch: int = 0) -> EncodedMaps:
     """The entries of every map for `compiled` written into `slot`."""
     abi = compiled.abi
     if not 0 <= slot < abi.slots:
@@ -263,7 +279,7 @@ def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0) -> Encod
     defaults = [
         (
             codecs.array_key.pack(slot),
-            codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, generation),
+            codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, d.bool_mask, generation, epoch),
         )
     ]
     return EncodedMaps(digests, rules, defaults)

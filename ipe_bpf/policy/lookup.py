@@ -31,9 +31,9 @@ from .model import Action, BoolKey, Digest, FileAttributes, Op
 #  2. The file's attributes:
 #     no file (anonymous memory, kernel_load_data):  bools = 0, roothash_id = 0, digest_id = 0
 #     otherwise:
-#       bools = (boot_verified      ? IPE_BOOL_BOOT_VERIFIED : 0)
-#             | (dmverity_signature ? IPE_BOOL_DMV_SIGNATURE : 0)
-#             | (fsverity_signature ? IPE_BOOL_FSV_SIGNATURE : 0)
+#       bools = ((boot_verified      ? IPE_BOOL_BOOT_VERIFIED : 0)
+#              | (dmverity_signature ? IPE_BOOL_DMV_SIGNATURE : 0)
+#              | (fsverity_signature ? IPE_BOOL_FSV_SIGNATURE : 0)) & defaults.bool_mask
 #       roothash_id = digest_id_of(IPE_DIGEST_DMVERITY, the bdev's root hash alg + bytes)
 #       digest_id   = digest_id_of(IPE_DIGEST_FSVERITY, the inode's fs-verity alg + digest)
 #     digest_id_of(kind, alg, value):
@@ -123,7 +123,9 @@ def lookup_maps(maps: KernelMaps, slot: int, op: int, attrs: FileAttributes) -> 
     # Step 1
     defaults = codecs.defaults_layout.unpack(maps.defaults[codecs.array_key.pack(slot)])
     op_default, global_default, shapes = defaults["op_default"], defaults["global_default"], defaults["shapes"]
+    bool_mask = defaults["bool_mask"]
     assert isinstance(op_default, bytes) and isinstance(global_default, int) and isinstance(shapes, int)
+    assert isinstance(bool_mask, int)
     if op == abi.op_unknown:
         if global_default != abi.default_none:
             return MapDecision(global_default, Source.GLOBAL_DEFAULT, None)
@@ -133,7 +135,7 @@ def lookup_maps(maps: KernelMaps, slot: int, op: int, attrs: FileAttributes) -> 
         ids = (0, 0, 0)
     else:
         ids = (
-            _file_bools(abi, attrs),
+            _file_bools(abi, attrs) & bool_mask,
             _file_digest_id(maps, codecs, slot, abi.digest_dmverity, attrs.dmverity_roothash),
             _file_digest_id(maps, codecs, slot, abi.digest_fsverity, attrs.fsverity_digest),
         )

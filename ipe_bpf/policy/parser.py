@@ -8,6 +8,8 @@ component above 65535 is ERANGE. The first failing line wins; the coverage check
 
 from __future__ import annotations
 
+import re
+
 import difflib
 from collections.abc import Iterator
 
@@ -56,6 +58,9 @@ def _show(token: bytes) -> str:
     return f"{token[:_SHOWN_MAX - 16].decode('latin-1')!r}... ({len(token)} bytes)"
 
 
+_LINE_END = re.compile(rb"[\r\n]")
+
+
 def _lines(text: bytes) -> Iterator[tuple[int, bytes]]:
     """Yield (editor line number, line) for every line the kernel parses.
 
@@ -64,12 +69,11 @@ def _lines(text: bytes) -> Iterator[tuple[int, bytes]]:
     """
     number = 1
     start = 0
-    for index, byte in enumerate(text):
-        if byte not in b"\r\n":
-            continue
+    for match in _LINE_END.finditer(text):
+        index = match.start()
         yield number, text[start:index]
         start = index + 1
-        crlf_second_half = byte == 0x0A and index > 0 and text[index - 1] == 0x0D
+        crlf_second_half = text[index] == 0x0A and index > 0 and text[index - 1] == 0x0D
         if not crlf_second_half:
             number += 1
     yield number, text[start:]
@@ -263,11 +267,11 @@ def format_policy(policy: Policy) -> bytes:
         lines.append(f"DEFAULT action={policy.global_default.name}".encode())
     for op, action in policy.op_defaults:
         lines.append(f"DEFAULT op={op.name} action={action.name}".encode())
-    lines.extend(_format_rule(rule) for rule in policy.rules)
+    lines.extend(format_rule(rule) for rule in policy.rules)
     return b"\n".join(lines) + b"\n"
 
 
-def _format_rule(rule: Rule) -> bytes:
+def format_rule(rule: Rule) -> bytes:
     parts = [f"op={rule.op.name}".encode()]
     for prop in rule.properties:
         if isinstance(prop, BoolProperty):
@@ -296,7 +300,7 @@ def format_text(data: bytes) -> bytes:
         elif not seen_header:
             line, seen_header = b"policy_name=" + policy.name + b" policy_version=" + policy.version_text.encode(), True
         elif number in rules:
-            line = _format_rule(rules[number])
+            line = format_rule(rules[number])
         else:
             line = b" ".join(tokens)  # a DEFAULT line: its tokens, single-spaced
         if hash_mark:

@@ -126,15 +126,17 @@ def _public_der(key: object) -> bytes:
 
 
 def sign_policy(content: bytes, key_pem: bytes, cert_pem: bytes, *,
-                digest: str = "sha256") -> bytes:
+                digest: str = "sha256", detached: bool = False) -> bytes:
     """Sign ``content`` as kernel IPE wants it: attached PKCS#7, DER, no signed attributes.
 
+    ``detached``: the content left out and no certificates, the form dm-verity takes for a
+    root hash signature (``openssl smime -sign -nocerts -noattr -binary -outform der``).
     ``key_pem`` must be an unencrypted RSA or EC (P-256/P-384) private key that belongs to
     ``cert_pem``.  Raises SignatureError(EINVAL) for unusable keys or certificates.
     """
     key = load_private_key(key_pem)
     cert = load_certificate(cert_pem, "signing certificate")
-    return sign_with(content, key, cert, digest=digest)
+    return sign_with(content, key, cert, digest=digest, detached=detached)
 
 
 def check_digest(digest: str) -> None:
@@ -143,12 +145,15 @@ def check_digest(digest: str) -> None:
                                        f"(choose from {', '.join(DIGESTS)})")
 
 
-def sign_with(content: bytes, key: SigningKey, cert: x509.Certificate, *, digest: str = "sha256") -> bytes:
+def sign_with(content: bytes, key: SigningKey, cert: x509.Certificate, *, digest: str = "sha256",
+              detached: bool = False) -> bytes:
     """`sign_policy` with a loaded key and certificate (EINVAL if the key is not the cert's)."""
     check_digest(digest)
     if _public_der(cert.public_key()) != _public_der(key.public_key()):
         raise SignatureError("EINVAL", "the private key does not belong to the certificate")
     options = [crypto_pkcs7.PKCS7Options.Binary, crypto_pkcs7.PKCS7Options.NoAttributes]
+    if detached:
+        options += [crypto_pkcs7.PKCS7Options.DetachedSignature, crypto_pkcs7.PKCS7Options.NoCerts]
     builder = (crypto_pkcs7.PKCS7SignatureBuilder().set_data(content)
                .add_signer(cert, key, DIGESTS[digest]()))
     return builder.sign(serialization.Encoding.DER, options)
@@ -160,6 +165,11 @@ def sign_with(content: bytes, key: SigningKey, cert: x509.Certificate, *, digest
 def looks_like_pkcs7(data: bytes) -> bool:
     """True if ``data`` is (or starts like) a DER PKCS#7 SignedData rather than policy text."""
     return cms.looks_like_signed_data(data)
+
+
+def policy_text(data: bytes) -> bytes:
+    """The policy text of a file: the payload of an attached PKCS#7 (unchecked), else the bytes."""
+    return extract_content(data) if looks_like_pkcs7(data) else data
 
 
 def extract_content(blob: bytes) -> bytes:

@@ -34,12 +34,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from ..audit.control_log import DEFAULT_RUN_DIR, run_dir
 from ..errors import ServiceError
 
 DEFAULT_CONFIG = Path("/etc/ipe-bpf/ipe-bpf.conf")
 CONFIG_ENV = "IPE_BPF_CONFIG"
-DEFAULT_RUN_DIR = Path("/run/ipe-bpf")
-RUN_DIR_ENV = "IPE_BPF_RUN_DIR"
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _TRUE = ("yes", "true", "on", "1")
@@ -49,11 +48,6 @@ _FALSE = ("no", "false", "off", "0")
 def config_path(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     return Path(env.get(CONFIG_ENV) or DEFAULT_CONFIG)
-
-
-def run_dir(environ: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    return Path(env.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
 
 
 @dataclass(frozen=True)

@@ -34,13 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..audit.control_log import SPOOL
+from ..audit.serials import SerialAllocator, read_boot_id
 from .config import Config
-from .control import SPOOL
 from .durable import LogReader, LogWriter, Position, encode_lines
 from .followers import Follower
 from .records import (Record, access_lines, access_record_count, daemon_started, daemon_stopped, lost,
                       parse_line)
-from .serials import SerialAllocator, read_boot_id
 from .sink import Sink
 from .source import EventSource
 

@@ -37,12 +37,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-from ..audit.policy_records import AUDIT_MAC_STATUS, UNSET_ID, AuditIdentity, AuditLog, Record
+from ..audit.policy_records import (AUDIT_MAC_STATUS, AUDIT_TRUSTED_APP, UNSET_ID, AuditIdentity, AuditLog,
+                                    Record, records_lost)
 from ..audit.record import AccessRecord, SealRecord
 from ..audit.render import AUDIT_IPE_ACCESS, ipe_text, seal_text, untrusted
 
 AUDIT_SYSCALL = 1300
-AUDIT_TRUSTED_APP = 1121
 AUDIT_SERVICE_START = 1130
 AUDIT_SERVICE_STOP = 1131
 
@@ -68,16 +68,11 @@ class Identity:
 
 
 def identity_of(record: "AccessRecord | SealRecord") -> Identity | None:
-    """The subject's identity if the BPF event carried it (``uid``, ``auid``, ``ses``, ``exe``
-    attributes of the AccessRecord); None while the ring-buffer record has no such fields."""
-    uid = getattr(record, "uid", None)
-    if uid is None:
+    """The subject's identity as the ring-buffer event carried it (None: a record without it)."""
+    if record.uid is None:
         return None
-    auid = getattr(record, "auid", None)
-    ses = getattr(record, "ses", None)
-    exe = getattr(record, "exe", None)
-    return Identity(int(uid), UNSET_ID if auid is None else int(auid),
-                    UNSET_ID if ses is None else int(ses), None if exe is None else bytes(exe))
+    return Identity(record.uid, UNSET_ID if record.auid is None else record.auid,
+                    UNSET_ID if record.ses is None else record.ses, record.exe)
 
 
 def stamp(time_ns: int) -> str:
@@ -110,20 +105,6 @@ def access_record_count(lines: Iterable[str]) -> int:
     return sum(1 for text in lines if text.startswith(f"type={AUDIT_IPE_ACCESS} "))
 
 
-def loaded(enforcing: bool, who: AuditIdentity) -> Record:
-    """``ipe-bpf load``: the LSM went from off to on, in mode ``enforcing``."""
-    e = int(enforcing)
-    return Record(AUDIT_MAC_STATUS, f"enforcing={e} old_enforcing={e} {who.fields()} "
-                                    f"enabled=1 old-enabled=0 lsm=ipe res=1")
-
-
-def unloaded(enforcing: bool, who: AuditIdentity) -> Record:
-    """``ipe-bpf unload``: the LSM went from on to off."""
-    e = int(enforcing)
-    return Record(AUDIT_MAC_STATUS, f"enforcing={e} old_enforcing={e} {who.fields()} "
-                                    f"enabled=0 old-enabled=1 lsm=ipe res=1")
-
-
 def daemon_started(pid: int, log: str, repaired_bytes: int) -> Record:
     return Record(AUDIT_SERVICE_START, f"op=start pid={pid} log={untrusted(log.encode())} "
                                        f"repaired={repaired_bytes} lsm=ipe res=1")
@@ -135,9 +116,7 @@ def daemon_stopped(pid: int, written: int, lost: int) -> Record:
 
 def lost(count: int | None, reason: str, sink: str | None = None) -> Record:
     """Records that never reached the log (sink None) or one sink: ``count`` None if unknown."""
-    where = "" if sink is None else f" sink={sink}"
-    return Record(AUDIT_TRUSTED_APP, f"op=lost lost={'?' if count is None else count} "
-                                     f"reason={reason}{where} lsm=ipe res=0")
+    return Record(AUDIT_TRUSTED_APP, records_lost(count, reason, sink))
 
 
 # ------------------------------------------------------------------------------ reading

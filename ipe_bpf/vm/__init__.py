@@ -1,4 +1,7 @@
-"""The ipe-bpf test VM: a Debian trixie guest whose Linux 6.12 has BPF LSM and IPE, under QEMU.
+"""The ipe-bpf test VM: Debian guests with BPF LSM on three kernel lines, under QEMU.
+
+Lines (``lines.py``): ``6.1`` (bookworm, no kernel IPE), ``6.12`` (trixie, kernel IPE, BCC; the
+default) and ``7.x`` (trixie-backports' newest); each has its own cached image.
 
 Entry points:
 
@@ -8,29 +11,14 @@ Entry points:
 - :func:`build_image` (``ipe-bpf vm build``): mmdebstrap + mke2fs, cached by input hash.
 - :func:`plan_setup` / :func:`apply_setup` (``ipe-bpf vm setup``): host prerequisites.
 
-Layout: ``config`` (settings, cache paths), ``mirror`` (Debian mirror from the host's apt),
-``image`` (build and cache), ``qemu`` (command line), ``disks`` (work/control/results disks),
+Layout: ``config`` (settings, cache paths), ``lines`` (kernel lines), ``releases``
+(which release a line means), ``archive`` (a mirror's package index), ``mirror`` (Debian mirror from the host's apt), ``wheels`` (the
+guest's Python packages), ``inputs`` (what an image is built from, its key, mmdebstrap's
+command line), ``image`` (build and cache), ``qemu`` (command line), ``disks`` (work/control/results disks),
 ``console`` (marker parsing), ``run`` (one boot), ``setup`` and ``host`` (host checks),
-``guest/`` (package list and the PID-1 script).
+``guest/`` (package lists, the PID-1 script, the ``ipe-bpf`` wrapper).
 """
 
 from __future__ import annotations
 
-from .config import VmConfig
-from .image import Image, build_image, find_image
-from .run import NO_REPORT, RunOutcome, RunRequest, run_in_vm, run_vm
-from .setup import apply_setup, plan_setup
-
-__all__ = [
-    "NO_REPORT",
-    "Image",
-    "RunOutcome",
-    "RunRequest",
-    "VmConfig",
-    "apply_setup",
-    "build_image",
-    "find_image",
-    "plan_setup",
-    "run_in_vm",
-    "run_vm",
-]
+# Nothing is imported here: `ipe-bpf` starts without loading the VM tooling (import the modules).

@@ -1,4 +1,4 @@
-"""Settings of the test VM: where its cache lives, which guest it builds and boots."""
+"""Settings of the test VM: where its cache lives, which kernel line it builds and boots."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE_ENV = "IPE_BPF_CACHE"
-KERNEL_ENV = "IPE_BPF_VM_KERNEL"
-BACKPORTS_ENV = "IPE_BPF_VM_BACKPORTS"  # 1: also use SUITE-backports (newer kernels)
+from .lines import DEFAULT_LINE, KernelChoice, KernelLine, parse_kernel
 
-SUITE = "trixie"
-# The guest kernel, pinned: trixie's 6.12 cloud flavour (BPF LSM and IPE in the default LSM
-# list, BTF, fs-verity, dm-verity).  The package name carries the ABI; its Debian version was
-# 6.12.117-1 when this was pinned (2026-11-28).  Override with $IPE_BPF_VM_KERNEL if the
-# archive stops serving it.
-KERNEL_RELEASE = "6.12.117+deb13-cloud-amd64"
+CACHE_ENV = "IPE_BPF_CACHE"
+KERNEL_ENV = "IPE_BPF_VM_KERNEL"  # the default of --kernel: a line (6.1, 6.12, 7.x) or a release
 
 
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -33,21 +27,21 @@ class VmConfig:
     """Everything that decides where the VM lives and what goes into it."""
 
     cache_dir: Path
-    kernel_release: str = KERNEL_RELEASE
-    suite: str = SUITE
-    backports: bool = False  # add the SUITE-backports archive (kernel and linux-base from it)
+    kernel: str = DEFAULT_LINE  # a line name or an exact release (see lines.py)
     mirror: str | None = None  # None: resolved from the host's apt configuration at build time
     memory_mib: int = 2048
     initramfs_memory_mib: int = 4096
     cpus: int = 2
+
+    def __post_init__(self) -> None:
+        parse_kernel(self.kernel)  # a kernel that names no line is an error before any work
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "VmConfig":
         env = os.environ if env is None else env
         values: dict[str, object] = {
             "cache_dir": default_cache_dir(env),
-            "kernel_release": env.get(KERNEL_ENV) or KERNEL_RELEASE,
-            "backports": env.get(BACKPORTS_ENV, "").strip().lower() in ("1", "yes", "true", "on"),
+            "kernel": env.get(KERNEL_ENV) or DEFAULT_LINE,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -60,9 +54,9 @@ class VmConfig:
     def images_dir(self) -> Path:
         return self.vm_dir / "images"
 
-    @property
-    def debs_dir(self) -> Path:
-        return self.vm_dir / "debs"
+    def debs_dir(self, suite: str) -> Path:
+        """The .deb cache of one Debian suite (a sibling of the single debs/ older versions kept)."""
+        return self.vm_dir / f"debs-{suite}"
 
     @property
     def runs_dir(self) -> Path:
@@ -73,5 +67,14 @@ class VmConfig:
         return self.vm_dir / "build.lock"
 
     @property
-    def kernel_packages(self) -> tuple[str, str]:
-        return (f"linux-image-{self.kernel_release}", f"linux-headers-{self.kernel_release}")
+    def wheels_dir(self) -> Path:
+        return self.vm_dir / "wheels"
+
+    @property
+    def choice(self) -> KernelChoice:
+        """The line and (unless it floats) the release --kernel names; EINVAL if it names none."""
+        return parse_kernel(self.kernel)
+
+    def resolved_path(self, line: KernelLine) -> Path:
+        """Where the release a floating line last resolved to is remembered."""
+        return self.vm_dir / "lines" / line.name

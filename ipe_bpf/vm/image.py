@@ -1,21 +1,20 @@
-"""Building and caching the guest image.
+"""Building and caching the guest images, one per kernel line, side by side.
 
 An image is a directory ``<cache>/vm/images/<key>/`` holding ``root.img`` (ext4 with the
 verity feature, made by ``mke2fs -d`` from an mmdebstrap tree, no loop mounts), ``vmlinuz``
-(the guest kernel, taken from its ``/boot``), ``rootfs.cpio`` (the same tree as an
-initramfs, uncompressed: unpacking zstd under TCG cost 4.5 s a boot) and ``manifest.json``, written last.  ``<key>`` hashes every input (package list,
-PID-1 script, kernel release, suite, builder format), so changing one builds a new image and
-an unchanged one is reused.  A build happens in a temporary directory that is renamed into
-place only when complete: an interrupted or failed build is never taken as good.
+(the guest kernel, taken from its ``/boot``), ``rootfs.cpio`` (the same tree as an initramfs,
+uncompressed: unpacking zstd under TCG cost 4.5 s a boot) and ``manifest.json``, written last.
+``<key>`` hashes every input (see inputs.py), so changing one builds a new image and an
+unchanged one is reused.  A build happens in a temporary directory that is renamed into place
+only when complete: an interrupted or failed build is never taken as good.  A new image replaces
+only the images of its own line (each line keeps its newest); the others stay.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -23,97 +22,26 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from ..errors import VmError
 from . import host
+from .archive import served_release
 from .config import VmConfig
+from .inputs import NO_INITRAMFS_PACKAGE, GuestInputs, explain_mmdebstrap_failure, mmdebstrap_argv
+from .lines import line_of_release
 from .mirror import resolve_mirror
 from .procs import run_logged
 from .progress import Reporter, SilentReporter
+from .releases import known_release, resolve_release
+from .wheels import WHEELHOUSE, ensure_wheelhouse, project_requirements, prune_wheelhouses
 
-# Bump when the way an image is assembled changes (so cached images are rebuilt).
-BUILD_FORMAT = 2
-INIT_PATH = "/usr/local/sbin/ipe-bpf-vm-init"
-NO_INITRAMFS_PACKAGE = "ipe-bpf-no-initramfs"
-NO_INITRAMFS_CONTROL = f"""\
-Package: {NO_INITRAMFS_PACKAGE}
-Version: 1.0
-Architecture: all
-Maintainer: ipe-bpf test VM <root@localhost>
-Provides: linux-initramfs-tool
-Priority: optional
-Section: kernel
-Description: stands in for initramfs-tools in the ipe-bpf test VM
- The test VM boots its kernel without an initrd, so initramfs-tools (and the udev
- and systemd it would pull in) stay out of the image.
-"""
-DPKG_EXCLUDES = (
-    "path-exclude=/usr/share/man/*",
-    "path-exclude=/usr/share/info/*",
-    "path-exclude=/usr/share/doc/*",
-    "path-exclude=/usr/share/locale/*",
-    "path-exclude=/usr/share/lintian/*",
-)
 ROOT_FILE = "root.img"
 KERNEL_FILE = "vmlinuz"
 INITRAMFS_FILE = "rootfs.cpio"
 MANIFEST_FILE = "manifest.json"
 BUILD_SPACE = 5 * host.GIB
 MIB = 1 << 20
-
-
-def _guest_file(name: str) -> bytes:
-    return resources.files("ipe_bpf.vm.guest").joinpath(name).read_bytes()
-
-
-def parse_package_list(text: str) -> tuple[str, ...]:
-    """Package names of a list file: one per line (or several), ``#`` comments."""
-    names: list[str] = []
-    for line in text.splitlines():
-        for word in line.split("#", 1)[0].split():
-            if word not in names:
-                names.append(word)
-    return tuple(names)
-
-
-@dataclass(frozen=True)
-class GuestInputs:
-    """Everything an image is built from; its hash names the image."""
-
-    packages: tuple[str, ...]
-    init_script: bytes
-    kernel_release: str
-    suite: str
-    backports: bool = False
-    no_initramfs_control: str = NO_INITRAMFS_CONTROL
-    build_format: int = BUILD_FORMAT
-
-    @classmethod
-    def for_config(cls, config: VmConfig) -> "GuestInputs":
-        listed = parse_package_list(_guest_file("packages.txt").decode())
-        return cls(
-            packages=tuple(config.kernel_packages) + listed,
-            init_script=_guest_file("init.sh"),
-            kernel_release=config.kernel_release,
-            suite=config.suite,
-            backports=config.backports,
-        )
-
-    def key(self) -> str:
-        digest = hashlib.sha256()
-        for part in (
-            f"format={self.build_format}",
-            f"suite={self.suite}",
-            f"kernel={self.kernel_release}",
-            "packages=" + " ".join(self.packages),
-            "no-initramfs=" + self.no_initramfs_control,
-            *(["backports=1"] if self.backports else []),  # absent: keys of existing images hold
-        ):
-            digest.update(part.encode() + b"\0")
-        digest.update(hashlib.sha256(self.init_script).digest())
-        return digest.hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -163,12 +91,53 @@ def load_image(directory: Path) -> Image:
     return Image(directory, manifest)
 
 
+def current_inputs(config: VmConfig, release: str) -> GuestInputs:
+    return GuestInputs.for_release(config.choice.line, release, project_requirements())
+
+
+def image_key(config: VmConfig) -> str | None:
+    """The key of the image the current inputs make (None: a floating line never resolved)."""
+    release = known_release(config)
+    return None if release is None else current_inputs(config, release).key()
+
+
 def find_image(config: VmConfig) -> Image | None:
     """The cached image for the current inputs, None if there is none (corrupt: EUCLEAN)."""
-    directory = config.images_dir / GuestInputs.for_config(config).key()
-    if not directory.exists():
+    key = image_key(config)
+    if key is None or not (config.images_dir / key).exists():
         return None
-    return load_image(directory)
+    return load_image(config.images_dir / key)
+
+
+def image_line(directory: Path) -> str | None:
+    """The line a cached image belongs to (images built before lines: by their kernel)."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if isinstance(manifest.get("line"), str):
+        return manifest["line"]
+    line = line_of_release(str(manifest.get("kernel_release", "")))
+    return line.name if line is not None else None
+
+
+def superseded(images_dir: Path, line: str, keep: str) -> list[Path]:
+    """The images of LINE other than KEEP: what a new build of that line replaces."""
+    if not images_dir.is_dir():
+        return []
+    return sorted(d for d in images_dir.iterdir() if d.name != keep and image_line(d) == line)
+
+
+def _wheelhouses_in_use(images_dir: Path) -> set[str]:
+    used = set()
+    for directory in images_dir.iterdir() if images_dir.is_dir() else ():
+        try:
+            used.add(str(json.loads((directory / MANIFEST_FILE).read_text())["wheelhouse"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return used
 
 
 @contextmanager
@@ -251,63 +220,17 @@ def _rootfs_on_tmpfs(rootfs: Path) -> bool:
     return proc.returncode == 0
 
 
-def mmdebstrap_argv(
-    inputs: GuestInputs, rootfs: Path, mirror: str, debs: Path, local_deb: Path, eatmydata: bool = False
-) -> list[str]:
-    """The mmdebstrap command line (pure: unit-tested)."""
-    q = shlex.quote
-    argv = [
-        "mmdebstrap",
-        "--mode=root",
-        "--variant=minbase",
-        "--verbose",
-        "--architectures=amd64",
-        "--aptopt=APT::Install-Recommends \"false\"",
-        "--aptopt=APT::Install-Suggests \"false\"",
-        *(f"--dpkgopt={rule}" for rule in DPKG_EXCLUDES),
-        "--include=" + ",".join(inputs.packages),
-        f"--include={local_deb}",
-        *([f"--include=linux-base/{inputs.suite}-backports"] if inputs.backports else []),
-        "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount",
-        *(["--hook-dir=/usr/share/mmdebstrap/hooks/eatmydata"] if eatmydata else []),
-        "--skip=essential/unlink",
-        f"--setup-hook=mkdir -p {q(str(debs))} \"$1\"/var/cache/apt/archives/",
-        f"--setup-hook=sync-in {q(str(debs))} /var/cache/apt/archives/",
-        f"--customize-hook=sync-out /var/cache/apt/archives {q(str(debs))}",
-        inputs.suite,
-        str(rootfs),
-        mirror,
-        *([f"deb {mirror} {inputs.suite}-backports main"] if inputs.backports else []),
-    ]
-    return argv
-
-
-def explain_mmdebstrap_failure(err: VmError, log_text: str, inputs: GuestInputs, mirror: str) -> VmError:
-    """A clearer error for the failures a user can act on (pinned kernel gone, no network)."""
-    missing = re.findall(r"Unable to locate package (\S+)", log_text)
-    if any(name.startswith(("linux-image-", "linux-headers-")) for name in missing):
-        return VmError(
-            "ENOENT",
-            f"{mirror} ({inputs.suite}) no longer serves the pinned kernel {inputs.kernel_release}: set "
-            f"IPE_BPF_VM_KERNEL to the release it serves now (the ABI name in the Depends of "
-            f"linux-image-cloud-amd64, e.g. `apt-cache show linux-image-cloud-amd64` on a {inputs.suite} system)",
-        )
-    if missing:
-        return VmError("ENOENT", f"{mirror} ({inputs.suite}) has no package {', '.join(sorted(set(missing)))}")
-    if re.search(r"(Could not resolve|Failed to fetch|Temporary failure resolving|Connection failed)", log_text):
-        return VmError("ENETUNREACH", f"cannot download from {mirror}: {err.message}")
-    return err
-
-
 def _finish_rootfs(rootfs: Path, inputs: GuestInputs, key: str) -> None:
-    init = rootfs / INIT_PATH.lstrip("/")
-    init.parent.mkdir(parents=True, exist_ok=True)
-    init.write_bytes(inputs.init_script)
-    init.chmod(0o755)
+    for item in inputs.files:
+        path = rootfs / item.path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(item.content)
+        path.chmod(item.mode)
     (rootfs / "etc" / "hostname").write_text("ipe-bpf-vm\n")
     (rootfs / "etc" / "hosts").write_text("127.0.0.1\tlocalhost ipe-bpf-vm\n::1\tlocalhost\n")
     (rootfs / "etc" / "ipe-bpf-vm").write_text(
-        f"key={key}\nkernel={inputs.kernel_release}\nsuite={inputs.suite}\n"
+        f"key={key}\nline={inputs.line.name}\nkernel={inputs.kernel_release}\nsuite={inputs.suite}\n"
+        f"python={inputs.line.python}\nwheelhouse={WHEELHOUSE}\n"
     )
     for name in ("work", "results"):
         (rootfs / name).mkdir(exist_ok=True)
@@ -343,12 +266,14 @@ def _make_initramfs(rootfs: Path, out: Path, log: Path) -> None:
 
 
 def build_image(config: VmConfig, force: bool = False, reporter: Reporter | None = None) -> Image:
-    """Build (or reuse) the image for the current inputs and return it."""
+    """Build (or reuse) the image of config.kernel's line for the current inputs and return it.
+
+    A floating line (7.x) first asks the mirror for its newest release.  The new image replaces
+    the older images of its own line only.
+    """
     reporter = reporter or SilentReporter()
-    inputs = GuestInputs.for_config(config)
-    key = inputs.key()
-    final = config.images_dir / key
-    if not force:
+    choice = config.choice
+    if not force and choice.release is not None:
         try:
             existing = find_image(config)
         except VmError as err:
@@ -356,11 +281,19 @@ def build_image(config: VmConfig, force: bool = False, reporter: Reporter | None
             existing = None
         if existing is not None:
             return existing
+    mirror = resolve_mirror(config.mirror)
+    inputs = current_inputs(config, resolve_release(config, mirror))
+    key = inputs.key()
+    final = config.images_dir / key
+    if not force and choice.release is None and (final / MANIFEST_FILE).exists():
+        try:
+            return load_image(final)
+        except VmError as err:
+            reporter.note(f"{err.message.split(':')[0]}; rebuilding")
     host.require_root("building the VM image")
     host.require_tools(host.BUILD_TOOLS)
     if not host.KEYRING.is_file():
         raise VmError("ENOENT", f"missing {host.KEYRING} (package debian-archive-keyring): run `ipe-bpf vm setup`")
-    mirror = resolve_mirror(config.mirror)
     with build_lock(config, reporter):
         if not force and (final / MANIFEST_FILE).exists():
             try:
@@ -370,52 +303,10 @@ def build_image(config: VmConfig, force: bool = False, reporter: Reporter | None
         for stale in config.vm_dir.glob("build-*"):
             remove_tree(stale)
         host.require_space(config.vm_dir, BUILD_SPACE, "building the VM image")
-        config.debs_dir.mkdir(parents=True, exist_ok=True)
         work = config.vm_dir / f"build-{key}-{os.getpid()}"
-        log = config.vm_dir / "build.log"
-        log.write_text(f"ipe-bpf VM build {key} from {mirror} {inputs.suite}\n")
-        started = time.monotonic()
         try:
             work.mkdir(parents=True)
-            rootfs = work / "rootfs"
-            in_ram = _rootfs_on_tmpfs(rootfs)
-            local_deb = _make_no_initramfs_deb(work, inputs.no_initramfs_control)
-            argv = mmdebstrap_argv(inputs, rootfs, mirror, config.debs_dir, local_deb, eatmydata=not in_ram)
-            with reporter.step(f"mmdebstrap: Debian {inputs.suite} + Linux {inputs.kernel_release}") as step:
-                try:
-                    run_logged(argv, log, step)
-                except VmError as err:
-                    raise explain_mmdebstrap_failure(err, log.read_text(errors="replace"), inputs, mirror) from None
-            _finish_rootfs(rootfs, inputs, key)
-            vmlinuz = rootfs / "boot" / f"vmlinuz-{inputs.kernel_release}"
-            if not vmlinuz.is_file():
-                raise VmError("ENOENT", f"the guest has no {vmlinuz.name} (see {log})")
-            shutil.copyfile(vmlinuz, work / KERNEL_FILE)
-            tree = host.tree_size(rootfs)
-            with reporter.step(f"root disk image ({tree / MIB:.0f} MiB of files)"):
-                _make_ext4(rootfs, work / ROOT_FILE, root_image_size(tree), "ipe-bpf-root", log)
-            with reporter.step("initramfs (the same tree as a cpio)"):
-                _make_initramfs(rootfs, work / INITRAMFS_FILE, log)
-            remove_tree(rootfs)
-            local_deb.unlink()
-            remove_tree(work / "no-initramfs")
-            files = {name: (work / name).stat().st_size for name in (ROOT_FILE, KERNEL_FILE, INITRAMFS_FILE)}
-            manifest = {
-                "key": key,
-                "kernel_release": inputs.kernel_release,
-                "suite": inputs.suite,
-                "packages": list(inputs.packages),
-                "build_format": BUILD_FORMAT,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "build_seconds": round(time.monotonic() - started, 1),
-                "rootfs_bytes": tree,
-                "files": files,
-            }
-            with open(work / MANIFEST_FILE, "w") as handle:
-                json.dump(manifest, handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.sync()
+            _build(config, inputs, mirror, work, reporter)
             config.images_dir.mkdir(parents=True, exist_ok=True)
             if final.exists():
                 old = config.vm_dir / f"build-old-{key}-{os.getpid()}"
@@ -425,14 +316,83 @@ def build_image(config: VmConfig, force: bool = False, reporter: Reporter | None
         except BaseException:
             remove_tree(work)
             raise
-        for other in config.images_dir.iterdir():
-            if other.name != key:
-                remove_tree(other)
+        for other in superseded(config.images_dir, inputs.line.name, key):
+            reporter.note(f"removing the superseded {inputs.line.name} image {other.name}")
+            remove_tree(other)
+        prune_wheelhouses(config.wheels_dir, _wheelhouses_in_use(config.images_dir))
     return load_image(final)
+
+
+def _build(config: VmConfig, inputs: GuestInputs, mirror: str, work: Path, reporter: Reporter) -> dict:
+    """Build the image into WORK (the build lock held); its manifest, written last."""
+    key = inputs.key()
+    log = config.vm_dir / "build.log"
+    log.write_text(f"ipe-bpf VM build {key}: line {inputs.line.name}, Linux {inputs.kernel_release}, "
+                   f"{inputs.suite} from {mirror}\n")
+    started = time.monotonic()
+    line = inputs.line
+    with reporter.step(f"wheels for the guest's Python {line.python} (pip download)") as step:
+        wheelhouse = ensure_wheelhouse(config.wheels_dir, line, inputs.requirements, log, step)
+    debs = config.debs_dir(inputs.suite)
+    debs.mkdir(parents=True, exist_ok=True)
+    rootfs = work / "rootfs"
+    in_ram = _rootfs_on_tmpfs(rootfs)
+    local_deb = _make_no_initramfs_deb(work, inputs.no_initramfs_control)
+    argv = mmdebstrap_argv(inputs, rootfs, mirror, debs, local_deb, wheelhouse, eatmydata=not in_ram)
+    with reporter.step(f"mmdebstrap: Debian {inputs.suite} + Linux {inputs.kernel_release}") as step:
+        try:
+            run_logged(argv, log, step)
+        except VmError as err:
+            text = log.read_text(errors="replace")
+            served = _served_now(inputs, mirror) if "Unable to locate package linux-" in text else None
+            raise explain_mmdebstrap_failure(err, text, inputs, mirror, served) from None
+    _finish_rootfs(rootfs, inputs, key)
+    vmlinuz = rootfs / "boot" / f"vmlinuz-{inputs.kernel_release}"
+    if not vmlinuz.is_file():
+        raise VmError("ENOENT", f"the guest has no {vmlinuz.name} (see {log})")
+    shutil.copyfile(vmlinuz, work / KERNEL_FILE)
+    tree = host.tree_size(rootfs)
+    with reporter.step(f"root disk image ({tree / MIB:.0f} MiB of files)"):
+        _make_ext4(rootfs, work / ROOT_FILE, root_image_size(tree), "ipe-bpf-root", log)
+    with reporter.step("initramfs (the same tree as a cpio)"):
+        _make_initramfs(rootfs, work / INITRAMFS_FILE, log)
+    remove_tree(rootfs)
+    local_deb.unlink()
+    remove_tree(work / "no-initramfs")
+    manifest = {
+        "key": key,
+        "line": line.name,
+        "kernel_release": inputs.kernel_release,
+        "suite": inputs.suite,
+        "kernel_suite": line.kernel_suite,
+        "python": line.python,
+        "requirements": list(inputs.requirements.every),
+        "wheelhouse": wheelhouse.name,
+        "packages": list(inputs.packages),
+        "build_format": inputs.build_format,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(time.monotonic() - started, 1),
+        "rootfs_bytes": tree,
+        "files": {name: (work / name).stat().st_size for name in (ROOT_FILE, KERNEL_FILE, INITRAMFS_FILE)},
+    }
+    with open(work / MANIFEST_FILE, "w") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.sync()
+    return manifest
+
+
+def _served_now(inputs: GuestInputs, mirror: str) -> str | None:
+    """The release of the line the mirror serves now (for the error when ours is gone)."""
+    try:
+        return served_release(inputs.line, mirror)
+    except VmError:
+        return None
 
 
 def image_summary(image: Image) -> dict:
     return {"directory": str(image.directory), **{k: v for k, v in image.manifest.items() if k != "packages"}}
 
 
-__all__ = ["GuestInputs", "Image", "build_image", "find_image", "load_image"]
+__all__ = ["Image", "build_image", "find_image", "image_key", "load_image", "superseded"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .image import INIT_PATH
+from .inputs import INIT_PATH
 
 QEMU = "qemu-system-x86_64"
 
@@ -31,14 +31,18 @@ class BootSpec:
     accel: str = "tcg"
     firmware: tuple[Path, Path] | None = None  # UEFI (code, per-run variable store); None: SeaBIOS
     kernel_args: tuple[str, ...] = ()
-
+    init: str = INIT_PATH  # PID 1 (systemd for `--systemd` boots)
+    snapshot: bool = True  # False: the root disk keeps what the guest writes (`--state`)
 
     def cmdline(self) -> str:
-        common = "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 8250.nr_uarts=1 random.trust_cpu=on"
+        # no_timer_check: under a loaded host TCG's timer interrupt can arrive too late for the
+        # kernel's check, which then panics with "IO-APIC + timer doesn't work!"
+        common = ("console=ttyS0 panic=-1 oops=panic quiet loglevel=4 8250.nr_uarts=1 random.trust_cpu=on "
+                  "no_timer_check")
         common = " ".join((common, *self.kernel_args))
         if self.root is not None:
-            return f"{common} root=/dev/nvme0n1 rootfstype=ext4 rw init={INIT_PATH}"
-        return f"{common} rdinit={INIT_PATH}"
+            return f"{common} root=/dev/nvme0n1 rootfstype=ext4 rw init={self.init}"
+        return f"{common} rdinit={self.init}"
 
     def argv(self) -> list[str]:
         argv = [
@@ -65,7 +69,8 @@ class BootSpec:
             ]
         if self.root is not None:
             argv += [
-                "-drive", f"file={_escape(self.root)},if=none,id=root,format=raw,snapshot=on",
+                "-drive", f"file={_escape(self.root)},if=none,id=root,format=raw"
+                          + (",snapshot=on" if self.snapshot else ""),
                 "-device", "nvme,serial=ipe-bpf-root,drive=root",
             ]
         if self.initramfs is not None:

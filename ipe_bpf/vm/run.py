@@ -8,6 +8,12 @@ the command), ``work`` (the project as ext4 with 4 KiB blocks and the verity fea
 at ``/work``) and ``results`` (the guest writes a tar of ``/results`` onto it).  The console
 streams to the caller and to ``console.log``; the command's exit status comes back in a
 marker line.
+
+``systemd=True`` boots the same image with systemd as PID 1 instead (journald, auditd and the
+units of the image run; two units of the image find the disks and run the command, see
+``guest/systemd.sh``); ``state=DIR`` boots from ``DIR/root.img``, a copy of the image's root
+disk made on first use, without ``snapshot=on``: what the guest writes stays for the next boot
+with the same DIR (reboots, enabled units, /var/lib and /var/log).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from .config import VmConfig
 from .console import ConsoleState, split_lines
 from .disks import extract_results, make_control_disk, make_results_disk, make_work_image, stage_project
 from .image import Image, build_image, find_image
+from .inputs import SYSTEMD_UNITS
 from .progress import Reporter, SilentReporter
 from .qemu import BootSpec, Disk
+from .state import state_root
 
 NO_REPORT = 125  # the exit status when the guest never reported (like `git bisect run`)
 KEEP_RUNS = 10
@@ -50,6 +58,8 @@ class RunRequest:
     icount: bool = False
     env: tuple[tuple[str, str], ...] = ()
     uefi_db: Path | None = None  # boot UEFI with this certificate in db (kernel: .platform keyring)
+    systemd: bool = False  # systemd as PID 1 (journald, auditd, the image's units)
+    state: Path | None = None  # the root disk's changes kept here between boots
 
 
 @dataclass
@@ -72,7 +82,7 @@ def command_script(request: RunRequest, terminal: bool, columns: int | None) -> 
     """The shell script PID 1 runs in /work (pure: unit-tested)."""
     if not request.command:
         raise VmError("EINVAL", "no command to run in the VM")
-    mode = "initramfs" if request.initramfs else "disk"
+    mode = "initramfs" if request.initramfs else "systemd" if request.systemd else "disk"
     lines = [
         "# written by `ipe-bpf vm run`",
         "IPE_BPF_IN_VM=1",
@@ -96,7 +106,7 @@ def watchdog_seconds(request: RunRequest) -> int | None:
 
     None without a timeout, with -icount (guest time is not wall time) or for short timeouts.
     """
-    if request.timeout <= 0 or request.icount or request.timeout < 60:
+    if request.timeout <= 0 or request.icount or request.timeout < 60 or request.systemd:
         return None
     return int(request.timeout - 30)
 
@@ -111,6 +121,24 @@ def _uefi_boot(request: RunRequest, run_dir: Path) -> dict[str, object]:
         return {}
     variables = uefi.prepare_vars(request.uefi_db, run_dir / "uefi-vars.fd")
     return {"firmware": (uefi.OVMF_CODE, variables), "kernel_args": UEFI_KERNEL_ARGS}
+
+
+# systemd as PID 1: the default target plus the image's two units that run the command (only on
+# these boots); no getty on the console (it would take the serial line the markers are read from).
+SYSTEMD_INIT = "/lib/systemd/systemd"
+SYSTEMD_KERNEL_ARGS = (
+    "systemd.unit=multi-user.target",
+    *(f"systemd.wants={unit}" for unit in SYSTEMD_UNITS),
+    "systemd.mask=serial-getty@ttyS0.service",
+    "systemd.mask=getty@tty1.service",
+)
+SYSTEMD_POWEROFF_GRACE = 120.0  # a clean systemd shutdown under TCG on a loaded host
+
+
+def _systemd_boot(request: RunRequest) -> dict[str, object]:
+    if not request.systemd:
+        return {}
+    return {"init": SYSTEMD_INIT}
 
 
 def _new_run_dir(config: VmConfig) -> Path:
@@ -128,7 +156,7 @@ def ensure_image(config: VmConfig, reporter: Reporter) -> Image:
     """The cached image, built first if there is none (a corrupt one is an error)."""
     image = find_image(config)
     if image is None:
-        reporter.note("no VM image for the current inputs yet: building it")
+        reporter.note(f"no VM image of kernel line {config.choice.line.name} for the current inputs yet: building it")
         image = build_image(config, reporter=reporter)
     return image
 
@@ -188,7 +216,8 @@ class ScreenFilter:
 
 
 def _stream(
-    proc: subprocess.Popen[bytes], state: ConsoleState, log: BinaryIO, sink: BinaryIO | None, deadline: float | None
+    proc: subprocess.Popen[bytes], state: ConsoleState, log: BinaryIO, sink: BinaryIO | None, deadline: float | None,
+    grace: float = POWEROFF_GRACE,
 ) -> bool:
     """Copy QEMU's output until it exits; False if the deadline passed first."""
     assert proc.stdout is not None
@@ -200,7 +229,7 @@ def _stream(
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return False
-        if finished_at is not None and now - finished_at > POWEROFF_GRACE:
+        if finished_at is not None and now - finished_at > grace:
             return True  # reported, but did not power off: stop it, the answer is in
         wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
         ready, _, _ = select.select([fd], [], [], wait)
@@ -237,10 +266,14 @@ def run_vm(
     if not project.is_dir():
         raise VmError("ENOENT", f"project directory {project} does not exist")
     host.require_tools(host.RUN_TOOLS)
+    if request.initramfs and (request.systemd or request.state is not None):
+        raise VmError("EINVAL", "--initramfs boots the PID-1 script from a rootfs that is never kept: "
+                                "it goes with neither --systemd nor --state")
     if request.uefi_db is not None:  # a bad certificate fails before any work
         uefi.require_firmware()
         uefi.load_certificate(request.uefi_db)
     image = ensure_image(config, reporter)
+    root = state_root(request.state, image) if request.state is not None else image.root
     run_dir = _new_run_dir(config)
     host.require_space(run_dir, 1 * host.GIB, "booting the VM")
     log_path = run_dir / "console.log"
@@ -266,7 +299,7 @@ def run_vm(
         make_results_disk(run_dir / "results.img")
         spec = BootSpec(
             kernel=image.kernel,
-            root=None if request.initramfs else image.root,
+            root=None if request.initramfs else root,
             initramfs=image.initramfs if request.initramfs else None,
             disks=(
                 Disk("ctl", run_dir / "ctl.img", readonly=True),
@@ -276,12 +309,17 @@ def run_vm(
             memory_mib=config.initramfs_memory_mib if request.initramfs else config.memory_mib,
             cpus=config.cpus,
             icount=request.icount,
-            **_uefi_boot(request, run_dir),
+            snapshot=request.state is None,
+            **_systemd_boot(request),
+            **_merge_args(_uefi_boot(request, run_dir), request),
         )
         state = ConsoleState(nonce)
         reporter.note(
-            f"booting Linux {image.manifest.get('kernel_release')} under QEMU TCG"
+            f"booting Linux {image.manifest.get('kernel_release')} (line {image.manifest.get('line')}, "
+            f"Debian {image.manifest.get('suite')}) under QEMU TCG"
             + (" from an initramfs" if request.initramfs else "")
+            + (" with systemd as PID 1" if request.systemd else "")
+            + (f" from the kept root disk of {request.state}" if request.state is not None else "")
             + (" with -icount" if request.icount else "")
             + (f" under UEFI, {request.uefi_db.name} in db" if request.uefi_db else "")
             + f" (console log: {log_path})"
@@ -295,7 +333,8 @@ def run_vm(
             except OSError as err:
                 raise VmError("ENOENT", f"cannot start QEMU: {err.strerror}") from None
             try:
-                in_time = _stream(proc, state, log, console, deadline)
+                grace = SYSTEMD_POWEROFF_GRACE if request.systemd else POWEROFF_GRACE
+                in_time = _stream(proc, state, log, console, deadline, grace)
             finally:
                 _stop(proc)
         seconds = time.monotonic() - started
@@ -321,6 +360,13 @@ def run_vm(
         shutil.rmtree(run_dir / "work", ignore_errors=True)
 
 
+def _merge_args(uefi: dict[str, object], request: RunRequest) -> dict[str, object]:
+    """The UEFI fields with the systemd kernel arguments added (both may apply)."""
+    if not request.systemd:
+        return uefi
+    return {**uefi, "kernel_args": (*uefi.get("kernel_args", ()), *SYSTEMD_KERNEL_ARGS)}  # type: ignore[misc]
+
+
 def run_in_vm(
     command: list[str],
     project: Path,
@@ -329,8 +375,11 @@ def run_in_vm(
     initramfs: bool = False,
     icount: bool = False,
     uefi_db: Path | None = None,
+    kernel: str | None = None,
 ) -> int:
     """Run COMMAND as root in /work of a fresh test VM and return its exit status.
+
+    KERNEL is a line (6.1, 6.12, 7.x) or an exact release; default $IPE_BPF_VM_KERNEL, else 6.12.
 
     The console streams to stdout.  Returns 125 (and says why on stderr) when the guest
     never reported a status: kernel panic, hang past TIMEOUT seconds, QEMU failure.  Raises
@@ -339,6 +388,7 @@ def run_in_vm(
     """
     outcome = run_vm(
         RunRequest(tuple(command), project, results, timeout, initramfs, icount, uefi_db=uefi_db),
+        VmConfig.from_env(kernel=kernel),
         console=sys.stdout.buffer,
     )
     for warning in outcome.warnings:

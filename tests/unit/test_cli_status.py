@@ -38,6 +38,29 @@ def test_status_not_loaded_shows_the_store(state: Path) -> None:
     assert [p["name"] for p in data["policies"]] == ["web"]
     text = runner.invoke(APP, ["status"]).stdout
     assert "not loaded" in text and 'active policy: "web" 1.2.3 sha256:' in text
+    assert data["audit_daemon"]["running"] is False and "audit daemon: not running" in text
+
+
+def test_status_shows_the_audit_daemon_and_its_lag(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from ipe_bpf.service.durable import LogWriter
+
+    conf = state / "ipe-bpf.conf"
+    conf.write_text(f"log_file = {state}/log/audit.log\n")
+    monkeypatch.setenv("IPE_BPF_CONFIG", str(conf))
+    run = Path(os.environ["IPE_BPF_RUN_DIR"])
+    report = {"pid": os.getpid(), "state": "running", "updated_ns": 0, "ring_pending": 7,
+              "decisions_written": 40, "lost": 2, "lost_unknown": 0,
+              "sinks": {"journal": {"delivered": 39, "skipped": 0, "lost": 0, "error": None, "lag_bytes": 300}}}
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "auditd.status").write_text(json.dumps(report))
+    with LogWriter(state / "log" / "audit.log", 1 << 20, 5):  # holds the writer lock, as the daemon does
+        data = json.loads(runner.invoke(APP, ["status", "--json"]).stdout)
+        text = runner.invoke(APP, ["status"]).stdout
+    assert data["audit_daemon"]["running"] and data["audit_daemon"]["pid"] == os.getpid()
+    assert f"audit daemon: pid {os.getpid()}, running, 7 records waiting in the ring buffer" in text
+    assert "journal: 300 bytes behind, delivered 39" in text
 
 
 def test_status_reports_an_unreadable_store(state: Path) -> None:

@@ -307,10 +307,17 @@ def test_uncovered_policy_is_refused() -> None:
 
 
 def test_entries_per_rule() -> None:
+    """A rule is entered once per value of the booleans it leaves free among those the policy
+    tests at all: a digest allowlist (no booleans anywhere) makes one entry per rule."""
     free = Rule(Op.EXECUTE, (fsv(SHA), dmv(SHA)), Action.ALLOW)
-    assert len(compile_policy(policy_of(free)).rules) == 8
+    assert len(compile_policy(policy_of(free)).rules) == 1
+    assert compile_policy(policy_of(free)).defaults.bool_mask == 0
+    boot = Rule(Op.KMODULE, (flag(BoolKey.BOOT_VERIFIED),), Action.DENY)
+    both = compile_policy(policy_of(free, boot))
+    assert len(both.rules) == 2 + 1  # free: boot_verified TRUE or FALSE; boot: one value
     pinned = Rule(Op.EXECUTE, tuple(flag(k) for k in BoolKey), Action.ALLOW)
     assert len(compile_policy(policy_of(pinned)).rules) == 1
+    assert len(compile_policy(policy_of(free, pinned)).rules) == 8 + 1
     compiled = compile_policy(policy_of(free))
     assert len(compiled.digests) == 2  # one digest, two kinds
 

@@ -21,6 +21,7 @@ RANKS = {
     "kernel": 3,
     "vm": 3,  # the test VM: a sibling of kernel, neither imports the other
     "service": 4,
+    "generate": 4,  # makes policy text from files and records; measures through kernel/
     "cli": 5,
     "demo": 5,
     "__main__": 6,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from ipe_bpf.audit.policy_records import AuditIdentity, AuditLog
+from ipe_bpf.audit.serials import SerialAllocator
 from ipe_bpf.errors import IpeBpfError, KernelError, LifecycleError, PolicyError, SignatureError
 from ipe_bpf.kernel.lifecycle import Lifecycle, PolicyTarget, policy_name
 from ipe_bpf.kernel.store import PolicyStore
@@ -380,6 +382,19 @@ def test_audit_serials_increase(life: Lifecycle, signer: Signer, trust) -> None:
     assert serials == [1, 2, 3, 4, 5]
     stamps = [line.split("(", 1)[1].split(":", 1)[0] for line in AuditLog(life.store.audit_log_path).lines()]
     assert all(len(s.split(".")[1]) == 3 for s in stamps)
+
+
+def test_serials_come_from_the_per_boot_sequence_and_reach_the_spool(
+        life: Lifecycle, signer: Signer, trust, tmp_path: Path) -> None:
+    """Other ipe-bpf processes (the audit daemon, load) number from the same counter: the
+    lifecycle's serials continue after theirs, and its lines are handed to the daemon's spool."""
+    run = Path(os.environ["IPE_BPF_RUN_DIR"])
+    life.deploy(signer.sign(policy_text("prod", "1.0.0")), trust)
+    assert SerialAllocator.in_dir(run).allocate(40) == 2  # e.g. a batch of decisions
+    life.activate(b"prod")
+    serials = [int(line.split(":", 1)[1].split(")", 1)[0]) for line in AuditLog(life.store.audit_log_path).lines()]
+    assert serials == [1, 42]
+    assert (run / "spool.log").read_text().splitlines() == AuditLog(life.store.audit_log_path).lines()
 
 
 # ------------------------------------------------------------------------ crash safety

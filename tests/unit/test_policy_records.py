@@ -19,6 +19,7 @@ from ipe_bpf.audit.policy_records import (
     PolicyRef,
     Record,
     config_change,
+    lsm_switched,
     mac_status,
     policy_load,
 )
@@ -179,3 +180,11 @@ def test_audit_log_appends_lines(tmp_path: Path) -> None:
     assert log.lines() == ["type=1404 audit(1.000:1): a", 'type=1422 audit(1.001:2): policy_name="\udcff\x1c"',
                            "type=1404 audit(2.000:3): b"]
     assert b'policy_name="\xff\x1c"\n' in log.path.read_bytes()
+
+
+def test_load_and_unload_records() -> None:
+    who = AuditIdentity(auid=0, ses=3)
+    assert lsm_switched(True, False, who) == ("enforcing=0 old_enforcing=0 auid=0 ses=3 enabled=1 "
+                                              "old-enabled=0 lsm=ipe res=1")
+    assert lsm_switched(False, True, who) == ("enforcing=1 old_enforcing=1 auid=0 ses=3 enabled=0 "
+                                              "old-enabled=1 lsm=ipe res=1")

@@ -216,8 +216,8 @@ def test_load_seals_when_the_settings_say_so(state: Path, monkeypatch: pytest.Mo
     from ipe_bpf.kernel import control, loader
 
     features = KernelFeatures(HOOKS, "inode", None, True, True, True, False)
-    report = control.LoadReport(loader.LoadResult("core", HOOKS, features, 1.0), None)
-    monkeypatch.setattr(control, "load_and_apply", lambda options: report)
+    report = control.LoadReport(loader.LoadResult("core", HOOKS, features, 1.0), None, True)
+    monkeypatch.setattr(control, "load_and_apply", lambda options, enforce=None: report)
     calls: list[str] = []
 
     def fake_seal(force: bool = False) -> seal.SealOutcome:

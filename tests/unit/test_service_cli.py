@@ -60,3 +60,26 @@ def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
     data = json.loads(result.output)
     assert data["daemon"] == {"running": False, "pid": None, "log": f"{tmp_path}/log/audit.log"}
     assert describe_daemon(data["daemon"])[0].startswith("audit daemon: not running")
+
+
+def test_audit_tail_reads_the_durable_log_while_the_daemon_runs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With a writer holding the log lock, `audit tail` prints from the log (the ring buffer is
+    not touched); without one, from the ring buffer, numbered from the per-boot sequence."""
+    import ipe_bpf.kernel.events as events
+    from ipe_bpf.cli import app
+    from ipe_bpf.service.durable import LogWriter
+
+    conf = write_conf(tmp_path)
+    monkeypatch.setenv("IPE_BPF_CONFIG", str(conf))
+    ring_reads: list[dict] = []
+    monkeypatch.setattr(events, "all_records", lambda *a, **kw: iter(ring_reads.append(kw) or ()))
+    lines = [f"type=1404 audit(1700000000.000:{n}): enforcing=1 old_enforcing=1 auid=0 ses=1 "
+             f"enabled=1 old-enabled=0 lsm=ipe res=1" for n in range(1, 6)]
+    with LogWriter(tmp_path / "log" / "audit.log", 1 << 20, 5) as writer:
+        writer.append(lines)
+        result = CliRunner().invoke(app, ["audit", "tail", "-n", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == lines[-2:] and ring_reads == []
+    result = CliRunner().invoke(app, ["audit", "tail"])  # no writer now: the ring buffer
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and len(ring_reads) == 1

@@ -16,11 +16,12 @@ import pytest
 
 from ipe_bpf.errors import ServiceError
 from ipe_bpf.service.config import Config
-from ipe_bpf.service.control import ControlLog
+from ipe_bpf.audit.control_log import ControlLog
 from ipe_bpf.service.daemon import Daemon
 from ipe_bpf.service.durable import rotated_path
-from ipe_bpf.service.records import AuditIdentity, Event, loaded, parse_line
-from ipe_bpf.service.serials import SerialAllocator
+from ipe_bpf.audit.policy_records import lsm_switched
+from ipe_bpf.service.records import AuditIdentity, Event, Record, parse_line
+from ipe_bpf.audit.serials import SerialAllocator
 from ipe_bpf.service.sink import SinkBusy
 
 from .service_fixtures import BOOT_ID, FakeRing, FileRing, raw_event
@@ -163,13 +164,13 @@ def test_control_records_share_the_serial_sequence(tmp_path: Path) -> None:
     ring = FakeRing()
     control = ControlLog(tmp_path / "store-audit.log", cfg.run_dir,
                          SerialAllocator(cfg.run_dir / "serial", boot_id=lambda: BOOT_ID))
-    lines, warnings = control.emit([loaded(False, AuditIdentity(0, 3))], 1_700_000_000_000_000_000)
+    lines, warnings = control.emit([Record(1404, lsm_switched(True, False, AuditIdentity(0, 3)))], 1_700_000_000_000_000_000)
     assert warnings == ()
     d = daemon(cfg, ring)
     d.start()
     ring.produce(raw_event(1))
     run_until_idle(d)
-    more, _ = control.emit([loaded(True, AuditIdentity(0, 3))], 1_700_000_001_000_000_000)
+    more, _ = control.emit([Record(1404, lsm_switched(True, True, AuditIdentity(0, 3)))], 1_700_000_001_000_000_000)
     ring.produce(raw_event(2))
     run_until_idle(d)
     d.stop()
@@ -328,9 +329,14 @@ class FileSink:
         os.close(self.fd)
 
 
+# rotating often while being killed, yet keeping every file: how many records a round
+# produces depends on the machine's speed, and a dropped oldest file is not a lost record
+SMALL_LOGS = dict(log_max_size=1 << 16, log_keep=1000)
+
+
 def _serve(tmp: str, stop_file: str) -> None:
     tmp_path = Path(tmp)
-    cfg = config(tmp_path, log_max_size=1 << 16)
+    cfg = config(tmp_path, **SMALL_LOGS)
     ring = FileRing(tmp_path)
     d = daemon(cfg, ring, FileSink(tmp_path / "delivered"))  # type: ignore[arg-type]
     d.run(stopping=lambda: os.path.exists(stop_file))
@@ -358,7 +364,7 @@ def test_sigkill_at_random_moments_never_duplicates(tmp_path: Path) -> None:
     stop_file.unlink()
     p.start()
     deadline = time.monotonic() + 120
-    cfg = config(tmp_path, log_max_size=1 << 16)
+    cfg = config(tmp_path, **SMALL_LOGS)
     while time.monotonic() < deadline and ring.pending():
         time.sleep(0.1)
     time.sleep(0.5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ipe_bpf.audit.render import ipe_text
 from ipe_bpf.service.records import (
-    AuditIdentity,
     Event,
     access_lines,
     body_fields,
@@ -12,10 +11,8 @@ from ipe_bpf.service.records import (
     event_json,
     group,
     line,
-    loaded,
     lost,
     parse_line,
-    unloaded,
 )
 
 from .service_fixtures import access
@@ -39,15 +36,6 @@ def test_identity_goes_to_a_1300_companion_with_the_same_stamp() -> None:
                          'exe="/usr/bin/bash"')
     odd = access_lines(access(uid=0, auid=4294967295, ses=4294967295, exe=b"/tmp/a b"), 5)[1]
     assert odd.endswith("auid=4294967295 uid=0 ses=4294967295 exe=2F746D702F612062")
-
-
-def test_load_and_unload_records() -> None:
-    who = AuditIdentity(auid=0, ses=3)
-    assert loaded(False, who).body == ("enforcing=0 old_enforcing=0 auid=0 ses=3 enabled=1 "
-                                       "old-enabled=0 lsm=ipe res=1")
-    assert unloaded(True, who).body == ("enforcing=1 old_enforcing=1 auid=0 ses=3 enabled=0 "
-                                        "old-enabled=1 lsm=ipe res=1")
-    assert loaded(True, who).type == unloaded(True, who).type == 1404
 
 
 def test_lost_record() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.errors import ServiceError
-from ipe_bpf.service.serials import SerialAllocator, read_boot_id
+from ipe_bpf.audit.serials import SerialAllocator, read_boot_id
 
 BOOT_A = "11111111-1111-1111-1111-111111111111"
 BOOT_B = "22222222-2222-2222-2222-222222222222"
@@ -66,3 +66,19 @@ def test_corrupt_counter_is_refused_not_reset(tmp_path: Path) -> None:
 
 def test_real_boot_id() -> None:
     assert len(read_boot_id()) == 36
+
+
+def test_audit_tail_of_the_ring_buffer_numbers_from_the_sequence(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two ring-buffer readers, one after the other, never print the same serial (they used to
+    start at :1 each)."""
+    import ipe_bpf.kernel.events as events
+
+    from .service_fixtures import access
+
+    monkeypatch.setattr(events, "all_records", lambda *a, **kw: iter([access(pid=1), access(pid=2)]))
+    serials = SerialAllocator(tmp_path / "serial", boot_id=lambda: BOOT_A)
+    serials.allocate(4)  # e.g. a policy change
+    out: list[str] = []
+    for _ in range(2):
+        events.tail(out.append, serials=serials)
+    assert [int(line.split(":", 1)[1].split(")")[0]) for line in out] == [5, 6, 7, 8]

@@ -23,7 +23,8 @@ from ipe_bpf.service.netlink import (
     frame,
     parse_ack,
 )
-from ipe_bpf.service.records import AuditIdentity, Event, access_lines, line, loaded, lost, parse_line
+from ipe_bpf.audit.policy_records import lsm_switched
+from ipe_bpf.service.records import AuditIdentity, Event, Record, access_lines, line, lost, parse_line
 from ipe_bpf.service.sink import SinkBusy
 
 from .service_fixtures import access
@@ -97,7 +98,7 @@ def test_priorities_and_control_records(journald) -> None:  # type: ignore[no-un
     cases = [
         (access_lines(access(enforcing=False), 1), b"5"),
         (access_lines(access(action="ALLOW", rule="DEFAULT op=EXECUTE action=ALLOW"), 2), b"6"),
-        ([loaded(False, AuditIdentity(0, 3)).line(0, 3)], b"5"),
+        ([Record(1404, lsm_switched(True, False, AuditIdentity(0, 3))).line(0, 3)], b"5"),
         ([lost(5, "ring_buffer_full").line(0, 4)], b"3"),
     ]
     for lines, priority in cases:
@@ -153,7 +154,7 @@ def test_message_text_and_type() -> None:
     assert text == (b'ipe_op=EXECUTE ipe_hook=BPRM_CHECK enforcing=1 pid=4711 comm="bash" '
                     b'path="/tmp/payload" dev="tmpfs" ino=31 rule="DEFAULT op=EXECUTE action=DENY" '
                     b'ipe_auid=1001 ipe_uid=1000 ipe_ses=3 ipe_exe="/usr/bin/bash" ipe_type=1420 ipe_serial=88')
-    status_type, status_text = audit_message(event_of([loaded(True, AuditIdentity(0, 3)).line(0, 4)]))
+    status_type, status_text = audit_message(event_of([Record(1404, lsm_switched(True, True, AuditIdentity(0, 3))).line(0, 4)]))
     assert status_type == AUDIT_USER_MAC_STATUS == 2313
     assert status_text.endswith(b"enabled=1 old-enabled=0 lsm=ipe res=1 ipe_type=1404 ipe_serial=4")
     assert audit_message(event_of([line(1421, 0, 5, "x=1")]))[0] == 2312

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ipe_bpf.service.config import Config
-from ipe_bpf.service.control import append_spool
+from ipe_bpf.audit.control_log import append_spool
 from ipe_bpf.service.durable import LogWriter
 from ipe_bpf.service.records import access_lines
 from ipe_bpf.service.tail import daemon_pid, tail_log

@@ -405,3 +405,15 @@ def test_verify_default_now_is_the_current_time(pki: Pki) -> None:
     # Without `now`, the real clock decides: the expired signer fails, the valid one passes.
     assert dt.datetime.now(dt.timezone.utc) > NOW - 30 * DAY  # the expired signer's not-after
     _rejects(_sign(pki.expired), load_trust(pki.ca.cert_path), "EKEYREJECTED")
+
+
+def test_cms_constants_are_rfc5652s() -> None:
+    """cms.py spells the OIDs out (pyasn1_modules is imported only to decode): the same values."""
+    from pyasn1.codec.der import encoder
+    from pyasn1_modules import rfc5652
+
+    from ipe_bpf.policy import cms
+
+    assert (cms.OID_DATA, cms.OID_SIGNED_DATA, cms.OID_CONTENT_TYPE, cms.OID_MESSAGE_DIGEST) == tuple(
+        str(o) for o in (rfc5652.id_data, rfc5652.id_signedData, rfc5652.id_contentType, rfc5652.id_messageDigest))
+    assert cms.SIGNED_DATA_OID_DER == encoder.encode(rfc5652.id_signedData)

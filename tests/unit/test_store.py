@@ -57,7 +57,7 @@ def test_round_trip_with_raw_names(tmp_path: Path) -> None:
     store = PolicyStore(tmp_path)
     odd = b"\xff\x00weird/../name\xe9"
     state = StoreState().with_deployed(stored(b"prod", (1, 2, 3), 1)).with_deployed(stored(odd, (0, 0, 1), 2))
-    state = store_module.replace(state, active=odd, enforce=False, success_audit=True, audit_serial=7)
+    state = store_module.replace(state, active=odd, enforce=False, success_audit=True)
     with store.locked():
         store.commit(state)
     loaded = PolicyStore(tmp_path).load()

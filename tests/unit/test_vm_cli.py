@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from ipe_bpf.cli.vm import app
 from ipe_bpf.vm.config import VmConfig
-from ipe_bpf.vm.image import GuestInputs
+from ipe_bpf.vm.image import image_key
 from ipe_bpf.vm.run import RunRequest, command_script
 
 runner = CliRunner()
@@ -45,7 +45,7 @@ def test_run_without_qemu(tmp_path: Path) -> None:
 
 def test_run_with_a_corrupt_cached_image(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    key = GuestInputs.for_config(VmConfig(cache_dir=cache)).key()
+    key = image_key(VmConfig(cache_dir=cache))
     image = cache / "vm" / "images" / key
     image.mkdir(parents=True)
     (image / "manifest.json").write_text(json.dumps({"key": key, "files": {"root.img": 5}}))
@@ -78,6 +78,8 @@ def test_command_script_quotes_and_exports() -> None:
     request = RunRequest(("python3", "-c", "print('a b')"), Path("."), initramfs=True, env=(("X", "y z"),))
     script = command_script(request, terminal=False, columns=None)
     assert "IPE_BPF_IN_VM=1" in script and "IPE_BPF_VM_MODE=initramfs" in script
+    systemd = command_script(RunRequest(("true",), Path("."), systemd=True), terminal=False, columns=None)
+    assert "IPE_BPF_VM_MODE=systemd" in systemd
     assert "PYTHONPATH=/work" in script and "TERM=dumb" in script
     assert "X='y z'; export X" in script
     assert script.rstrip().endswith("exec python3 -c 'print('\"'\"'a b'\"'\"')'")
@@ -93,3 +95,25 @@ def test_default_project_is_the_enclosing_git_checkout(tmp_path: Path) -> None:
     assert current_checkout(tmp_path / "repo") == tmp_path / "repo"
     (tmp_path / "plain").mkdir()
     assert current_checkout(tmp_path / "plain") == (tmp_path / "plain").resolve()
+
+
+@pytest.mark.parametrize("command", [["build", "--kernel", "5.10"], ["run", "--kernel", "5.10", "--", "true"]])
+def test_a_kernel_that_names_no_line_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    result = runner.invoke(app, command, env={"IPE_BPF_CACHE": str(tmp_path)})
+    assert result.exit_code != 0
+    line = _one_line_error(result)
+    assert "EINVAL" in line and "6.1, 6.12, 7.x" in line
+
+
+def test_bad_kernel_from_the_environment_too(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", "--", "true"], env={"IPE_BPF_CACHE": str(tmp_path), "IPE_BPF_VM_KERNEL": "x"})
+    assert result.exit_code == 125 and "EINVAL" in _one_line_error(result)
+
+
+def test_the_loader_choice_is_passed_on_to_the_guest() -> None:
+    from ipe_bpf.cli.vm import forwarded_env
+
+    assert forwarded_env({"IPE_BPF_LOADER": "bcc", "HOME": "/root"}) == (("IPE_BPF_LOADER", "bcc"),)
+    assert forwarded_env({"IPE_BPF_LOADER": ""}) == ()
+    script = command_script(RunRequest(("true",), Path("."), env=forwarded_env({"IPE_BPF_LOADER": "bcc"})), False, None)
+    assert "IPE_BPF_LOADER=bcc; export IPE_BPF_LOADER" in script

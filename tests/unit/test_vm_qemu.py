@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ipe_bpf.vm.image import INIT_PATH
+from ipe_bpf.vm.inputs import INIT_PATH
 from ipe_bpf.vm.qemu import BootSpec, Disk
 
 
@@ -33,6 +33,7 @@ def test_disk_boot() -> None:
     append = _opt(argv, "-append")[0]
     assert "root=/dev/nvme0n1" in append and f"init={INIT_PATH}" in append and "console=ttyS0" in append
     assert "panic=-1" in append
+    assert "no_timer_check" in append.split()  # a loaded host made the IO-APIC timer check panic
     drives = _opt(argv, "-drive")
     assert drives[0].startswith("file=/c/root.img,") and "snapshot=on" in drives[0]
     assert [d for d in _opt(argv, "-device") if d.startswith("nvme")] == ["nvme,serial=ipe-bpf-root,drive=root"]
@@ -63,3 +64,11 @@ def test_uefi_boot_adds_pflash_and_kernel_args() -> None:
     assert "if=pflash,format=raw,unit=1,file=/r/v,,ars.fd" in drives
     assert " audit=1 " in _opt(argv, "-append")[0]
     assert not any("pflash" in d for d in _opt(_spec().argv(), "-drive"))
+
+
+def test_systemd_init_and_a_kept_root_disk() -> None:
+    argv = _spec(init="/lib/systemd/systemd", snapshot=False, kernel_args=("systemd.unit=multi-user.target",)).argv()
+    append = _opt(argv, "-append")[0]
+    assert "init=/lib/systemd/systemd" in append.split() and append.endswith(
+        "systemd.unit=multi-user.target root=/dev/nvme0n1 rootfstype=ext4 rw init=/lib/systemd/systemd")
+    assert _opt(argv, "-drive")[0] == "file=/c/root.img,if=none,id=root,format=raw"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipe_bpf.vm.config import VmConfig
-from ipe_bpf.vm.image import GuestInputs
+from ipe_bpf.vm.image import image_key
 from ipe_bpf.vm.run import NO_REPORT, RunRequest, run_vm
 
 FAKE_QEMU = """\
@@ -26,6 +26,7 @@ nonce = tarfile.open(drives["ctl"]).extractfile("nonce").read().decode()
 script = tarfile.open(drives["ctl"]).extractfile("command.sh").read().decode()
 behaviour = {behaviour!r}
 print("booting", flush=True)
+print("ARGV " + " ".join(args), flush=True)
 if behaviour == "ok":
     status = int(re.search(r"exec .*exit (\\d+)", script).group(1))
     buf = io.BytesIO()
@@ -59,7 +60,7 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str) -> VmC
         fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     config = VmConfig(cache_dir=tmp_path / "cache")
-    key = GuestInputs.for_config(config).key()
+    key = image_key(config)
     image = config.images_dir / key
     image.mkdir(parents=True)
     files = {"root.img": b"r", "vmlinuz": b"k", "rootfs.cpio": b"i"}
@@ -124,3 +125,33 @@ def test_streamed_console_drops_screen_control_but_keeps_colours() -> None:
     assert ScreenFilter().feed(b"\x1b[1m==> ok\x1b[0m\n") == b"\x1b[1m==> ok\x1b[0m\n"
     byte_by_byte = ScreenFilter()
     assert b"".join(byte_by_byte.feed(ovmf[i:i + 1]) for i in range(len(ovmf))) == b"boot\n"
+
+
+def test_systemd_boot_from_a_kept_root_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--systemd: systemd is PID 1 with the image's two runner units wanted; --state: the first
+    boot copies the image's root disk into DIR and every boot runs on it without snapshot=on."""
+    from ipe_bpf.errors import VmError
+
+    config = _env(tmp_path, monkeypatch, "ok")
+    state = tmp_path / "state"
+    for _ in range(2):
+        request = RunRequest(("sh", "-c", "exit 0"), _project_once(tmp_path), None, timeout=60, systemd=True, state=state)
+        outcome = run_vm(request, config)
+        assert outcome.reported and outcome.status == 0, outcome.reason
+        argv = next(line for line in outcome.console_log.read_text().splitlines() if line.startswith("ARGV "))
+        assert "init=/lib/systemd/systemd " in argv and "systemd.wants=ipe-bpf-vm-run.service" in argv
+        assert "systemd.mask=serial-getty@ttyS0.service" in argv
+        assert f"file={state}/root.img,if=none,id=root,format=raw " in argv + " "  # no snapshot=on
+    assert (state / "root.img").read_bytes() == b"r"
+    (state / "image").write_text("another-image\n")
+    with pytest.raises(VmError) as err:
+        run_vm(RunRequest(("true",), _project_once(tmp_path), None, timeout=60, state=state), config)
+    assert err.value.errno_name == "ESTALE" and "another-image" in str(err.value)
+    with pytest.raises(VmError) as err:
+        run_vm(RunRequest(("true",), _project_once(tmp_path), None, timeout=60, initramfs=True, systemd=True), config)
+    assert err.value.errno_name == "EINVAL"
+
+
+def _project_once(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    return project if project.is_dir() else _project(tmp_path)

@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .kernel_fixtures import Kernel, get_kernel, ipe, kernel, policy  # noqa: F401
 from .test_enforce_uefi_peer import (  # noqa: F401
     Kmsg,
@@ -53,6 +55,7 @@ def test_boot_verified_is_the_initramfs_superblock(ipe: Kernel) -> None:
     assert recs and recs[0].action == "DENY" and recs[0].source == "op_default"
 
 
+@pytest.mark.requires("kernel_ipe")
 def test_boot_verified_agrees_with_kernel_ipe(ipe: Kernel, kernel_ipe_peer: None) -> None:
     """Kernel IPE marks the rootfs superblock when the initramfs is unpacked; ipe-bpf judges
     by the superblock's type: both must say the same about a file on / and one elsewhere."""

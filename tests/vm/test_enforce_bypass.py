@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import ctypes
 import shutil
 import subprocess
@@ -31,6 +33,7 @@ def test_mmap_exec_of_denied_file(ipe: Kernel) -> None:
     assert ipe.run("mmap-exec", ipe.bad) == EACCES
 
 
+@pytest.mark.requires("rebuilt_paths")
 def test_mprotect_adding_exec_to_a_denied_file_mapping(ipe: Kernel) -> None:
     deny(ipe, ipe.bad_digest)
     assert ipe.run("mprotect", ipe.good) == 0
@@ -41,6 +44,7 @@ def test_mprotect_adding_exec_to_a_denied_file_mapping(ipe: Kernel) -> None:
     assert recs[0].path == str(ipe.bad).encode() and not recs[0].path_is_name_only
 
 
+@pytest.mark.requires("rebuilt_paths")
 def test_mprotect_records_the_whole_path_at_any_depth(ipe: Kernel) -> None:
     """40 short components and a mount crossing (about 90 bytes): the rebuilt path is complete,
     as kernel IPE's d_path() is; a path over the 511-byte record limit becomes the name."""

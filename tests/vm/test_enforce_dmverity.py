@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from .kernel_fixtures import Kernel, get_kernel, ipe, kernel, policy  # noqa: F401
 
 EACCES = 13
 
 
+@pytest.mark.requires("setintegrity_hooks")
 def test_hook_captured_root_hash_of_a_volume_opened_after_load(ipe: Kernel) -> None:
     vol = ipe.hooked_volume
     with ipe.maps() as maps:
@@ -28,6 +31,7 @@ def test_volume_opened_before_load_is_read_from_its_live_table(ipe: Kernel) -> N
     assert ipe.exec_status(vol.mount / "prog") == 0  # a different root hash does not match
 
 
+@pytest.mark.requires("setintegrity_hooks")
 def test_exec_by_roothash(ipe: Kernel) -> None:
     for vol in (ipe.hooked_volume, ipe.early_volume):
         prog = vol.mount / "prog"
@@ -36,6 +40,7 @@ def test_exec_by_roothash(ipe: Kernel) -> None:
         assert ipe.exec_status(ipe.good) == 0
 
 
+@pytest.mark.requires("setintegrity_hooks")
 def test_static_binary_on_volume_allowed_by_roothash_under_strict_policy(ipe: Kernel) -> None:
     for vol in (ipe.hooked_volume, ipe.early_volume):
         ipe.activate(policy(
@@ -51,6 +56,7 @@ def test_static_binary_on_volume_allowed_by_roothash_under_strict_policy(ipe: Ke
         assert (status, plain) == (0, EACCES), vol.name
 
 
+@pytest.mark.requires("setintegrity_hooks")
 def test_dmverity_signature_false(ipe: Kernel) -> None:
     vol = ipe.hooked_volume
     prog = vol.mount / "prog"

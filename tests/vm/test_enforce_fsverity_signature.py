@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from .kernel_fixtures import FSV, SCRATCH, Kernel, get_kernel, ipe, kernel, measure, policy, sh  # noqa: F401
 
 EACCES = 13
@@ -23,6 +25,7 @@ def _signing_key() -> tuple[str, str]:
     return str(key), str(cert)
 
 
+@pytest.mark.requires("setintegrity_hooks")
 def test_fsverity_builtin_signature(ipe: Kernel) -> None:
     key, cert = _signing_key()
     signed, unsigned = FSV / "signed", FSV / "unsigned"

@@ -63,6 +63,7 @@ def signed_volume(platform_key: None, kernel: Kernel) -> DmVerityVolume:
     return make_verity_volume("ipe-signed", {"prog": kernel.good}, signer=(KEY, CERT))
 
 
+@pytest.mark.requires("setintegrity_hooks", "dmverity_platform_keyring")
 def test_dmverity_signature_true_on_a_volume_with_a_signed_root_hash(
         ipe: Kernel, signed_volume: DmVerityVolume) -> None:
     with ipe.maps() as maps:
@@ -185,6 +186,7 @@ def _parsed(line: str) -> tuple[int, str]:
     return int(line.split("type=", 1)[1].split()[0]), line.split("): ", 1)[1]
 
 
+@pytest.mark.requires("kernel_ipe", "setintegrity_hooks", "dmverity_platform_keyring")
 def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
         ipe: Kernel, kernel_ipe_peer: None, signed_volume: DmVerityVolume, tmp_path: Path) -> None:
     """Per policy: deploy + activate (1422, 1421) and every decision (1420) of 6 real execs."""
@@ -218,6 +220,8 @@ def test_kernel_ipe_and_ipe_bpf_write_the_same_records(
     assert compared >= len(PEER_POLICIES) * len(files)  # at least each exec's BPRM_CHECK
 
 
+@pytest.mark.requires("rebuilt_paths")
+@pytest.mark.requires("kernel_ipe")
 def test_kernel_ipe_and_ipe_bpf_agree_on_the_bypass_hooks(ipe: Kernel, kernel_ipe_peer: None) -> None:
     """mmap, mprotect, anonymous executable memory and memfd exec: the same records (MPROTECT's
     path is rebuilt by walking dentries and mounts: bpf_d_path is refused in file_mprotect)."""
@@ -242,6 +246,7 @@ def test_kernel_ipe_and_ipe_bpf_agree_on_the_bypass_hooks(ipe: Kernel, kernel_ip
     assert ours == theirs
 
 
+@pytest.mark.requires("kernel_ipe")
 def test_kernel_ipe_and_ipe_bpf_agree_on_kernel_module_loads(ipe: Kernel, kernel_ipe_peer: None) -> None:
     """KMODULE from a file (kernel_read_file) and from memory (kernel_load_data): same records."""
     from .test_enforce_kmod import _flags, _loaded, _module, _raw, _unload

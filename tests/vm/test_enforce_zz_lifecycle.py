@@ -69,44 +69,53 @@ def test_load_applies_the_stored_active_policy_and_audit_names_its_rules(kernel:
         loader.unload()
 
 
-def test_signature_checked_before_load_is_never_taken_as_false(kernel: Kernel) -> None:
-    """A signed fs-verity file whose signature the kernel verified before ipe-bpf was loaded
-    (kept open, so its inode and verity info stay): the program never saw the check, so the
-    signature state is unknown, and a decision that hangs on it is denied (fail-closed), never
-    decided on a guessed FALSE.  Once the inode is gone and reopened, the state is known."""
-    from .kernel_fixtures import FSV, SCRATCH, sh
+def test_signature_checked_before_load_is_known_or_never_taken_as_false(kernel: Kernel) -> None:
+    """Signed and unsigned fs-verity files whose signatures the kernel checked before ipe-bpf
+    was loaded, kept open across the load (their inodes and verity info stay): the program did
+    not see the checks, so `load` tells it (files in use: from their signature metadata), and
+    the decisions equal kernel IPE's.  A verity file whose state the program has no record of
+    is unknown, and a decision that hangs on it is denied (fail-closed), never taken as FALSE."""
+    import struct
+
+    from ipe_bpf.kernel import bpfsys
+
+    from .kernel_fixtures import SCRATCH, sh
     from .test_enforce_fsverity_signature import _signing_key
 
     assert not pins.is_loaded()
     key, cert = _signing_key()
-    signed, unsigned = FSV / "early-signed", FSV / "early-unsigned"
+    disk, mnt = SCRATCH / "early.img", SCRATCH / "early"
+    sh("truncate", "-s", "16M", disk)
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "verity", disk)
+    mnt.mkdir(exist_ok=True)
+    sh("mount", "-o", "loop", disk, mnt)
+    signed, unsigned = mnt / "signed", mnt / "unsigned"
     for path, extra in ((signed, b"\3"), (unsigned, b"\4")):
-        path.unlink(missing_ok=True)
         path.write_bytes(kernel.good.read_bytes() + extra)
         path.chmod(0o755)
     sh("fsverity", "sign", signed, SCRATCH / "early.sig", "--key", key, "--cert", cert)
     sh("fsverity", "enable", signed, f"--signature={SCRATCH / 'early.sig'}")
     sh("fsverity", "enable", unsigned)
-    held = [open(signed, "rb"), open(unsigned, "rb")]  # the inodes stay cached across the load
+    held = [open(signed, "rb"), open(unsigned, "rb")]  # in use across the load
     try:
         loader.load()
         try:
             kernel.activate(policy("op=EXECUTE fsverity_signature=TRUE action=DENY"))
-            assert kernel.exec_status(signed) == EACCES  # kernel IPE denies it too
-            assert kernel.exec_status(unsigned) == EACCES  # unknown: fail-closed
+            assert kernel.exec_status(signed) == EACCES  # as kernel IPE decides: signed
+            assert kernel.exec_status(unsigned) == 0  # not signed: allowed
+            # forget what load told the program about `unsigned`: its state is unknown now
             with kernel.maps() as maps:
-                assert maps.counters().undecidable >= 2
-            kernel.activate(policy(f"op=EXECUTE fsverity_digest={kernel.good_digest} action=DENY"))
-            assert kernel.exec_status(signed) == 0  # the answer does not hang on the signature
-            for f in held:
-                f.close()
-            held = []
-            sh("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")  # the inodes go; reopened, seen
-            kernel.activate(policy("op=EXECUTE fsverity_signature=TRUE action=DENY"))
-            assert kernel.exec_status(signed) == EACCES
-            assert kernel.exec_status(unsigned) == 0
+                assert bpfsys.delete(maps._map("ipe_inodes").fd, struct.pack("=i", held[1].fileno()))
+                before = maps.counters().undecidable
+            kernel.activate(policy("op=EXECUTE fsverity_signature=TRUE action=DENY"))  # a new epoch
+            assert kernel.exec_status(unsigned) == EACCES  # fail-closed, never a guessed FALSE
+            kernel.activate(policy(f"op=EXECUTE fsverity_digest={kernel.bad_digest} action=DENY"))
+            assert kernel.exec_status(unsigned) == 0  # a policy whose answer does not hang on it
+            with kernel.maps() as maps:
+                assert maps.counters().undecidable == before + 1
         finally:
             loader.unload()
     finally:
         for f in held:
             f.close()
+        sh("umount", mnt, check=False)

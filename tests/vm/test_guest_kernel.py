@@ -1,4 +1,5 @@
-"""The guest kernel offers what ipe-bpf builds on: BPF LSM, IPE, BTF, dm-verity, fs-verity."""
+"""The guest kernel offers what ipe-bpf builds on: BPF LSM, BTF, dm-verity, fs-verity (and IPE,
+headers where its line has them)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import active_lsms, run
+from ipe_bpf.vm.lines import line_of_release
+
+from .conftest import active_lsms, image_facts, kernel_line, run
 
 
-def test_bpf_and_ipe_are_active_lsms() -> None:
+def test_bpf_is_an_active_lsm() -> None:
     lsms = active_lsms()
     assert "bpf" in lsms, lsms
+
+
+@pytest.mark.requires("kernel_ipe")
+def test_ipe_is_an_active_lsm_with_its_securityfs() -> None:
+    lsms = active_lsms()
     assert "ipe" in lsms, lsms
+    assert Path("/sys/kernel/security/ipe").is_dir()
 
 
 def test_kernel_btf_is_present() -> None:
@@ -27,13 +36,20 @@ def test_bpffs_and_securityfs_are_mounted() -> None:
     mounts = {line.split()[1]: line.split()[2] for line in Path("/proc/mounts").read_text().splitlines()}
     assert mounts.get("/sys/fs/bpf") == "bpf"
     assert mounts.get("/sys/kernel/security") == "securityfs"
-    assert Path("/sys/kernel/security/ipe").is_dir()
 
 
-def test_running_the_pinned_kernel_with_headers() -> None:
+def test_running_the_images_kernel_on_its_line() -> None:
     release = os.uname().release
     assert release.endswith("-cloud-amd64"), release
-    assert Path(f"/lib/modules/{release}/build/include").is_dir(), "kernel headers (BCC needs them)"
+    facts = image_facts()
+    assert facts["kernel"] == release, facts
+    line = line_of_release(release)
+    assert line is not None and facts["line"] == line.name == kernel_line(), facts
+
+
+@pytest.mark.requires("kernel_headers")
+def test_kernel_headers_for_bcc() -> None:
+    assert Path(f"/lib/modules/{os.uname().release}/build/include").is_dir(), "kernel headers (BCC needs them)"
 
 
 def test_dm_verity_volume_opens_on_a_loop_device(tmp_path: Path, loop_modules: None) -> None:

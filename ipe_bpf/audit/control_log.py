@@ -1,14 +1,13 @@
 """Control-plane records (1421, 1422, 1404, load/unload): serials, and the way to every sink.
 
-The policy lifecycle and ``load``/``unload`` call this instead of numbering records from the
-store's ``audit_serial``::
+The policy lifecycle (kernel/lifecycle.py) and ``load``/``unload`` (kernel/control.py) number
+their records from the per-boot sequence (:mod:`.serials`) and hand them on through this::
 
     control = ControlLog.default(store.audit_log_path)
-    lines = control.stamp(records, clock_ns())   # before the store commit: serials from the
-                                                 # per-boot counter (.serials)
+    lines = control.stamp(records, clock_ns())   # before the store commit
     ...commit the store...
-    warnings = control.append(lines)             # after it: the store's audit.log as today,
-                                                 # and the audit daemon's spool
+    warnings = control.append(lines)             # after it: the store's audit.log, and the
+                                                 # audit daemon's spool
 
 The spool, ``<run dir>/spool.log``, is an append-only file for this boot: the audit daemon
 copies each complete line into the durable log (with the serial it already has), and from there
@@ -23,14 +22,21 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .config import run_dir
-from .records import AuditLog, Record
+from .policy_records import AuditLog, Record
 from .serials import SerialAllocator
 
 SPOOL = "spool.log"
+DEFAULT_RUN_DIR = Path("/run/ipe-bpf")
+RUN_DIR_ENV = "IPE_BPF_RUN_DIR"
+
+
+def run_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The per-boot state directory: ``$IPE_BPF_RUN_DIR``, else /run/ipe-bpf (a tmpfs)."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
 
 
 class ControlLog:

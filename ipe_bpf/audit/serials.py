@@ -13,8 +13,8 @@ the old line or the new one, never half of each).  A line naming another boot id
 is not a tmpfs) starts the sequence again at 1.  An empty file (its creator died before the
 first write) is a fresh counter.
 
-Who calls it: the audit daemon reserves a block for each drained batch; the policy lifecycle
-and load/unload through :mod:`ipe_bpf.service.control`.  Serials are unique per boot; they are
+Who calls it: the audit daemon reserves a block for each drained batch; the policy lifecycle,
+load/unload and ``audit tail`` (reading the ring buffer) through :mod:`.control_log`.  Serials are unique per boot; they are
 increasing per writer and roughly in time order overall (like the kernel's, which are taken at
 record creation).
 """
