@@ -210,6 +210,10 @@ def _seal_line(found: "Status") -> str | None:
 
 def _print_status(found: "Status") -> None:
     typer.echo(_kernel_line(found) if found.kernel is not None else "not loaded: nothing is enforced")
+    if found.memory:
+        from ..kernel.memory import describe
+
+        typer.echo(describe(found.memory))
     sealed = _seal_line(found)
     if sealed is not None:
         typer.echo(sealed)

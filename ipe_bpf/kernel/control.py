@@ -30,6 +30,7 @@ from . import loader, pins
 from .lifecycle import Lifecycle, Listing, PolicyInfo
 from . import maps
 from .maps import Counters, DeviceState, KernelState
+from .memory import MapMemory
 from .ringbuf import RingBuffer
 from .store import PolicyStore
 
@@ -126,6 +127,7 @@ class KernelView(Protocol):
     def state(self) -> KernelState: ...
     def counters(self) -> Counters: ...
     def devices(self) -> list[DeviceState]: ...
+    def memory(self) -> tuple[MapMemory, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class Status:
     devices: tuple[DeviceState, ...]
     listing: Listing | None  # None: the store could not be read
     store_problem: str | None  # what is damaged in the store, if anything
+    memory: tuple[MapMemory, ...] = ()  # the pinned maps' kernel memory (loaded only)
 
     @property
     def active(self) -> PolicyInfo | None:
@@ -154,6 +157,8 @@ class Status:
             data["hooks"] = list(self.hooks)
             data["counters"] = self.counters.as_dict() if self.counters is not None else None
             data["devices"] = [d.as_dict() for d in self.devices]
+            data["map_memory"] = {"total": sum(m.memlock for m in self.memory),
+                                  "maps": {m.name: m.as_dict() for m in self.memory}}
         data["active_policy"] = self.active.to_json() if self.active is not None else None
         data["policies"] = [p.to_json() for p in self.listing.policies] if self.listing is not None else []
         if self.store_problem is not None:
@@ -186,9 +191,11 @@ def status(store: PolicyStore | None = None, *, root: Path = pins.PIN_ROOT,
     kernel = counters = None
     devices: tuple[DeviceState, ...] = ()
     hooks: tuple[str, ...] = ()
+    memory: tuple[MapMemory, ...] = ()
     if loaded:
         with open_kernel(root) as view:
             kernel, counters, devices = view.state(), view.counters(), tuple(view.devices())
+            memory = view.memory()
         hooks = tuple(p.name for p in pins.link_paths(root))
     listing, problem = _store_view(store)
-    return Status(loaded, kernel, hooks, counters, devices, listing, problem)
+    return Status(loaded, kernel, hooks, counters, devices, listing, problem, memory)

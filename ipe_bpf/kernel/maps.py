@@ -9,6 +9,7 @@
         maps.counters()                       # Counters: allow/deny per op, audited, dropped
         maps.drops()                          # ring-buffer records lost
         maps.devices()                        # dm-verity devices the setintegrity hook captured
+        maps.memory()                         # each pinned map's kernel memory (memory.py)
         maps.deactivate()                     # back to "no policy" (tests; IPE has no such op)
         maps.seal_entry()                     # the seal's state (kernel/seal.py seals)
 
@@ -38,6 +39,7 @@ from ..policy.compiler import CompiledPolicy, encode
 from ..policy.layout import Header, load_header
 from ..policy.model import Op
 from . import bpfsys, syscalls
+from .memory import MapMemory, pinned_memory
 from .pins import PIN_ROOT, control_lock, map_path
 
 _MEMBARRIER_CMD_GLOBAL = 1
@@ -337,6 +339,9 @@ class PinnedPolicyMaps:
         return self.counters().dropped
 
     # ------------------------------------------------------------ dm-verity devices
+
+    def memory(self) -> "tuple[MapMemory, ...]":
+        return pinned_memory(self.root)
 
     def devices(self) -> list[DeviceState]:
         view = self.header.struct("ipe_bdev_state").view(BdevState)

@@ -21,6 +21,10 @@ from .wheels import WHEELHOUSE, Requirements, install_command, pip_conf, wheelho
 
 # Bump when the way an image is assembled changes (so cached images are rebuilt).
 BUILD_FORMAT = 3
+# Units a guest package enables that `vm run --systemd` boots must not start: fapolicyd (6.12's
+# list, for benchmarks/report.py) would judge every open and exec with its own rules.  The
+# benchmark starts it itself.
+NOT_STARTED_AT_BOOT = ("fapolicyd.service",)
 INIT_PATH = "/usr/local/sbin/ipe-bpf-vm-init"
 SYSTEMD_RUNNER_PATH = "/usr/local/sbin/ipe-bpf-vm-systemd"
 SYSTEMD_UNITS = ("ipe-bpf-vm-disks.service", "ipe-bpf-vm-run.service")  # used by --systemd boots only
@@ -164,6 +168,8 @@ def mmdebstrap_argv(
         f"--customize-hook=mkdir -p \"$1\"{WHEELHOUSE}",
         f"--customize-hook=sync-in {q(str(wheelhouse))} {WHEELHOUSE}",
         "--customize-hook=" + install_command(inputs.requirements),
+        *(f"--customize-hook=rm -f \"$1\"/etc/systemd/system/multi-user.target.wants/{unit}"
+          for unit in NOT_STARTED_AT_BOOT),
         inputs.suite,
         str(rootfs),
         mirror,

@@ -156,6 +156,12 @@ class FakeKernel:
     def devices(self) -> list:
         return []
 
+    def memory(self):  # type: ignore[no-untyped-def]
+        from ipe_bpf.kernel.memory import MapMemory
+
+        return (MapMemory("ipe_rules", 3 << 20, 12, 8, 1 << 21), MapMemory("ipe_digests", 1 << 20, 84, 4, 1 << 19),
+                MapMemory("ipe_config", 4096, 4, 16, 1))
+
 
 @pytest.fixture()
 def loaded(state: Path, monkeypatch: pytest.MonkeyPatch) -> type[FakeKernel]:
@@ -286,3 +292,12 @@ def test_permission_errors_of_a_user_say_to_run_as_root(state: Path, monkeypatch
     assert listing.exit_code == 1 and "EACCES" in listing.stderr and listing.stderr.strip().endswith("(run as root)")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert not runner.invoke(app, ["policy", "list"]).stderr.strip().endswith("(run as root)")
+
+
+def test_status_shows_the_map_memory(loaded: type[FakeKernel], state: Path) -> None:
+    _deploy_active()
+    text = runner.invoke(APP, ["status"]).stdout
+    assert "map memory: 4.0 MiB (ipe_rules 3.0 MiB, ipe_digests 1.0 MiB, other maps 4.0 KiB)" in text
+    data = json.loads(runner.invoke(APP, ["status", "--json"]).stdout)["map_memory"]
+    assert data["total"] == (4 << 20) + 4096
+    assert data["maps"]["ipe_rules"] == {"memlock": 3 << 20, "key_size": 12, "value_size": 8, "max_entries": 1 << 21}

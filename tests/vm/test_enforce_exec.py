@@ -157,6 +157,36 @@ def test_cli_status_and_audit_tail_json(ipe: Kernel) -> None:
     assert status["counters"]["dropped"] == 0
 
 
+def _status_memory() -> dict:
+    out = subprocess.run(["python3", "-m", "ipe_bpf", "status", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["map_memory"]
+
+
+def test_cli_status_reports_map_memory_that_grows_with_the_policy(ipe: Kernel) -> None:
+    import random
+
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    small = _status_memory()
+    rules = small["maps"]["ipe_rules"]
+    assert rules["max_entries"] >= 1 << 20 and rules["key_size"] == 12 and rules["value_size"] == 8
+    assert small["total"] == sum(m["memlock"] for m in small["maps"].values())
+    rng = random.Random(7)
+    ipe.activate(policy(*(f"op=EXECUTE fsverity_digest=sha256:{rng.getrandbits(256):064x} action=DENY"
+                          for _ in range(100_000))))
+    big = _status_memory()
+    ipe.activate(policy())  # leave a small policy behind
+    text = subprocess.run(["python3", "-m", "ipe_bpf", "status"], capture_output=True, text=True, check=True).stdout
+    assert "map memory: " in text and "ipe_rules " in text and "ipe_digests " in text
+    grown = big["maps"]["ipe_digests"]["memlock"] - small["maps"]["ipe_digests"]["memlock"]
+    if os.uname().release.startswith("6.1."):  # before 6.4 the kernel counts max_entries, not use
+        per = (rules["key_size"] + rules["value_size"] + 7) // 8 * 8
+        assert rules["memlock"] == (rules["max_entries"] * per + 4095) // 4096 * 4096
+        assert grown == 0
+    else:  # 100k more digests of 84-byte keys: at least their keys' bytes
+        assert grown >= 100_000 * 84, (small, big)
+        assert big["total"] < 256 << 20, big  # plausible: not the maps' capacity
+
+
 def test_enforce_and_success_audit_cli(ipe: Kernel) -> None:
     from ipe_bpf.kernel.store import PolicyStore
 
