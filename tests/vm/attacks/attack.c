@@ -18,6 +18,7 @@
  *   attack delmod NAME               delete_module(NAME, O_NONBLOCK)
  *   attack bench-exec PATH N         fork+execve(PATH true)+wait N times; prints total ns
  *   attack bench-mmap PATH N         mmap(PROT_READ|PROT_EXEC)+munmap N times; prints total ns
+ *   attack bench-open PATH N         open+read(4096)+close N times; prints total ns
  */
 
 #define SYS_read 0
@@ -198,6 +199,23 @@ static int bench_mmap(const char *path, long n)
 	return 0;
 }
 
+static int bench_open(const char *path, long n)
+{
+	char buf[4096];
+	long start = now_ns(), fd;
+	int i;
+
+	for (i = 0; i < n; i++) {
+		fd = sys3(SYS_open, path, 0, 0);
+		if (fd < 0)
+			return err(fd);
+		sys3(SYS_read, fd, buf, sizeof(buf));
+		sys3(SYS_close, fd, 0, 0);
+	}
+	print_long(now_ns() - start);
+	return 0;
+}
+
 int cmain(long *sp)
 {
 	int argc = (int)sp[0];
@@ -262,6 +280,8 @@ int cmain(long *sp)
 		return bench_exec(argv[2], parse(argv[3]), envp);
 	if (streq(cmd, "bench-mmap") && argc > 3)
 		return bench_mmap(argv[2], parse(argv[3]));
+	if (streq(cmd, "bench-open") && argc > 3)
+		return bench_open(argv[2], parse(argv[3]));
 	if (streq(cmd, "delmod"))
 		return err(sys3(SYS_delete_module, argv[2], O_NONBLOCK, 0));
 	return 22;

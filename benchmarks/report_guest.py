@@ -1,0 +1,259 @@
+"""The guest half of benchmarks/report.py: every measurement, in one boot, as JSON.
+
+Run by report.py inside `ipe-bpf vm run --icount --uefi-db tests/vm/keys/uefi-db-test.pem`
+(6.12 guest: kernel IPE and fapolicyd); writes /results/report.json after every step, so a
+run cut short still leaves what it measured.
+
+Per policy size N (fs-verity digest rules: N-1 filler digests and the real target's last):
+  base        ipe-bpf detached, kernel IPE on an empty allow-all policy, fapolicyd stopped
+  ipe-bpf     the CO-RE program attached with the N-rule policy
+  kernel IPE  the same policy, signed, when it fits kernel IPE's 64 KiB (permissive: same cost)
+  fapolicyd   a trust database of the same files plus filler entries up to N (fapolicyd_peer.py)
+in interleaved rounds (base ipe-bpf kernel-IPE kernel-IPE ipe-bpf base; fapolicyd after,
+restarting it per size costs its database load).  Each block is one run of the helper
+(tests/vm/attacks/attack.c): bench-exec (fork+execve+wait of a static binary), bench-mmap
+(mmap PROT_EXEC + munmap), bench-open (open+read 4 KiB+close), on an fs-verity file and a
+plain one.  Ratios are medians over blocks against base.  The largest size runs in a child
+process (with bigger maps loaded): if it runs out of memory, the rest is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from exec_bench import WORK, Attachment, block, policy_text, prepare  # noqa: E402
+from fapolicyd_peer import Fapolicyd, write_config  # noqa: E402
+from peer_bench import kernel_ipe_deploy  # noqa: E402
+
+from ipe_bpf.kernel import kernel_ipe, loader, memory, pins  # noqa: E402
+from ipe_bpf.kernel.maps import PinnedPolicyMaps  # noqa: E402
+from ipe_bpf.policy.compiler import compile_policy  # noqa: E402
+from ipe_bpf.policy.model import Action, Digest, DigestKey, DigestProperty, Op, Policy, Rule  # noqa: E402
+
+CASES = (("exec", "fsverity"), ("exec", "plain"), ("mmap", "fsverity"), ("mmap", "plain"),
+         ("open", "fsverity"), ("open", "plain"))
+FAPOLICYD_CASES = tuple(c for c in CASES if c[0] != "mmap")  # fanotify has no mmap event
+KERNEL_IPE_MAX = 64 << 10
+
+
+class Report:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, object] = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, key: str, value: object) -> None:
+        self.data.setdefault(key, []).append(value)  # type: ignore[union-attr]
+        self.save()
+
+    def set(self, key: str, value: object) -> None:
+        self.data[key] = value
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def model_policy(n: int, digest: str, rng: random.Random) -> Policy:
+    """policy_text(n, ...) as the parser would build it (no 100 MB text at 1M rules)."""
+    def rule(value: bytes, action: Action) -> Rule:
+        return Rule(Op.EXECUTE, (DigestProperty(DigestKey.FSVERITY_DIGEST, Digest(b"sha256", value)),), action)
+
+    rules = [rule(rng.randbytes(32), Action.DENY) for _ in range(n - 1)]
+    rules.append(rule(bytes.fromhex(digest.split(":", 1)[1]), Action.ALLOW))
+    return Policy(b"bench", (0, 0, 1), Action.ALLOW, (), tuple(rules))
+
+
+def timed(argv: list[str]) -> float:
+    t0 = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def cli_figures(report: Report, digest: str) -> None:
+    """`policy deploy` + `activate` of 100k rules through the CLI, CLI start-up, map memory."""
+    text = policy_text(100_000, digest, random.Random(5)).replace("policy_version=0.0.1", "policy_version=1.0.0")
+    path = WORK / "bench-100k.pol"
+    path.write_text(text)
+    before = memory.pinned_memory()
+    deploy = timed(["ipe-bpf", "policy", "deploy", "--unsigned", str(path)])
+    activate = timed(["ipe-bpf", "policy", "activate", "bench"])
+    after = memory.pinned_memory()
+    report.set("cli", {
+        "deploy_100k_s": round(deploy, 2), "activate_100k_s": round(activate, 2),
+        "help_s": round(min(timed(["ipe-bpf", "--help"]) for _ in range(3)), 3),
+        "status_s": round(min(timed(["ipe-bpf", "status"]) for _ in range(3)), 3),
+        "memory_before": {m.name: m.memlock for m in before},
+        "memory_100k": {m.name: m.memlock for m in after},
+    })
+
+
+def measure(helper: Path, targets: dict[str, Path], cases: tuple[tuple[str, str], ...],
+            counts: dict[str, int]) -> dict[tuple[str, str], float]:
+    return {(op, t): block(helper, op, targets[t], counts[op]) for op, t in cases}
+
+
+def run_size(report: Report, n: int, ctx: dict, att: Attachment, rng: random.Random, args: argparse.Namespace,
+             kernel_ipe_on: bool) -> None:
+    helper, targets, digest, counts = ctx["helper"], ctx["targets"], ctx["digest"], ctx["counts"]
+    t0 = time.monotonic()
+    compiled = compile_policy(model_policy(n, digest, rng))
+    t1 = time.monotonic()
+    with PinnedPolicyMaps() as maps:
+        maps.install(compiled, generation=n)
+    t2 = time.monotonic()
+    del compiled
+    mem = {m.name: m.memlock for m in memory.pinned_memory()}
+    report.add("install", {"rules": n, "compile_s": round(t1 - t0, 2), "install_s": round(t2 - t1, 2),
+                           "memory": mem})
+    states = ["base", "ipe-bpf"]
+    if kernel_ipe_on:
+        text = policy_text(n, digest, random.Random(n))
+        try:
+            kernel_ipe_deploy("bench_full", text)
+            states.append("kernel IPE")
+        except SystemExit as refused:
+            report.add("notes", f"{n} rules: {refused}")
+
+    def enter(state: str) -> None:
+        att.on() if state == "ipe-bpf" else att.off()
+        if kernel_ipe_on:
+            kernel_ipe.activate("bench_full" if state == "kernel IPE" else "bench_empty")
+
+    samples: dict[str, dict[tuple[str, str], list[float]]] = {s: {c: [] for c in CASES} for s in states}
+    order = states + states[::-1]
+    for state in states:  # warm-up, not recorded: page cache, dentries, the cached decisions
+        enter(state)
+        measure(helper, targets, CASES, counts)
+    for _ in range(args.rounds):
+        for state in order:
+            enter(state)
+            for case, ns in measure(helper, targets, CASES, counts).items():
+                samples[state][case].append(ns)
+    enter("base")
+    if not args.no_fapolicyd:
+        samples["fapolicyd"] = fapolicyd_samples(report, n, ctx, rng, args)
+    base = {c: statistics.median(v) for c, v in samples["base"].items()}
+    for state, by_case in samples.items():
+        if state == "base":
+            continue
+        for (op, target), values in by_case.items():
+            if not values:
+                continue
+            ns = statistics.median(values)
+            report.add("rows", {"system": state, "rules": n, "op": op, "target": target,
+                                "base_ns": round(base[(op, target)]), "ns": round(ns),
+                                "ratio": round(ns / base[(op, target)], 4)})
+    print(f"# {n} rules measured", file=sys.stderr, flush=True)
+
+
+def fapolicyd_samples(report: Report, n: int, ctx: dict, rng: random.Random,
+                      args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
+    helper, targets = ctx["helper"], ctx["targets"]
+    write_config([helper, *targets.values()], n, rng)
+    daemon = Fapolicyd(helper, ctx["untrusted"], WORK / "fapolicyd.log")
+    out: dict[tuple[str, str], list[float]] = {c: [] for c in FAPOLICYD_CASES}
+    try:
+        daemon.start()
+        measure(helper, targets, FAPOLICYD_CASES, ctx["counts"])  # warm-up (its caches), not recorded
+        report.add("fapolicyd_start", {"rules": n, "seconds": round(daemon.start_seconds, 2)})
+        for _ in range(args.rounds * 2):
+            for case, ns in measure(helper, targets, FAPOLICYD_CASES, ctx["counts"]).items():
+                out[case].append(ns)
+    except (RuntimeError, subprocess.CalledProcessError) as err:
+        report.add("notes", f"fapolicyd at {n} entries: {err}")
+    finally:
+        daemon.stop()
+    return out
+
+
+def load_figures(report: Report) -> None:
+    """The loader's time to load and attach (loader as $IPE_BPF_LOADER), and CLI start-up."""
+    t0 = time.monotonic()
+    loaded = loader.load()
+    seconds = time.monotonic() - t0
+    report.set("load", {"kernel": os.uname().release, "loader": loaded.loader, "load_s": round(seconds, 2),
+                        "help_s": round(min(timed(["ipe-bpf", "--help"]) for _ in range(3)), 3),
+                        "status_s": round(min(timed(["ipe-bpf", "status"]) for _ in range(3)), 3)})
+
+
+def setup(args: argparse.Namespace) -> dict:
+    helper, verity, plain, digest = prepare()
+    untrusted = verity.parent / "untrusted"
+    untrusted.write_bytes(helper.read_bytes())
+    untrusted.chmod(0o755)
+    return {"helper": helper, "targets": {"fsverity": verity, "plain": plain}, "digest": digest,
+            "untrusted": untrusted, "counts": {"exec": args.execs, "mmap": args.mmaps, "open": args.opens}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10,100,550,10000,100000")
+    ap.add_argument("--big", default="1000000", help="sizes run in a child process with bigger maps ('' for none)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--execs", type=int, default=100)
+    ap.add_argument("--mmaps", type=int, default=2000)
+    ap.add_argument("--opens", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=Path("/results/report.json"))
+    ap.add_argument("--child", action="store_true", help="(internal) the big sizes")
+    ap.add_argument("--no-fapolicyd", action="store_true")
+    ap.add_argument("--load-only", action="store_true", help="only the program's load time and CLI start-up")
+    args = ap.parse_args()
+    report = Report(args.out)
+    if args.load_only:
+        load_figures(report)
+        return
+    rng = random.Random(1)
+    ctx = setup(args)
+    if args.child:
+        big = max(int(s) for s in args.sizes.split(","))
+        entries = 1 << (2 * big + 1).bit_length()  # both slots, the next power of two
+        t0 = time.monotonic()
+        loader.load(loader.LoadOptions(rule_entries=entries, digest_entries=entries))
+        report.add("notes", f"reloaded with {entries} rule and digest entries in {time.monotonic() - t0:.1f} s")
+        att = Attachment()
+        for n in (int(s) for s in args.sizes.split(",")):
+            run_size(report, n, ctx, att, rng, args, kernel_ipe_on=False)
+        return
+    kernel_ipe.set_enforce(False)
+    kernel_ipe.set_success_audit(False)
+    kernel_ipe_deploy("bench_empty", "policy_name=bench policy_version=0.0.1\nDEFAULT action=ALLOW\n")
+    kernel_ipe.activate("bench_empty")
+    t0 = time.monotonic()
+    loaded = loader.load()
+    report.set("env", {"kernel": os.uname().release, "loader": loaded.loader,
+                       "load_s": round(time.monotonic() - t0, 2), "rounds": args.rounds,
+                       "counts": ctx["counts"], "time": "guest ns (--icount: 1 ns per instruction)"})
+    cli_figures(report, ctx["digest"])
+    att = Attachment()
+    for n in (int(s) for s in args.sizes.split(",")):
+        run_size(report, n, ctx, att, rng, args, kernel_ipe_on=True)
+    att.on()
+    if args.big:
+        att.off()  # this process holds the links and programs: let them go, then unload for bigger maps
+        for fd in att.prog_fds:
+            os.close(fd)
+        loader.unload()
+        argv = [sys.executable, __file__, "--child", "--sizes", args.big, "--out", str(args.out),
+                "--rounds", str(args.rounds), "--execs", str(args.execs), "--mmaps", str(args.mmaps),
+                "--opens", str(args.opens), *(["--no-fapolicyd"] if args.no_fapolicyd else [])]
+        status = subprocess.run(argv).returncode
+        if status:
+            Report(args.out).add("notes", f"sizes {args.big}: child exited with status {status}"
+                                          f"{' (killed: out of memory?)' if status < 0 or status == 137 else ''}")
+
+
+if __name__ == "__main__":
+    main()
