@@ -170,7 +170,6 @@ def render_plot(data: dict, path: Path) -> None:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], dash, marker="o", color=styles[system],
                             label=f"{system}, {target} file")
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.axhline(1.05, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(title)
         ax.set_xlabel("policy size (rules / trust entries)")
