@@ -116,7 +116,7 @@ def _facts(data: dict) -> list[str]:
     env = data.get("env")
     if env:
         lines.append(f"- guest kernel {env['kernel']}, loader {env['loader']}, {env['rounds']} rounds, "
-                     f"blocks of {env['counts']}")
+                     f"blocks of {env['counts']}; loading and attaching the program took {env['load_s']} s of guest time")
     for row in data.get("install", []):
         mem = row.get("memory", {})
         lines.append(f"- {_size(row['rules'])} rules, ipe-bpf: compile {row['compile_s']} s + install "
