@@ -1,4 +1,4 @@
-"""The seal's control plane without a kernel (the kernel side: tests/vm/test_enforce_zzz_seal.py):
+"""The seal's control plane without a kernel (the kernel side: tests/vm/test_zzz_seal.py):
 the order of `seal()` and what it refuses, the CLI's confirmation and guard, the `seal = yes`
 setting of `load`, the seal's ring-buffer records and their rendering, doctor's advice."""
 

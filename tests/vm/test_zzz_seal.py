@@ -3,8 +3,8 @@ weaken enforcement is first shown to work unsealed, then refused once sealed (EP
 binary still denied, the refusal audited); ordinary BPF use and ipe-bpf's own status and audit
 keep working.
 
-A seal lasts until reboot, so this module runs last in tests/vm (its name sorts after
-test_enforce_zz_lifecycle) and works in two phases: the module fixture runs every unsealed
+A seal lasts until reboot, so this module runs last in tests/vm (its name sorts after every
+other test file's) and works in two phases: the module fixture runs every unsealed
 attack, each on a fresh load, then loads once more and seals (`ipe-bpf seal --yes`, with an fd
 opened before), and each test asserts both halves of its route.  The boot unit's `seal = yes`
 setting, and that the next boot starts unsealed, are tests/host_vm/test_seal_reboot.py's.
