@@ -105,7 +105,7 @@ def test_signature_checked_before_load_is_known_or_never_taken_as_false(kernel: 
             assert kernel.exec_status(unsigned) == 0  # not signed: allowed
             # forget what load told the program about `unsigned`: its state is unknown now
             with kernel.maps() as maps:
-                assert bpfsys.delete(maps._map("ipe_inodes").fd, struct.pack("=i", held[1].fileno()))
+                assert bpfsys.delete(maps.map_fd("ipe_inodes", write=True), struct.pack("=i", held[1].fileno()))
                 before = maps.counters().undecidable
             kernel.activate(policy("op=EXECUTE fsverity_signature=TRUE action=DENY"))  # a new epoch
             assert kernel.exec_status(unsigned) == EACCES  # fail-closed, never a guessed FALSE
