@@ -69,6 +69,7 @@ def test_load_applies_the_stored_active_policy_and_audit_names_its_rules(kernel:
         loader.unload()
 
 
+@pytest.mark.requires("setintegrity_hooks")  # without inode_setintegrity no signature state is known
 def test_signature_checked_before_load_is_known_or_never_taken_as_false(kernel: Kernel) -> None:
     """Signed and unsigned fs-verity files whose signatures the kernel checked before ipe-bpf
     was loaded, kept open across the load (their inodes and verity info stay): the program did

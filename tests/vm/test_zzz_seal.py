@@ -228,8 +228,9 @@ def _unsealed_bpf(k: Kernel, seen: dict[str, object]) -> None:
     fd = bpfsys.obj_get(str(pins.map_path("ipe_rules")))
     try:
         keys = bpfsys.keys(fd, bpfsys.map_info(fd).key_size)
-        seen["map delete"] = (sum(errno_of(lambda key=key: bpfsys.delete(fd, key)) for key in keys),
-                              k.exec_status(k.bad))
+        deleted = sum(errno_of(lambda key=key: bpfsys.delete(fd, key)) for key in keys)
+        forget_cached_decision(k.bad)  # the attacker's second step: the decision cached for the file
+        seen["map delete"] = (deleted, k.exec_status(k.bad))
     finally:
         os.close(fd)
     _reinstall(k)
@@ -362,6 +363,28 @@ def test_route1_the_control_plane_refuses_every_change(campaign: Campaign) -> No
     got = refusals()
     assert any(r.attempt == "map_write" and r.target == b"ipe_config" and r.detail == "BPF_MAP_UPDATE_ELEM"
                and r.pid == os.getpid() and r.comm == b"python3" for r in got), got
+
+
+def forget_cached_decision(path: Path) -> None:
+    """Delete the program's cached decision for a file (inode storage, keyed by an fd of it)."""
+    for link_path in pins.link_paths():
+        link = bpfsys.obj_get(str(link_path))
+        prog = bpfsys.prog_fd_by_id(bpfsys.link_info(link).prog_id)
+        os.close(link)
+        try:
+            map_ids = bpfsys.prog_map_ids(prog)
+        finally:
+            os.close(prog)
+        for map_id in map_ids:
+            fd = bpfsys.map_fd_by_id(map_id)
+            try:
+                if bpfsys.map_info(fd).name == "ipe_cache":
+                    with open(path, "rb") as f:
+                        bpfsys.delete(fd, struct.pack("=i", f.fileno()))  # False: nothing was cached
+                    return
+            finally:
+                os.close(fd)
+    raise AssertionError("no ipe_cache map among the program's")
 
 
 def test_route2_bpf_on_maps_links_and_programs_is_refused(campaign: Campaign) -> None:
