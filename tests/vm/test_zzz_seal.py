@@ -249,6 +249,7 @@ def _unsealed_bpf(k: Kernel, seen: dict[str, object]) -> None:
         writer = attack.map_writer(devices, struct.pack("=I", k.hooked_volume.dev), forged_device())
         attack.test_run(writer)
         os.close(writer)
+        forget_cached_decision(hooked_prog(k))  # and the decision cached for the file
         seen["program writing ipe_devices"] = (before, k.exec_status(hooked_prog(k)))
         bpfsys.delete(devices, struct.pack("=I", k.hooked_volume.dev))  # the live dm table decides again
     finally:
