@@ -109,6 +109,7 @@ FEATURES: dict[str, Feature] = {
                    lambda: importlib.util.find_spec("bcc") is not None and _headers()),
     "overlay_verity": Feature("fs-verity digests of files reached through overlayfs (inode.i_verity_info "
                               "of the real inode is readable)", lambda: _fsverity_source() == "inode"),
+    "seal_hooks": Feature("the loaded program has the seal's hooks (the CO-RE object)", lambda: loader() != "bcc"),
     "rebuilt_paths": Feature("the loaded program rebuilds full paths where bpf_d_path() is refused "
                              "(MPROTECT records, the subject's exe)", lambda: loader() != "bcc"),
 }
@@ -140,6 +141,8 @@ LACKS: dict[str, dict[str, str]] = {
 LOADER_LACKS: dict[str, dict[str, str]] = {
     "core": {},
     "bcc": {
+        "seal_hooks": "the seal's hooks and its decision-cache checks are in the CO-RE object only: "
+                      "`ipe-bpf seal` refuses a BCC load (EOPNOTSUPP)",
         "rebuilt_paths": "BCC cannot link the bpf_loop callback that walks a path, and an unrolled walk "
                          "beside the fail-closed decision is more than 6.12's verifier explores (E2BIG): "
                          "BCC builds record MPROTECT paths and the exe by name only",

@@ -42,6 +42,8 @@ from . import bpf_attacks as attack
 from .kernel_fixtures import SCRATCH, Kernel, expected_hooks, get_kernel, sh
 from .test_enforce_kmod import _flags, _loaded, _module
 
+pytestmark = pytest.mark.requires("seal_hooks")
+
 EACCES = 13
 STATE = SCRATCH / "seal-state"
 ENV = {"IPE_BPF_STATE_DIR": str(STATE), "IPE_BPF_RUN_DIR": str(STATE / "run"), "IPE_BPF_CONFIG": str(STATE / "ipe-bpf.conf")}
