@@ -7,7 +7,8 @@ The bodies are rendered field for field as kernel IPE 6.12 writes them (docs/aud
   new_active_pol_name="<n>" new_active_pol_version=<v> new_policy_digest=sha256:<HEX>
   auid=<u> ses=<u> lsm=ipe res=1`` (the three ``old_`` fields are ``?`` with no previous policy);
 - 1422 ``policy_name="<n>" policy_version=<v> policy_digest=sha256:<HEX> auid=<u> ses=<u>
-  lsm=ipe res=1`` (6.12: successful loads only);
+  lsm=ipe res=1`` (successful loads only), with `` errno=0`` appended where the running kernel's
+  own IPE appends it (6.15 on: :func:`load_record_has_errno`);
 - 1404 ``enforcing=<new> old_enforcing=<old> auid=<u> ses=<u> enabled=1 old-enabled=1 lsm=ipe
   res=1``; ipe-bpf's ``load`` and ``unload`` write a 1404 too, with ``enabled=1 old-enabled=0``
   (load) or ``enabled=0 old-enabled=1`` (unload).
@@ -101,9 +102,25 @@ def config_change(old: PolicyRef | None, new: PolicyRef, who: AuditIdentity) -> 
 
 
 def policy_load(policy: PolicyRef, who: AuditIdentity) -> str:
-    """The body of a 1422 record: ``policy`` was deployed or updated (6.12: success only)."""
+    """The body of a 1422 record: ``policy`` was deployed or updated."""
+    errno_field = " errno=0" if load_record_has_errno() else ""
     return (f"policy_name={_quoted(policy.name)} policy_version={_version(policy.version)} "
-            f"policy_digest={_digest(policy.digest)} {who.fields()} lsm=ipe res=1")
+            f"policy_digest={_digest(policy.digest)} {who.fields()} lsm=ipe res=1{errno_field}")
+
+
+def load_record_has_errno(release: str | None = None) -> bool:
+    """Whether 1422 records end with ``errno=``: kernel IPE's format from Linux 6.15 on.  A record
+    format is not a feature a program can probe, so the kernel release decides, so that
+    ipe-bpf's records read like the running kernel's own (``$IPE_BPF_AUDIT_ERRNO`` = 0 or 1
+    overrides)."""
+    forced = os.environ.get("IPE_BPF_AUDIT_ERRNO")
+    if forced in ("0", "1"):
+        return forced == "1"
+    parts = (release or os.uname().release).split(".")
+    try:
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (6, 15)
+    except (IndexError, ValueError):
+        return True  # an unreadable release: the current format
 
 
 def mac_status(enforcing: bool, old_enforcing: bool, who: AuditIdentity) -> str:

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from ..errors import IpeBpfError
 from ..policy.files import read_input
-from ..policy.evaluate import evaluate, first_failing_property
-from ..policy.model import POLICY_OPS, Digest, FileAttributes, Op, Policy, policy_to_dict, text
+from ..policy.evaluate import evaluate_undecided, first_failing_property
+from ..policy.model import POLICY_OPS, BoolKey, Digest, FileAttributes, Op, Policy, policy_to_dict, text
 from ..policy.lint import lint
 from ..policy.parser import format_text, parse_policy
 from . import generate, lifecycle, sign
@@ -122,7 +122,8 @@ def explain(
         measured = generate.measure_file(target)
         attrs = measured.attributes()
     policy = load_policy(file)
-    decision = evaluate(policy, Op[op], attrs)
+    unknown = _unknown_here(attrs) if measured is not None else frozenset()
+    decision = evaluate_undecided(policy, Op[op], attrs, unknown)
     rules = policy.rules_for(Op[op])
     earlier = rules[: rules.index(decision.rule)] if decision.rule is not None else rules
     misses = [(rule, first_failing_property(rule, attrs)) for rule in earlier]
@@ -133,6 +134,7 @@ def explain(
             "rule": decision.rule_text,
             "line": decision.rule.line if decision.rule else None,
             "skipped": [{"line": r.line, "rule": str(r), "failed": str(p)} for r, p in misses],
+            "unknown": sorted(key.value for key in unknown),
             **({"file": generate.measurement_json(measured), "audit": generate.audit_fields(measured, decision)}
                if measured else {}),
         })
@@ -141,6 +143,10 @@ def explain(
     for rule, prop in misses:
         console.print(f"  line {rule.line}: {escape(str(rule))}  [dim](no: {escape(str(prop))})[/]",
                       markup=True, highlight=False)
+    if unknown:
+        names = " and ".join(sorted(key.value for key in unknown))
+        console.print(f"  this kernel cannot know the file's {names}: decided fail-closed (see `ipe-bpf doctor`)",
+                      markup=False)
     colour = "green" if decision.action.name == "ALLOW" else "red"
     where = f" (line {decision.rule.line})" if decision.rule else ""
     console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: "
@@ -148,6 +154,14 @@ def explain(
     if measured is not None:
         generate.print_measurement(measured, decision)
     generate.exit_with_decision(exit_status, decision)
+
+
+def _unknown_here(attrs: FileAttributes) -> "frozenset[BoolKey]":
+    """The file's signature states the loaded program (or this kernel) cannot know."""
+    from ..kernel.features import running_kernel
+
+    found = running_kernel()
+    return found.unknown_states(attrs) if found is not None else frozenset()
 
 
 @app.command("format")

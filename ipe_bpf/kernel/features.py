@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import KernelError
-from ..policy.model import Policy
+from ..policy.model import BoolKey, FileAttributes, Policy
 from . import libbpf
 from .pins import HOOKS, LOADED_STATE
 
@@ -101,7 +101,9 @@ class KernelFeatures:
             dm_sig = "dm-verity's kept signature"
         else:
             dm_sig = None
-        fsv = {"inode": "inode verity info", "kfunc": "bpf_get_fsverity_digest kfunc"}.get(self.fsverity or "")
+        fsv = {"inode": "inode verity info, also through overlayfs",
+               "kfunc": "bpf_get_fsverity_digest kfunc; not through overlayfs (the kfunc needs the "
+                        "real file, the hook gets the overlay's: such files have no digest)"}.get(self.fsverity or "")
         found = {
             "boot_verified": (True, "rootfs superblock"),
             "dmverity_roothash": (dm is not None, dm or "no dm-verity structs in BTF (dm_verity module?)"),
@@ -113,6 +115,17 @@ class KernelFeatures:
                                    if "inode_setintegrity" in hook else "no inode_setintegrity hook"),
         }
         return {name: PropertySupport(name, ok, how) for name, (ok, how) in found.items()}
+
+    def unknown_states(self, attrs: FileAttributes) -> frozenset[BoolKey]:
+        """The signature states of this file that the program cannot know on this kernel (it
+        decides them fail-closed: policy.evaluate.evaluate_undecided)."""
+        props = self.properties()
+        unknown = set()
+        if attrs.dmverity_roothash is not None and not props["dmverity_signature"].supported:
+            unknown.add(BoolKey.DMVERITY_SIGNATURE)
+        if attrs.fsverity_digest is not None and not props["fsverity_signature"].supported:
+            unknown.add(BoolKey.FSVERITY_SIGNATURE)
+        return frozenset(unknown)
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)

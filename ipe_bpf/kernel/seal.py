@@ -134,10 +134,18 @@ def _freeze(fd: int) -> None:
     bpfsys.freeze(fd)  # False (EBUSY): frozen already
 
 
+# The kernel's ENOTSUPP: a map with special fields (ipe_cache's bpf_spin_lock) cannot be frozen.
+_CANNOT_FREEZE = "E524"
+
+
 def _freeze_id(map_id: int) -> None:
+    """Freeze one map; a map the kernel cannot freeze stays guarded by the bpf hook alone."""
     fd = bpfsys.map_fd_by_id(map_id)
     try:
         _freeze(fd)
+    except KernelError as err:
+        if err.errno_name != _CANNOT_FREEZE:
+            raise
     finally:
         os.close(fd)
 

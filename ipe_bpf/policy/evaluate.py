@@ -6,7 +6,7 @@ This is the definition the compiled kernel tables are proven against.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .layout import abi_constant
 from .model import (
@@ -70,6 +70,27 @@ def property_holds(prop: Property, attrs: FileAttributes) -> bool:
         return _bool_attribute(prop.key, attrs) == prop.value
     found = attrs.dmverity_roothash if prop.key is DigestKey.DMVERITY_ROOTHASH else attrs.fsverity_digest
     return found is not None and found == prop.digest
+
+
+def evaluate_undecided(policy: Policy, op: Op, attrs: FileAttributes,
+                       unknown: frozenset[BoolKey] = frozenset()) -> Decision:
+    """Decide as the kernel does when it cannot know some signature states (``unknown``: a kernel
+    without the hooks that report them): the decision with them FALSE stands, unless making one
+    or both TRUE turns it into a DENY, which then wins (fail-closed; tried in the order
+    dmverity_signature, fsverity_signature, both, like bpf/ipe_bpf.bpf.c's ipe_decide_all)."""
+    unknown = unknown & {BoolKey.DMVERITY_SIGNATURE, BoolKey.FSVERITY_SIGNATURE}
+    unset = {key.value: False for key in unknown}
+    base = evaluate(policy, op, replace(attrs, **unset))
+    if base.action is Action.DENY:
+        return base
+    for extra in ((BoolKey.DMVERITY_SIGNATURE,), (BoolKey.FSVERITY_SIGNATURE,),
+                  (BoolKey.DMVERITY_SIGNATURE, BoolKey.FSVERITY_SIGNATURE)):
+        if not set(extra) <= unknown:
+            continue
+        alt = evaluate(policy, op, replace(attrs, **{**unset, **{key.value: True for key in extra}}))
+        if alt.action is Action.DENY:
+            return alt
+    return base
 
 
 def first_failing_property(rule: Rule, attrs: FileAttributes) -> Property | None:

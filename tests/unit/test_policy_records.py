@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -96,6 +97,18 @@ def test_1422_matches_example_line() -> None:
     line = Record(AUDIT_IPE_POLICY_LOAD, body).line(ns(stamp), serial)
     assert_matches_example(line, example)
     assert line.endswith(f"policy_digest=sha256:{PROD_HEX} auid=0 ses=3 lsm=ipe res=1")
+
+
+@pytest.mark.parametrize("release, appended", [
+    ("6.1.0-50-cloud-amd64", False), ("6.12.57+deb13-cloud-amd64", False), ("6.14.0", False),
+    ("6.15.0-rc1", True), ("7.3.4+deb13-cloud-amd64", True), ("garbage", True)])
+def test_1422_ends_with_errno_where_the_kernel_writes_it(
+        monkeypatch: pytest.MonkeyPatch, release: str, appended: bool) -> None:
+    monkeypatch.delenv("IPE_BPF_AUDIT_ERRNO")
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", release, "#1", "x86_64")))
+    body = policy_load(PolicyRef(b"prod", (1, 2, 0), PROD_DIGEST), WHO)
+    assert body.endswith(" lsm=ipe res=1 errno=0") == appended
+    assert body.endswith(" lsm=ipe res=1") != appended
 
 
 def test_1421_matches_kernel_example_with_boot_policy() -> None:

@@ -1,4 +1,4 @@
-"""The seal's control plane without a kernel (the kernel side: tests/vm/test_enforce_zzz_seal.py):
+"""The seal's control plane without a kernel (the kernel side: tests/vm/test_zzz_seal.py):
 the order of `seal()` and what it refuses, the CLI's confirmation and guard, the `seal = yes`
 setting of `load`, the seal's ring-buffer records and their rendering, doctor's advice."""
 
@@ -299,3 +299,21 @@ def test_doctor_says_what_the_seal_rests_on() -> None:
     none = {c.name: c for c in doctor.seal_checks(None, None)}
     assert not none["seal KMODULE"].ok and "no active policy" in none["seal KMODULE"].detail
     assert "lockdown=unavailable" in none["seal lockdown"].detail
+
+
+def test_a_map_the_kernel_cannot_freeze_is_left_to_the_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOTSUPP (a map with a bpf_spin_lock: ipe_cache) is skipped; any other failure stops the seal."""
+    from ipe_bpf.kernel import bpfsys
+
+    closed: list[int] = []
+    monkeypatch.setattr(bpfsys, "map_fd_by_id", lambda map_id: 100 + map_id)
+    monkeypatch.setattr(seal.os, "close", closed.append)
+
+    def freeze(fd: int) -> bool:
+        raise KernelError({101: "E524", 102: "EINVAL"}[fd], "map freeze: refused")
+
+    monkeypatch.setattr(bpfsys, "freeze", freeze)
+    seal._freeze_id(1)
+    with pytest.raises(KernelError, match="refused"):
+        seal._freeze_id(2)
+    assert closed == [101, 102]

@@ -1,5 +1,5 @@
 """Small BPF programs, written as raw instructions, that attack ipe-bpf (or use BPF ordinarily):
-the seal tests (test_enforce_zzz_seal.py) load them through bpf(2) with ctypes.
+the seal tests (test_zzz_seal.py) load them through bpf(2) with ctypes.
 
 Each loader returns a file descriptor, or raises OSError with the errno the kernel gave
 (EPERM when the seal refused).  Nothing here is product code: the programs only exist to show

@@ -81,6 +81,12 @@ def _headers() -> bool:
     return Path(f"/lib/modules/{os.uname().release}/build/include").is_dir()
 
 
+def _fsverity_source() -> str | None:
+    from ipe_bpf.kernel.features import probe
+
+    return probe().fsverity
+
+
 @dataclass(frozen=True)
 class Feature:
     """Something a test may need that not every kernel line has, and how to see it."""
@@ -101,6 +107,9 @@ FEATURES: dict[str, Feature] = {
     "kernel_headers": Feature("the running kernel's headers (/lib/modules/RELEASE/build)", _headers),
     "bcc": Feature("BCC (python3-bpfcc) and the kernel headers it compiles the program against",
                    lambda: importlib.util.find_spec("bcc") is not None and _headers()),
+    "overlay_verity": Feature("fs-verity digests of files reached through overlayfs (inode.i_verity_info "
+                              "of the real inode is readable)", lambda: _fsverity_source() == "inode"),
+    "seal_hooks": Feature("the loaded program has the seal's hooks (the CO-RE object)", lambda: loader() != "bcc"),
     "rebuilt_paths": Feature("the loaded program rebuilds full paths where bpf_d_path() is refused "
                              "(MPROTECT records, the subject's exe)", lambda: loader() != "bcc"),
 }
@@ -119,6 +128,8 @@ LACKS: dict[str, dict[str, str]] = {
     },
     "6.12": {},
     "7.x": {
+        "overlay_verity": "7.x has no inode.i_verity_info; its bpf_get_fsverity_digest kfunc takes the "
+                          "file the hook got, the overlay's, which has no verity",
         "kernel_headers": "only the 6.12 image carries kernel headers (for the BCC development loader)",
         "bcc": "trixie's BCC 0.31 cannot compile against 7.x's headers (BPF_F_CPU, BPF_TRACE_FSESSION "
                "unknown): the 7.x image carries no BCC",
@@ -130,6 +141,8 @@ LACKS: dict[str, dict[str, str]] = {
 LOADER_LACKS: dict[str, dict[str, str]] = {
     "core": {},
     "bcc": {
+        "seal_hooks": "the seal's hooks and its decision-cache checks are in the CO-RE object only: "
+                      "`ipe-bpf seal` refuses a BCC load (EOPNOTSUPP)",
         "rebuilt_paths": "BCC cannot link the bpf_loop callback that walks a path, and an unrolled walk "
                          "beside the fail-closed decision is more than 6.12's verifier explores (E2BIG): "
                          "BCC builds record MPROTECT paths and the exe by name only",

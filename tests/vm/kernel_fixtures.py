@@ -40,6 +40,17 @@ LDSO = Path("/lib64/ld-linux-x86-64.so.2")
 _generation = itertools.count(100)
 
 
+def expected_hooks() -> list[str]:
+    """The hooks a load attaches here: those of pins.HOOKS this kernel has (its BTF says so) and
+    the loader's program holds."""
+    from ipe_bpf.kernel.features import probe
+
+    have = set(probe().hooks)
+    if os.environ.get("IPE_BPF_LOADER") == "bcc":  # the seal's hooks are in the CO-RE object only
+        have -= set(pins.SEAL_HOOKS)
+    return sorted(h for h in pins.HOOKS if h in have)
+
+
 def sh(*args: str | Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 

@@ -8,10 +8,12 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from ipe_bpf.audit.render import ipe_fields, ipe_text
 from ipe_bpf.kernel import pins
 
-from .kernel_fixtures import FSV, Kernel, get_kernel, ipe, kernel, measure, policy, sh  # noqa: F401
+from .kernel_fixtures import FSV, Kernel, expected_hooks, get_kernel, ipe, kernel, measure, policy, sh  # noqa: F401
 
 EACCES = 13
 
@@ -19,7 +21,7 @@ EACCES = 13
 def test_loaded_and_loader_process_gone(kernel: Kernel) -> None:
     # The loader was SIGKILLed after pinning: the links must still be there.
     assert pins.is_loaded()
-    assert sorted(p.name for p in pins.link_paths()) == sorted(pins.HOOKS)
+    assert sorted(p.name for p in pins.link_paths()) == expected_hooks()
 
 
 def test_no_policy_allows_everything_and_audits_nothing(ipe: Kernel) -> None:
@@ -208,6 +210,7 @@ def test_enforce_and_success_audit_cli(ipe: Kernel) -> None:
             subprocess.run(["python3", "-m", "ipe_bpf", *args], check=True)
 
 
+@pytest.mark.requires("overlay_verity")
 def test_overlayfs_file_is_judged_by_its_real_inode(ipe: Kernel) -> None:
     from pathlib import Path
 

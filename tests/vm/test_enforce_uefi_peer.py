@@ -77,6 +77,7 @@ def test_dmverity_signature_true_on_a_volume_with_a_signed_root_hash(
     assert ipe.exec_status(signed_volume.mount / "prog") == 0
 
 
+@pytest.mark.requires("setintegrity_hooks", "dmverity_platform_keyring")
 def test_live_table_gives_the_signature_state_the_hook_would(
         ipe: Kernel, signed_volume: DmVerityVolume) -> None:
     """Drop what the bdev_setintegrity hook captured: the program then reads the device's live

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ from typer.testing import CliRunner
 from ipe_bpf.audit.render import ipe_text, json_line
 from ipe_bpf.cli import app
 from ipe_bpf.kernel import measure
-from ipe_bpf.policy.evaluate import evaluate
+from ipe_bpf.kernel.features import running_kernel
+from ipe_bpf.policy.evaluate import evaluate_undecided
 from ipe_bpf.policy.model import Op
 from ipe_bpf.policy.parser import format_rule, parse_policy
 
@@ -106,7 +108,8 @@ def test_generate_enforce_then_learn_from_permissive(ipe: Kernel, tree: Path) ->
     ipe.drain()
     assert all(p.returncode == 0 for p in workload(tree))
     records = ipe.drain()
-    assert any(r.action == "DENY" and r.path and r.path.endswith(b"_ssl.cpython-313-x86_64-linux-gnu.so") for r in records)
+    assert any(r.action == "DENY" and r.path and b"/lib-dynload/_ssl.cpython-" in r.path
+               for r in records), [(r.action, r.hook, r.path) for r in records if r.action == "DENY"][:30]
     (tree / "permissive.log").write_text("".join(ipe_text(r, n) + "\n" for n, r in enumerate(records, 1)))
     (tree / "permissive.json").write_text("".join(json_line(r, n) + "\n" for n, r in enumerate(records, 1)))
     learned = tree / "learned.pol"
@@ -116,7 +119,8 @@ def test_generate_enforce_then_learn_from_permissive(ipe: Kernel, tree: Path) ->
     new = parse_policy(learned.read_bytes())
     assert new.version == (0, 0, 2) and learned.read_bytes().startswith(text.replace(b"0.0.1", b"0.0.2", 1))
     assert len(new.rules) > len(policy.rules)
-    assert b"_ssl.cpython-313-x86_64-linux-gnu.so\n" in learned.read_bytes()
+    ssl_so = f"_ssl.cpython-{sys.version_info.major}{sys.version_info.minor}-x86_64-linux-gnu.so\n"
+    assert ssl_so.encode() in learned.read_bytes()
 
     # a fresh permissive run under the learned policy: nothing denied
     ipe.activate(ALLOW_ALL)
@@ -141,6 +145,8 @@ def test_explain_file_agrees_with_the_kernel(ipe: Kernel, tmp_path: Path) -> Non
     with ipe.maps() as maps:
         maps.set_success_audit(True)
     measured = {path: measure.measure(path) for path in files}
+    here = running_kernel()  # signature states it cannot know are decided fail-closed
+    assert here is not None
     mismatches = []
     for n in range(12):
         text = _random_policy(rng, ipe, n)
@@ -157,7 +163,8 @@ def test_explain_file_agrees_with_the_kernel(ipe: Kernel, tmp_path: Path) -> Non
         pol.write_text(text)
         for path in files:
             got = kernel[str(path).encode()]
-            want = evaluate(parsed, Op.EXECUTE, measured[path].attributes())
+            attrs = measured[path].attributes()
+            want = evaluate_undecided(parsed, Op.EXECUTE, attrs, here.unknown_states(attrs))
             if got.action != want.action.name:
                 mismatches.append((n, str(path), got.action, want.action.name))
             if n < 3:  # the CLI itself, for the first policies

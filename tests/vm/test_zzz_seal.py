@@ -3,8 +3,8 @@ weaken enforcement is first shown to work unsealed, then refused once sealed (EP
 binary still denied, the refusal audited); ordinary BPF use and ipe-bpf's own status and audit
 keep working.
 
-A seal lasts until reboot, so this module runs last in tests/vm (its name sorts after
-test_enforce_zz_lifecycle) and works in two phases: the module fixture runs every unsealed
+A seal lasts until reboot, so this module runs last in tests/vm (its name sorts after every
+other test file's) and works in two phases: the module fixture runs every unsealed
 attack, each on a fresh load, then loads once more and seals (`ipe-bpf seal --yes`, with an fd
 opened before), and each test asserts both halves of its route.  The boot unit's `seal = yes`
 setting, and that the next boot starts unsealed, are tests/host_vm/test_seal_reboot.py's.
@@ -39,8 +39,10 @@ from ipe_bpf.policy.layout import load_header
 from ipe_bpf.policy.parser import parse_policy
 
 from . import bpf_attacks as attack
-from .kernel_fixtures import SCRATCH, Kernel, get_kernel, sh
+from .kernel_fixtures import SCRATCH, Kernel, expected_hooks, get_kernel, sh
 from .test_enforce_kmod import _flags, _loaded, _module
+
+pytestmark = pytest.mark.requires("seal_hooks")
 
 EACCES = 13
 STATE = SCRATCH / "seal-state"
@@ -228,8 +230,9 @@ def _unsealed_bpf(k: Kernel, seen: dict[str, object]) -> None:
     fd = bpfsys.obj_get(str(pins.map_path("ipe_rules")))
     try:
         keys = bpfsys.keys(fd, bpfsys.map_info(fd).key_size)
-        seen["map delete"] = (sum(errno_of(lambda key=key: bpfsys.delete(fd, key)) for key in keys),
-                              k.exec_status(k.bad))
+        deleted = sum(errno_of(lambda key=key: bpfsys.delete(fd, key)) for key in keys)
+        forget_cached_decision(k.bad)  # the attacker's second step: the decision cached for the file
+        seen["map delete"] = (deleted, k.exec_status(k.bad))
     finally:
         os.close(fd)
     _reinstall(k)
@@ -248,6 +251,7 @@ def _unsealed_bpf(k: Kernel, seen: dict[str, object]) -> None:
         writer = attack.map_writer(devices, struct.pack("=I", k.hooked_volume.dev), forged_device())
         attack.test_run(writer)
         os.close(writer)
+        forget_cached_decision(hooked_prog(k))  # and the decision cached for the file
         seen["program writing ipe_devices"] = (before, k.exec_status(hooked_prog(k)))
         bpfsys.delete(devices, struct.pack("=I", k.hooked_volume.dev))  # the live dm table decides again
     finally:
@@ -364,6 +368,28 @@ def test_route1_the_control_plane_refuses_every_change(campaign: Campaign) -> No
                and r.pid == os.getpid() and r.comm == b"python3" for r in got), got
 
 
+def forget_cached_decision(path: Path) -> None:
+    """Delete the program's cached decision for a file (inode storage, keyed by an fd of it)."""
+    for link_path in pins.link_paths():
+        link = bpfsys.obj_get(str(link_path))
+        prog = bpfsys.prog_fd_by_id(bpfsys.link_info(link).prog_id)
+        os.close(link)
+        try:
+            map_ids = bpfsys.prog_map_ids(prog)
+        finally:
+            os.close(prog)
+        for map_id in map_ids:
+            fd = bpfsys.map_fd_by_id(map_id)
+            try:
+                if bpfsys.map_info(fd).name == "ipe_cache":
+                    with open(path, "rb") as f:
+                        bpfsys.delete(fd, struct.pack("=i", f.fileno()))  # False: nothing was cached
+                    return
+            finally:
+                os.close(fd)
+    raise AssertionError("no ipe_cache map among the program's")
+
+
 def test_route2_bpf_on_maps_links_and_programs_is_refused(campaign: Campaign) -> None:
     k, seen = campaign.k, campaign.unsealed
     assert seen["bpftool map update"] == (0, 0)  # permissive through bpftool
@@ -425,7 +451,7 @@ def test_route3_pins_and_mounts_are_refused(campaign: Campaign) -> None:
         assert r.returncode != 0, argv
     assert mount2("over", str(pins.PIN_ROOT), "tmpfs") == errno.EPERM  # mount(2), not the new mount API
     assert mount2("over", str(pins.BPFFS), "tmpfs") == errno.EPERM
-    assert sorted(p.name for p in pins.link_paths()) == hooks == sorted(pins.HOOKS)
+    assert sorted(p.name for p in pins.link_paths()) == hooks == expected_hooks()
     assert k.exec_status(k.bad) == EACCES
     status = json.loads(ok("status", "--json"))
     assert status["loaded"] and status["sealed"]
