@@ -141,9 +141,25 @@ def _systemd_boot(request: RunRequest) -> dict[str, object]:
     return {"init": SYSTEMD_INIT}
 
 
+def _in_use(run_dir: Path) -> bool:
+    """Whether the `vm run` that made run_dir (its pid is in the name) still runs: another
+    run's pruning must never take a running guest's disks and results away."""
+    try:
+        pid = int(run_dir.name.split("-")[2])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _new_run_dir(config: VmConfig) -> Path:
     config.runs_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(p for p in config.runs_dir.iterdir() if p.is_dir())
+    old = sorted(p for p in config.runs_dir.iterdir() if p.is_dir() and not _in_use(p))
     for stale in old[: max(0, len(old) - KEEP_RUNS + 1)]:
         shutil.rmtree(stale, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

@@ -155,3 +155,24 @@ def test_systemd_boot_from_a_kept_root_disk(tmp_path: Path, monkeypatch: pytest.
 def _project_once(tmp_path: Path) -> Path:
     project = tmp_path / "project"
     return project if project.is_dir() else _project(tmp_path)
+
+
+def test_pruning_old_runs_never_takes_a_running_ones_directory(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from ipe_bpf.vm import run as run_mod
+
+    config = VmConfig(cache_dir=tmp_path / "cache")
+    config.runs_dir.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    running = config.runs_dir / f"20000101-000000-{os.getpid()}-aaaa"  # the oldest, still running
+    running.mkdir()
+    finished = [config.runs_dir / f"20000101-0000{n:02d}-{gone.pid}-bbbb" for n in range(1, 15)]
+    for d in finished:
+        d.mkdir()
+    new = run_mod._new_run_dir(config)
+    assert running.is_dir()
+    left = sorted(p for p in config.runs_dir.iterdir() if p != new and p != running)
+    assert left == finished[-(run_mod.KEEP_RUNS - 1):]
