@@ -9,14 +9,16 @@ its action, source and rule index must be what ipe_bpf.policy.evaluate says.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
+from ipe_bpf.audit.record import AccessRecord
 from ipe_bpf.kernel.features import running_kernel
 from ipe_bpf.policy.evaluate import Source, evaluate_undecided
 from ipe_bpf.policy.model import Digest, FileAttributes, Op
 from ipe_bpf.policy.parser import parse_policy
 
-from .kernel_fixtures import Kernel, get_kernel, ipe, kernel  # noqa: F401
+from .kernel_fixtures import ALLOW_ALL, Kernel, get_kernel, ipe, kernel  # noqa: F401
 
 POLICIES = 40
 
@@ -37,6 +39,18 @@ def _files(k: Kernel) -> dict[Path, FileAttributes]:
         k.hooked_volume.mount / "prog": FileAttributes(dmverity_roothash=dmv(k.hooked_volume)),
         k.early_volume.mount / "prog": FileAttributes(dmverity_roothash=dmv(k.early_volume)),
     }
+
+
+def exec_under(ipe: Kernel, text: str, files: Iterable[Path]) -> list[AccessRecord]:
+    """Activate `text`, exec every file, go back to allow-all: the records of those execs."""
+    try:
+        ipe.activate(text)
+        ipe.drain()
+        for path in files:
+            ipe.exec_status(path)
+    finally:
+        ipe.activate(ALLOW_ALL)
+    return ipe.drain()
 
 
 def _random_policy(rng: random.Random, k: Kernel, n: int) -> str:
@@ -79,14 +93,7 @@ def test_kernel_equals_reference_evaluator(ipe: Kernel) -> None:
     for n in range(POLICIES):
         text = _random_policy(rng, ipe, n)
         parsed = parse_policy(text.encode())
-        try:
-            ipe.activate(text)
-            ipe.drain()
-            for path in files:
-                ipe.exec_status(path)
-        finally:
-            ipe.activate("policy_name=allow policy_version=0.0.1\nDEFAULT action=ALLOW\n")
-        recs = ipe.drain()
+        recs = exec_under(ipe, text, files)
         for path, attrs in files.items():
             want = evaluate_undecided(parsed, Op.EXECUTE, attrs, here.unknown_states(attrs))
             want_index = parsed.rules.index(want.rule) if want.rule is not None else None

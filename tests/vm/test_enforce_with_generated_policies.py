@@ -30,7 +30,7 @@ from ipe_bpf.policy.model import Op
 from ipe_bpf.policy.parser import format_rule, parse_policy
 
 from .kernel_fixtures import ALLOW_ALL, Kernel, get_kernel, ipe, kernel  # noqa: F401
-from .test_enforce_differential import _files, _random_policy
+from .test_enforce_differential import _files, _random_policy, exec_under
 
 BASE = Path("/work/.vm-scratch/generate")
 COREUTILS = ("ls", "cat", "true", "sort", "sha256sum")
@@ -151,14 +151,7 @@ def test_explain_file_agrees_with_the_kernel(ipe: Kernel, tmp_path: Path) -> Non
     for n in range(12):
         text = _random_policy(rng, ipe, n)
         parsed = parse_policy(text.encode())
-        try:
-            ipe.activate(text)
-            ipe.drain()
-            for path in files:
-                ipe.exec_status(path)
-        finally:
-            ipe.activate(ALLOW_ALL)
-        kernel = {r.path: r for r in ipe.drain() if r.hook == "BPRM_CHECK"}
+        kernel = {r.path: r for r in exec_under(ipe, text, files) if r.hook == "BPRM_CHECK"}
         pol = tmp_path / f"p{n}.pol"
         pol.write_text(text)
         for path in files:
