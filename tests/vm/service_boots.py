@@ -189,6 +189,16 @@ def journal_paths(prefix: str) -> list[tuple[str, int]]:
     return out
 
 
+def settled(fetch: Callable[[], list[tuple[str, int]]], want: int, timeout: float = 120) -> list[tuple[str, int]]:
+    """``fetch()`` once it holds ``want`` entries (or at ``timeout``).  A sink at lag 0 has handed
+    every record to journald or auditd; they write it to disk a moment later."""
+    sh("journalctl", "--sync", check=False)
+    deadline = time.monotonic() + timeout
+    while len(found := fetch()) < want and time.monotonic() < deadline:
+        time.sleep(2)
+    return found
+
+
 def ausearch_paths(prefix: str) -> list[tuple[str, int]]:
     done = sh("ausearch", "-m", "MAC_CHECK", "--raw", check=False)
     assert done.returncode in (0, 1), done.stderr  # 1: nothing found
@@ -306,9 +316,9 @@ class TestBoot2:
         logged = bprm_paths(window, str(STRESS / "boot2"))
         assert sorted(logged) == sorted(ran)  # every exec once, nothing twice
         assert lost_counts(window) == [] and json.loads(ipe("status", "--json").stdout)["counters"]["dropped"] == drops
-        journal = journal_paths(str(STRESS / "boot2"))
+        journal = settled(lambda: journal_paths(str(STRESS / "boot2")), len(ran))
         assert sorted(p for p, _ in journal) == sorted(ran)
-        audited = ausearch_paths(str(STRESS / "boot2"))
+        audited = settled(lambda: ausearch_paths(str(STRESS / "boot2")), len(ran))
         assert sorted(p for p, _ in audited) == sorted(ran)
         by_serial = {r.serial: r for r in window if r.type == 1420}
         for path, serial in journal + audited:  # the same serial in every sink
