@@ -89,7 +89,7 @@ class Attachment:
     def __init__(self) -> None:
         if not pins.is_loaded():
             r = loader.load()
-            print(f"# loaded (compile {r.compile_seconds:.1f} s)", file=sys.stderr)
+            print(f"# loaded by {r.loader} in {r.seconds:.1f} s", file=sys.stderr)
         self.prog_fds = []
         for path in pins.link_paths():
             fd = bpfsys.obj_get(str(path))
