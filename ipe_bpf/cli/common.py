@@ -9,25 +9,45 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import typer
-from rich.console import Console
 
 from ..errors import IpeBpfError
-from ..policy.files import read_input
 
-
-def _console(stream: TextIO, **options: Any) -> Console:
-    """Lines are never hard-wrapped; to a pipe or a file, tables are never narrowed either
-    (rich would assume 80 columns and split digests and records over lines)."""
-    wide = None if stream.isatty() else PIPE_WIDTH
-    return Console(soft_wrap=True, width=wide, **options)
-
+if TYPE_CHECKING:
+    from rich.console import Console
 
 PIPE_WIDTH = 1 << 16
-console = _console(sys.stdout)
-err_console = _console(sys.stderr, stderr=True, highlight=False)
+
+
+class _LazyConsole:
+    """A rich Console made at its first print: importing rich is a good part of the start-up
+    of a command that prints plain lines (typer renders --help with its own console).
+
+    Lines are never hard-wrapped; to a pipe or a file, tables are never narrowed either
+    (rich would assume 80 columns and split digests and records over lines)."""
+
+    def __init__(self, stderr: bool = False, **options: Any) -> None:
+        self._stderr = stderr
+        self._options = options
+        self._console: Console | None = None
+
+    def _rich(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            stream: TextIO = sys.stderr if self._stderr else sys.stdout
+            wide = None if stream.isatty() else PIPE_WIDTH
+            self._console = Console(soft_wrap=True, width=wide, stderr=self._stderr, **self._options)
+        return self._console
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        self._rich().print(*objects, **options)
+
+
+console = _LazyConsole()
+err_console = _LazyConsole(stderr=True, highlight=False)
 
 
 MESSAGE_MAX = 1000  # an error line never echoes more (a 1 MB token stays a short line)
@@ -69,6 +89,8 @@ def root_hint(errno_name: str) -> str:
 
 def read_bytes(path: Path) -> bytes:
     """A file named on the command line (size-limited, no devices), or a one-line error."""
+    from ..policy.files import read_input
+
     with reported_errors(str(path)):
         return read_input(path)
 

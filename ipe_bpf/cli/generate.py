@@ -8,15 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.markup import escape
-
-from ..policy.model import Digest, untrusted
 
 if TYPE_CHECKING:
     from ..kernel import measure
     from ..policy.evaluate import Decision
-from ..policy.parser import format_rule
-from ..policy.model import Action
+    from ..policy.model import Digest
 from .common import console, err_console, fail, print_json, read_bytes, reported_errors
 
 READ_ONLY_WARNING = ("--enable-verity: files that get fs-verity become read-only for good (only deleting "
@@ -109,6 +105,7 @@ def learn_command(
     """Propose the rules that would have allowed what a permissive run denied."""
     from ..generate import learn as learning
     from ..generate.plan import Options
+    from ..policy.parser import format_rule
     from ..policy.signing import policy_text
 
     if enable_verity:
@@ -140,6 +137,8 @@ def measure_file(path: Path) -> measure.Measurement:
 
 def audit_fields(m: measure.Measurement, decision: Decision) -> str:
     """The decision as a 1420 record would show it (without the event's hook, pid and comm)."""
+    from ..policy.model import untrusted
+
     return (f"ipe_op={decision.op.name} path={untrusted(os.fsencode(m.path))} dev={untrusted(m.dev.encode())} "
             f"ino={m.ino} rule=\"{decision.rule_text}\"")
 
@@ -167,6 +166,8 @@ def print_measurement(m: measure.Measurement, decision: Decision) -> None:
 
 
 def exit_with_decision(wanted: bool, decision: Decision) -> None:
+    from ..policy.model import Action
+
     if wanted and decision.action is Action.DENY:
         raise typer.Exit(1)
 
@@ -186,6 +187,7 @@ def pack_command(
 ) -> None:
     """A read-only ext4 image of DIR with a dm-verity hash tree; prints its root hash and rule."""
     from ..generate import volumes
+    from ..policy.parser import format_rule
 
     signer = _signer(key, cert)
     with reported_errors(str(output)):
@@ -208,6 +210,8 @@ def open_command(
     mount: Annotated[Optional[Path], typer.Option("--mount", help="Mount it read-only here.")] = None,
 ) -> None:
     """Open a packed image with dm-verity (with its root hash signature when there is one)."""
+    from rich.markup import escape
+
     from ..generate import volumes
 
     with reported_errors(str(image)):

@@ -10,7 +10,6 @@ import os
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from .common import console, emit_line, err_console, fail, print_json, reported_errors
 
@@ -239,6 +238,8 @@ def _print_status(found: "Status") -> None:
 
 
 def _print_counters(counters: "Counters", devices: "tuple[DeviceState, ...]") -> None:
+    from rich.table import Table
+
     table = Table(title="decisions")
     table.add_column("op")
     table.add_column("allow", justify="right")

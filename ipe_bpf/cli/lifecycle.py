@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from ..errors import IpeBpfError
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget
 from .common import console, err_console, fail, print_json, root_hint
 
@@ -223,6 +224,8 @@ def _kernel_generation(target: PolicyTarget | None) -> int | None:
 
 
 def _listing_table(listing: Listing) -> Table:
+    from rich.table import Table
+
     table = Table(show_lines=False)
     for column in ("name", "version", "active", "signed", "generation", "digest", "deployed"):
         table.add_column(column)

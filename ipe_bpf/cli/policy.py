@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from ..errors import IpeBpfError
-from ..policy.files import read_input
-from ..policy.evaluate import evaluate_undecided, first_failing_property
-from ..policy.model import POLICY_OPS, BoolKey, Digest, FileAttributes, Op, Policy, policy_to_dict, text
-from ..policy.lint import lint
-from ..policy.parser import format_text, parse_policy
 from . import generate, lifecycle, sign
 from .common import console, err_console, fail, print_json, read_bytes, reported_errors
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..policy.model import BoolKey, Digest, FileAttributes, Policy
 
 app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
 
@@ -30,12 +28,18 @@ def policy_text(data: bytes) -> bytes:
 
 
 def load_policy(path: Path) -> Policy:
+    from ..policy.parser import parse_policy
+
     data = read_bytes(path)
     with reported_errors(str(path)):
         return parse_policy(policy_text(data))
 
 
 def _summary(policy: Policy) -> Table:
+    from rich.table import Table
+
+    from ..policy.model import POLICY_OPS, text
+
     table = Table(title=f"{text(policy.name)} {policy.version_text}", show_lines=False)
     table.add_column("op")
     table.add_column("rules", justify="right")
@@ -54,6 +58,11 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Parse a policy (text or signed .p7s; use `verify` for the signature)."""
+    from ..policy.files import read_input
+    from ..policy.lint import lint
+    from ..policy.model import policy_to_dict
+    from ..policy.parser import parse_policy
+
     try:
         text = policy_text(read_input(file))
         policy = parse_policy(text)
@@ -76,6 +85,8 @@ def check(
 
 
 def _digest_option(value: Optional[str], option: str) -> Optional[Digest]:
+    from ..policy.model import Digest
+
     if value is None:
         return None
     alg, colon, hex_text = value.partition(":")
@@ -102,6 +113,11 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show what the policy decides for an event, and why each earlier rule did not match."""
+    from rich.markup import escape
+
+    from ..policy.evaluate import evaluate_undecided, first_failing_property
+    from ..policy.model import FileAttributes, Op
+
     if op is None and target is None:
         fail("--op: EINVAL: missing (name the op, or give --file)", code=2)
     op = op or "EXECUTE"
@@ -167,6 +183,8 @@ def _unknown_here(attrs: FileAttributes) -> "frozenset[BoolKey]":
 @app.command("format")
 def format_command(file: Path) -> None:
     """Print a policy with each line in canonical form (comments and order kept)."""
+    from ..policy.parser import format_text
+
     data = read_bytes(file)
     with reported_errors(str(file)):
         formatted = format_text(policy_text(data))

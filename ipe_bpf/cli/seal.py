@@ -14,7 +14,6 @@ from typing import Annotated
 
 import typer
 
-from ..audit.policy_records import AUDIT_TRUSTED_APP, AuditIdentity, Record, seal_refused, sealed
 from ..errors import IpeBpfError
 from .common import console, err_console, fail, print_json, reported_errors
 
@@ -28,8 +27,9 @@ def _comm() -> str:
 
 def _control_record(body: str) -> tuple[str, ...]:
     """Stamp and append one 1121 record to the control log; returns warnings."""
-    from ..kernel.store import PolicyStore
     from ..audit.control_log import ControlLog
+    from ..audit.policy_records import AUDIT_TRUSTED_APP, Record
+    from ..kernel.store import PolicyStore
 
     try:
         store_log = PolicyStore.default().audit_log_path
@@ -43,6 +43,7 @@ def _control_record(body: str) -> tuple[str, ...]:
 
 def refuse_if_sealed(attempt: str) -> None:
     """Exit 1 with one EPERM line (and an audit record) if ipe-bpf is sealed."""
+    from ..audit.policy_records import AuditIdentity, seal_refused
     from ..kernel import seal
 
     try:
@@ -62,6 +63,7 @@ def seal_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Freeze the active policy, the mode and the programs until reboot (docs/seal.md)."""
+    from ..audit.policy_records import AuditIdentity, sealed
     from ..kernel import seal
 
     if not yes and not typer.confirm(

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from rich.markup import escape
 
 from ..errors import IpeBpfError
-from ..policy.model import Policy, text
 from .common import console, fail, print_json, read_bytes, reported_errors
+
+if TYPE_CHECKING:
+    from ..policy.model import Policy
 
 
 def _parse(content: bytes) -> Policy:
@@ -20,6 +21,8 @@ def _parse(content: bytes) -> Policy:
 
 
 def _policy_json(policy: Policy) -> dict[str, str]:
+    from ..policy.model import text
+
     return {"name": text(policy.name), "version": policy.version_text}
 
 
@@ -33,7 +36,10 @@ def sign(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Sign a policy as kernel IPE takes it: attached PKCS#7, DER, no signed attributes."""
+    from rich.markup import escape
+
     from ..policy import signing
+    from ..policy.model import text
 
     content = read_bytes(policy_file)
     policy = None
@@ -78,7 +84,10 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Verify a signed policy in-process and show who signed it and what it is."""
+    from rich.markup import escape
+
     from ..policy import signing
+    from ..policy.model import text
 
     blob = read_bytes(file)
     try:

@@ -1,0 +1,50 @@
+"""The CLI starts fast: importing it (what every `ipe-bpf ...` and `--help` pays before typer
+runs) loads typer and the command tree, never the library a command needs only once it runs.
+
+Each command imports its library modules in its body; a top-level import in any ipe_bpf/cli
+module would pull its whole chain (the policy model parses bpf/ipe_bpf.h, signing imports
+cryptography, the kernel side ctypes and libbpf...) into every start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Modules a fresh `import ipe_bpf.cli` must not load (prefixes: a package and its submodules).
+HEAVY = (
+    "ipe_bpf.policy",  # model/layout/structs parse the shared header; parser, compiler, signing
+    "ipe_bpf.kernel",
+    "ipe_bpf.audit",
+    "ipe_bpf.service",
+    "ipe_bpf.generate",
+    "cryptography",
+    "elftools",
+    "rich",  # typer imports it for --help itself; plain output needs none of it
+    "pydantic",
+)
+
+
+def loaded_after(statement: str) -> list[str]:
+    """The modules a fresh interpreter holds after running `statement`."""
+    code = f"{statement}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def heavy(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+
+
+def test_importing_the_cli_loads_no_library_module() -> None:
+    modules = loaded_after("import ipe_bpf.cli")
+    assert "ipe_bpf.cli.kernel" in modules and "typer" in modules  # the command tree is there
+    assert heavy(modules) == []
+
+
+def test_building_the_command_tree_loads_no_library_module() -> None:
+    """typer turns every command's signature into click options at each start (even for
+    `--help`): that must not need the library either."""
+    modules = loaded_after("import typer.main, ipe_bpf.cli\ntyper.main.get_command(ipe_bpf.cli.app)")
+    assert heavy(modules) == []
