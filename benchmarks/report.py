@@ -78,6 +78,12 @@ def host_compile_100k() -> dict:
             "encode_s": round(row.encode_s, 2), "digests": row.digests, "rule_entries": row.rule_entries}
 
 
+def _start(row: dict) -> str:
+    """The CLI's start-up figures of a report row (older reports have no `--version`)."""
+    version = f"`ipe-bpf --version` {row['version_s']} s, " if "version_s" in row else ""
+    return f"{version}`ipe-bpf --help` {row['help_s']} s, `ipe-bpf status` {row['status_s']} s"
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -127,7 +133,7 @@ def _facts(data: dict) -> list[str]:
         mem = cli["memory_100k"]
         lines.append(f"- CLI, 100k rules: `ipe-bpf policy deploy` {cli['deploy_100k_s']} s + `policy activate` "
                      f"{cli['activate_100k_s']} s of guest time; map memory then {_mib(sum(mem.values()))}; "
-                     f"`ipe-bpf --help` {cli['help_s']} s, `ipe-bpf status` {cli['status_s']} s")
+                     f"{_start(cli)}")
     for row in data.get("fapolicyd_start", []):
         lines.append(f"- fapolicyd with {_size(row['rules'])} trust entries: ready after {row['seconds']} s")
     host = data.get("host_compile")
@@ -137,7 +143,7 @@ def _facts(data: dict) -> list[str]:
                      f"{host['rule_entries']} rule entries")
     for row in data.get("load", []):
         what = f"{row['load_s']} s" if "load_s" in row else row.get("error", "?")
-        extra = f", `--help` {row['help_s']} s, `status` {row['status_s']} s" if "help_s" in row else ""
+        extra = f", {_start(row)}" if "help_s" in row else ""
         lines.append(f"- load ({row.get('loader')}) on {row.get('kernel')}: {what}{extra} (emulated wall time)")
     lines += [f"- note: {n}" for n in data.get("notes", [])]
     return lines

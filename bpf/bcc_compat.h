@@ -8,7 +8,7 @@
  * groups were found.
  *
  * Sizes that the loader picks at load time also arrive as -D defines:
- *   IPE_RULES_MAX, IPE_DIGESTS_MAX, IPE_DEVICES_MAX, IPE_RINGBUF_PAGES
+ *   IPE_DEVICES_MAX, IPE_RINGBUF_PAGES
  */
 #ifndef IPE_BCC_COMPAT_H
 #define IPE_BCC_COMPAT_H
@@ -29,12 +29,6 @@
 
 #include "ipe_bpf.h"
 
-#ifndef IPE_RULES_MAX
-#define IPE_RULES_MAX (1 << 20)
-#endif
-#ifndef IPE_DIGESTS_MAX
-#define IPE_DIGESTS_MAX (1 << 18)
-#endif
 #ifndef IPE_DEVICES_MAX
 #define IPE_DEVICES_MAX 1024
 #endif
@@ -48,10 +42,12 @@
 /* the policy maps are read-only for BPF programs, as in libbpf_compat.h */
 BPF_F_TABLE("array", __u32, struct ipe_config, ipe_config, 1, BPF_F_RDONLY_PROG);
 BPF_F_TABLE("array", __u32, struct ipe_policy_defaults, ipe_defaults, IPE_SLOTS, BPF_F_RDONLY_PROG);
-BPF_F_TABLE("hash", struct ipe_digest_key, __u32, ipe_digests, IPE_DIGESTS_MAX,
+/* the per-slot tables' templates and the arrays of maps holding them (libbpf_compat.h) */
+BPF_F_TABLE("hash", struct ipe_digest_key, __u32, ipe_digests_table, 1, BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
+BPF_ARRAY_OF_MAPS(ipe_digests, "ipe_digests_table", IPE_SLOTS);
+BPF_F_TABLE("hash", struct ipe_rule_key, struct ipe_rule_value, ipe_rules_table, 1,
 	    BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
-BPF_F_TABLE("hash", struct ipe_rule_key, struct ipe_rule_value, ipe_rules, IPE_RULES_MAX,
-	    BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
+BPF_ARRAY_OF_MAPS(ipe_rules, "ipe_rules_table", IPE_SLOTS);
 /* pinned like the others; BCC builds have no seal hooks (ipe_bpf.bpf.c) and are never sealed */
 BPF_F_TABLE("array", __u32, struct ipe_seal, ipe_seal, 1, BPF_F_RDONLY_PROG);
 BPF_HASH(ipe_devices, __u32, struct ipe_bdev_state, IPE_DEVICES_MAX);
@@ -73,8 +69,8 @@ BPF_PERCPU_ARRAY(ipe_scratch, struct ipe_path_scratch, 1);
 
 static __always_inline struct ipe_config *ipe_config_lookup(__u32 *key) { return ipe_config.lookup(key); }
 static __always_inline struct ipe_policy_defaults *ipe_defaults_lookup(__u32 *key) { return ipe_defaults.lookup(key); }
-static __always_inline __u32 *ipe_digests_lookup(struct ipe_digest_key *key) { return ipe_digests.lookup(key); }
-static __always_inline struct ipe_rule_value *ipe_rules_lookup(struct ipe_rule_key *key) { return ipe_rules.lookup(key); }
+static __always_inline void *ipe_digests_lookup(__u32 *slot) { return ipe_digests.lookup(slot); }
+static __always_inline void *ipe_rules_lookup(__u32 *slot) { return ipe_rules.lookup(slot); }
 static __always_inline struct ipe_counters *ipe_counters_lookup(__u32 *key) { return ipe_counters.lookup(key); }
 static __always_inline struct ipe_path_scratch *ipe_scratch_lookup(__u32 *key) { return ipe_scratch.lookup(key); }
 static __always_inline struct ipe_bdev_state *ipe_devices_lookup(__u32 *key) { return ipe_devices.lookup(key); }

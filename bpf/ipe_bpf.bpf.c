@@ -111,10 +111,16 @@ static __always_inline int ipe_sb_is_rootfs(void *sb)
 	       name[4] == 'f' && name[5] == 's' && name[6] == 0;
 }
 
+/* The id of the digest in key->slot's digests table; 0 if it has none (or the slot is empty). */
 static __always_inline __u32 ipe_digest_id(struct ipe_digest_key *key)
 {
-	__u32 *id = ipe_map_lookup(ipe_digests, key);
+	__u32 slot = key->slot;
+	void *table = ipe_map_lookup(ipe_digests, &slot);
+	__u32 *id;
 
+	if (!table)
+		return 0;
+	id = bpf_map_lookup_elem(table, key);
 	return id ? *id : 0;
 }
 
@@ -387,11 +393,15 @@ static __always_inline void ipe_rule_try(struct ipe_rule_key *k, __u8 shape, str
 					 struct ipe_decision *d)
 {
 	struct ipe_rule_value *v;
+	__u32 slot = k->slot;
+	void *table = ipe_map_lookup(ipe_rules, &slot);
 
+	if (!table)
+		return;
 	k->shape = shape;
 	k->roothash_id = (shape & IPE_SHAPE_ROOTHASH) ? a->roothash_id : 0;
 	k->digest_id = (shape & IPE_SHAPE_FSVERITY) ? a->digest_id : 0;
-	v = ipe_map_lookup(ipe_rules, k);
+	v = bpf_map_lookup_elem(table, k);
 	if (v && v->index < d->index) {
 		d->index = v->index;
 		d->action = v->action;

@@ -11,7 +11,8 @@
  * matches them to the running kernel's type of the name before the three underscores, in
  * vmlinux or in any loaded module's BTF, member by member name.
  *
- * Map sizes are placeholders: the loader sets max_entries before loading.
+ * Map sizes of 1 are placeholders: the loader sets max_entries before loading (the tables'
+ * templates excepted: the control plane sizes each table it makes).
  */
 #ifndef IPE_LIBBPF_COMPAT_H
 #define IPE_LIBBPF_COMPAT_H
@@ -57,20 +58,40 @@ struct {
 	__type(value, struct ipe_policy_defaults);
 } ipe_defaults SEC(".maps");
 
-struct {
+/*
+ * The digests and rules tables: one hash map per slot, made by the control plane for each
+ * policy it installs, sized to it, and put into these arrays of maps (ipe_bpf/kernel/maps.py).
+ * The structs below are the templates the tables must match (type, key, value, flags); they
+ * give sizes, not types: a type seen only through them would reach BTF as a bare forward.
+ */
+struct ipe_digests_table {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
 	__uint(max_entries, 1);
-	__type(key, struct ipe_digest_key);
-	__type(value, __u32);
-} ipe_digests SEC(".maps");
+	__uint(key_size, sizeof(struct ipe_digest_key));
+	__uint(value_size, sizeof(__u32));
+};
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, IPE_SLOTS);
+	__type(key, __u32);
+	__array(values, struct ipe_digests_table);
+} ipe_digests SEC(".maps");
+
+struct ipe_rules_table {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG);
 	__uint(max_entries, 1);
-	__type(key, struct ipe_rule_key);
-	__type(value, struct ipe_rule_value);
+	__uint(key_size, sizeof(struct ipe_rule_key));
+	__uint(value_size, sizeof(struct ipe_rule_value));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, IPE_SLOTS);
+	__type(key, __u32);
+	__array(values, struct ipe_rules_table);
 } ipe_rules SEC(".maps");
 
 struct {

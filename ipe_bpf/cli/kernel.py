@@ -36,8 +36,6 @@ def load_cmd(
         "--enforce/--permissive",
         help="Enforce DENY decisions, or only audit them (permissive); the choice is stored. "
              "Default: the stored mode (`ipe-bpf enforce on|off`).", show_default=False)] = None,
-    rule_entries: Annotated[int, typer.Option(help="Capacity of the rules map (both slots).")] = 1 << 21,
-    digest_entries: Annotated[int, typer.Option(help="Capacity of the digests map (both slots).")] = 1 << 19,
     loader: Annotated[Optional[str], typer.Option(
         help="core: the prebuilt CO-RE object through libbpf (default, or $IPE_BPF_LOADER); "
              "bcc: compile with BCC (development).")] = None,
@@ -50,8 +48,7 @@ def load_cmd(
     from ..kernel.control import ApplyError, load_and_apply
 
     settings = _settings()
-    options = loader_mod.LoadOptions(rule_entries=rule_entries, digest_entries=digest_entries,
-                                     ringbuf_pages=settings.ringbuf_pages, loader=loader)
+    options = loader_mod.LoadOptions(ringbuf_pages=settings.ringbuf_pages, loader=loader)
     with reported_errors():
         try:
             report = load_and_apply(options, enforce=enforce)

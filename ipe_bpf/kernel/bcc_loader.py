@@ -34,12 +34,9 @@ def program_text() -> str:
     return source.replace(include, bpf_file(BCC_COMPAT).read_text(), 1)
 
 
-def cflags(rule_entries: int, digest_entries: int, ringbuf_pages: int,
-           offsets: list[str] | None = None) -> list[str]:
+def cflags(ringbuf_pages: int, offsets: list[str] | None = None) -> list[str]:
     return [
         f"-I{bpf_dir()}",
-        f"-DIPE_RULES_MAX={rule_entries}",
-        f"-DIPE_DIGESTS_MAX={digest_entries}",
         f"-DIPE_RINGBUF_PAGES={ringbuf_pages}",
         *(btf.kernel_defines() if offsets is None else offsets),
     ]
@@ -77,14 +74,14 @@ class BccProgram:
         self.bpf.cleanup()  # type: ignore[attr-defined]
 
 
-def load_program(rule_entries: int, digest_entries: int, ringbuf_pages: int) -> BccProgram:
+def load_program(ringbuf_pages: int) -> BccProgram:
     why = available()
     if why is not None:
         raise KernelError("ENOPKG", why)
     from bcc import BPF  # type: ignore[import-not-found]  # lazily: a system package
 
     try:
-        b = BPF(text=program_text().encode(), cflags=cflags(rule_entries, digest_entries, ringbuf_pages))
+        b = BPF(text=program_text().encode(), cflags=cflags(ringbuf_pages))
     except Exception as exc:  # BCC raises plain Exception for compile/load/attach errors
         raise _bcc_error(exc) from None
     return BccProgram(b)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..errors import KernelError
 from . import syscalls
 
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -59,6 +60,26 @@ def bpf_errno(cmd: int, attr: ctypes.Array[ctypes.c_char] | ctypes.Structure) ->
     """Like bpf() but returns (result, errno) instead of raising."""
     ret = _libc.syscall(_nr(), ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
     return int(ret), (ctypes.get_errno() if ret < 0 else 0)
+
+
+class _CreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str) -> int:
+    """A new map (the caller owns the fd); `name` is what bpftool shows (15 bytes at most)."""
+    attr = _CreateAttr(map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries,
+                       map_flags=flags, map_name=name.encode()[:15])
+    return bpf(BPF_MAP_CREATE, attr, f"create map {name} ({max_entries} entries)")
 
 
 class _ObjAttr(ctypes.Structure):
@@ -352,9 +373,10 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_MAP_FREEZE = 22
 
 
-def map_fd_by_id(map_id: int) -> int:
-    """Open a map by id, read-write (the caller owns the fd)."""
-    return bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id), f"open map {map_id}")
+def map_fd_by_id(map_id: int, read_only: bool = False) -> int:
+    """Open a map by id, read-write unless `read_only` (the caller owns the fd)."""
+    attr = _IdAttr(id=map_id, open_flags=BPF_F_RDONLY if read_only else 0)
+    return bpf(BPF_MAP_GET_FD_BY_ID, attr, f"open map {map_id}")
 
 
 class _FreezeAttr(ctypes.Structure):

@@ -114,8 +114,7 @@ def _refused(err: int) -> KernelError:
     return failure
 
 
-def load_program(features: KernelFeatures, rule_entries: int, digest_entries: int,
-                 ringbuf_pages: int) -> CoreProgram:
+def load_program(features: KernelFeatures, ringbuf_pages: int) -> CoreProgram:
     """Open, size, load and attach the object; the caller pins, then calls close()."""
     lib = libbpf.lib()
     path = bpf_file(OBJECT)
@@ -125,8 +124,6 @@ def load_program(features: KernelFeatures, rule_entries: int, digest_entries: in
         obj = libbpf.check_ptr(lib.bpf_object__open_file(str(path).encode(), None), f"open {path}")
         program = CoreProgram(obj)
         try:
-            _set_max_entries(obj, "ipe_rules", rule_entries)
-            _set_max_entries(obj, "ipe_digests", digest_entries)
             _set_max_entries(obj, "ipe_devices", DEVICE_ENTRIES)
             _set_max_entries(obj, "ipe_events", ringbuf_pages * RINGBUF_PAGE)
             _set_rodata(obj, features)

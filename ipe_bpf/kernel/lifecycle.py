@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..audit.control_log import ControlLog
 from ..audit.policy_records import (
@@ -46,17 +46,16 @@ from ..audit.policy_records import (
     policy_load,
 )
 from ..errors import IpeBpfError, KernelError, LifecycleError
-from ..policy import signing
-from ..policy.compiler import CompiledPolicy, compile_policy
 from ..policy.model import text
-from ..policy.parser import parse_policy
 from .results import Listing, Outcome, PolicyInfo
 from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_text
 from .features import KernelFeatures, unevaluable
-from .submission import Submission, Trust, open_submission
 
-__all__ = ["Lifecycle", "Listing", "Outcome", "PolicyInfo", "PolicyTarget", "Submission", "Trust",
-           "open_submission", "policy_name"]
+if TYPE_CHECKING:  # signatures, parsing and compiling are imported by what uses them: `status` needs none
+    from ..policy.compiler import CompiledPolicy
+    from .submission import Submission, Trust
+
+__all__ = ["Lifecycle", "Listing", "Outcome", "PolicyInfo", "PolicyTarget", "policy_name"]
 
 
 @runtime_checkable
@@ -88,6 +87,8 @@ def _version_key(version: tuple[int, int, int]) -> int:
 
 
 def _stored_content(policy: StoredPolicy, blob: bytes) -> bytes:
+    from ..policy import signing
+
     return signing.extract_content(blob) if policy.signed else blob
 
 
@@ -181,6 +182,8 @@ class Lifecycle:
     def deploy(self, blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
                source: str | None = None, allow_unevaluable: bool = False) -> Outcome:
         """Store a new policy (never activates it).  ``source`` names the blob in errors."""
+        from .submission import open_submission
+
         sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
         self._check_evaluable(sub, allow_unevaluable)
         with self.store.locked():
@@ -225,6 +228,8 @@ class Lifecycle:
             old = state.find(name)
             if old is None:
                 raise LifecycleError("ENOENT", f"policy {_quote(name)} is not deployed")
+            from .submission import open_submission
+
             sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
             self._check_evaluable(sub, allow_unevaluable)
             if sub.policy.name != name:
@@ -350,6 +355,9 @@ class Lifecycle:
         return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def _compile_stored(self, policy: StoredPolicy) -> CompiledPolicy:
+        from ..policy.compiler import compile_policy
+        from ..policy.parser import parse_policy
+
         content = _stored_content(policy, self.store.blob(policy))
         return compile_policy(parse_policy(content))
 

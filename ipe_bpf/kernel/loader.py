@@ -33,16 +33,12 @@ from .features import DECISION_HOOKS, KernelFeatures
 from .pins import (LOADED_STATE, MAP_NAMES, PIN_ROOT, control_lock, link_paths, links_dir, map_path,
                    maps_dir)
 
-DEFAULT_RULE_ENTRIES = 1 << 21  # both slots; a rule makes up to 8 entries
-DEFAULT_DIGEST_ENTRIES = 1 << 19
 DEFAULT_RINGBUF_PAGES = 64
 
 
 @dataclass(frozen=True)
 class LoadOptions:
     permissive: bool = False
-    rule_entries: int = DEFAULT_RULE_ENTRIES
-    digest_entries: int = DEFAULT_DIGEST_ENTRIES
     ringbuf_pages: int = DEFAULT_RINGBUF_PAGES
     loader: str | None = None  # None: $IPE_BPF_LOADER, else "core"
 
@@ -122,10 +118,10 @@ def _load_program(loader: str, options: LoadOptions, found: KernelFeatures) -> _
     if loader == "bcc":
         from . import bcc_loader
 
-        return bcc_loader.load_program(options.rule_entries, options.digest_entries, options.ringbuf_pages)
+        return bcc_loader.load_program(options.ringbuf_pages)
     from . import core_loader
 
-    return core_loader.load_program(found, options.rule_entries, options.digest_entries, options.ringbuf_pages)
+    return core_loader.load_program(found, options.ringbuf_pages)
 
 
 def _pin(program: _Program, options: LoadOptions, root: Path) -> tuple[str, ...]:

@@ -13,11 +13,13 @@
         maps.deactivate()                     # back to "no policy" (tests; IPE has no such op)
         maps.seal_entry()                     # the seal's state (kernel/seal.py seals)
 
-`install(compiled, generation)`: writes the compiled tables into the inactive slot
-(digests, rules, then that slot's defaults carrying `generation`), flips the config's
-`active` byte to that slot in one map write, waits for an RCU grace period
-(membarrier(MEMBARRIER_CMD_GLOBAL), so no BPF program still uses the old slot), and
-only then deletes the old slot's entries.  A half-written policy is never visible.
+`install(compiled, generation)`: makes the policy's digests and rules tables (hash maps
+sized to the policy), fills them and puts them into the inactive slot of the ipe_digests
+and ipe_rules arrays of maps, writes that slot's defaults carrying `generation`, flips the
+config's `active` byte to that slot in one map write, waits for an RCU grace period
+(membarrier(MEMBARRIER_CMD_GLOBAL), so no BPF program still uses the old slot), and only
+then empties the old slot (the kernel frees its tables).  A half-written policy is never
+visible, and the tables hold what the policy needs: no capacity to choose or to outgrow.
 `generation` is an opaque number the caller chooses per deployed policy (the lifecycle's
 store id); audit events carry it so rule texts can be found later.
 
@@ -33,16 +35,24 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ..errors import KernelError
-from ..policy.compiler import CompiledPolicy, encode
 from ..policy.layout import Header, load_header
 from ..policy.model import Op
 from . import bpfsys, syscalls
 from .memory import MapMemory, pinned_memory
 from .pins import PIN_ROOT, control_lock, map_path
 
+if TYPE_CHECKING:
+    from ..policy.compiler import CompiledPolicy
+
 _MEMBARRIER_CMD_GLOBAL = 1
+
+# The per-slot tables: hash maps matching the templates in bpf/libbpf_compat.h.
+TABLES = ("ipe_digests", "ipe_rules")
+_BPF_MAP_TYPE_HASH = 1
+_TABLE_FLAGS = 1 | 1 << 7  # BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG
 
 
 def _grace_period() -> None:
@@ -287,18 +297,42 @@ class PinnedPolicyMaps:
 
     # ------------------------------------------------------------ policy switch
 
-    def _delete_slot(self, slot: int) -> int:
-        """Delete every digests/rules entry of `slot` (byte 0 of both key structs)."""
-        deleted = 0
-        for name in ("ipe_rules", "ipe_digests"):
-            m = self._map(name, write=True)
-            doomed = [k for k in bpfsys.dump_keys(m.fd, m.key_size, m.value_size) if k[0] == slot]
-            bpfsys.delete_many(m.fd, doomed)
-            deleted += len(doomed)
-        return deleted
+    def _table_sizes(self, name: str) -> tuple[int, int]:
+        """Key and value size of the tables of `name` (ipe_digests or ipe_rules)."""
+        if name == "ipe_digests":
+            return self.header.struct("ipe_digest_key").size, 4
+        return self.header.struct("ipe_rule_key").size, self.header.struct("ipe_rule_value").size
+
+    def table_ids(self) -> list[int]:
+        """The map ids of the tables in every slot (the seal freezes them, status counts them)."""
+        ids = []
+        for name in TABLES:
+            for slot in range(self.header.constant("IPE_SLOTS")):
+                raw = bpfsys.lookup(self._map(name).fd, struct.pack("=I", slot), 4)
+                if raw is not None:
+                    ids.append(struct.unpack("=I", raw)[0])
+        return ids
+
+    def _put_table(self, name: str, slot: int, entries: list[tuple[bytes, bytes]]) -> None:
+        """A new table of `name` holding `entries`, into `slot`."""
+        key_size, value_size = self._table_sizes(name)
+        fd = bpfsys.map_create(_BPF_MAP_TYPE_HASH, key_size, value_size, max(1, len(entries)), _TABLE_FLAGS,
+                               f"{name}{slot}")
+        try:
+            bpfsys.update_many(fd, entries, key_size, value_size)
+            bpfsys.update(self._map(name, write=True).fd, struct.pack("=I", slot), struct.pack("=I", fd))
+        finally:
+            os.close(fd)
+
+    def _delete_slot(self, slot: int) -> None:
+        """Empty `slot`: its tables go (the kernel frees them once no program holds them)."""
+        for name in TABLES:
+            bpfsys.delete(self._map(name, write=True).fd, struct.pack("=I", slot))
 
     def install(self, compiled: CompiledPolicy, generation: int) -> None:
         """Make `compiled` the active policy, atomically (see the module doc)."""
+        from ..policy.compiler import encode  # readers (`status`) need no compiler
+
         with control_lock():
             cfg = self._config()
             active = cfg.active
@@ -306,9 +340,8 @@ class PinnedPolicyMaps:
             self._delete_slot(new_slot)  # leftovers of an interrupted install
             # the epoch tags the program's cached decisions: unique per install, never reused
             enc = encode(compiled, new_slot, generation=generation, epoch=cfg.flips + 1)
-            for name, entries in (("ipe_digests", enc.digests), ("ipe_rules", enc.rules)):
-                m = self._map(name, write=True)
-                bpfsys.update_many(m.fd, entries, m.key_size, m.value_size)
+            self._put_table("ipe_digests", new_slot, enc.digests)
+            self._put_table("ipe_rules", new_slot, enc.rules)
             for k, v in enc.defaults:
                 bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
             self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))

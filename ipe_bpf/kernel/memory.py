@@ -4,15 +4,18 @@ The figure is the kernel's own: the `memlock:` line of /proc/self/fdinfo/<map fd
 kernels since 6.4 compute from what the map really uses (a BPF_F_NO_PREALLOC hash map grows
 with its entries); older kernels (6.1) report what the map could hold at most (max_entries
 times the element size).  bpf_map_info gives the key and value sizes and max_entries shown
-beside it.
+beside it.  ipe_digests and ipe_rules are arrays of maps: their figures add up the tables in
+their slots (hash maps sized to each installed policy), whose key and value sizes they show.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..policy.layout import default_header
 from . import bpfsys
 from .pins import MAP_NAMES, PIN_ROOT, map_path
 
@@ -48,6 +51,23 @@ def map_memory(fd: int, name: str) -> MapMemory:
     return MapMemory(name, memlock or 0, info.key_size, info.value_size, info.max_entries)
 
 
+def with_tables(outer: MapMemory, fd: int) -> MapMemory:
+    """`outer` (an array of maps, open as `fd`) with the tables in its slots added: their
+    memory, their key and value sizes, their max_entries summed (0: no table installed)."""
+    tables = []
+    for slot in range(default_header().constant("IPE_SLOTS")):
+        raw = bpfsys.lookup(fd, struct.pack("=I", slot), 4)
+        if raw is not None:
+            table_fd = bpfsys.map_fd_by_id(struct.unpack("=I", raw)[0], read_only=True)
+            try:
+                tables.append(map_memory(table_fd, outer.name))
+            finally:
+                os.close(table_fd)
+    sizes = (tables[0].key_size, tables[0].value_size) if tables else (outer.key_size, outer.value_size)
+    return MapMemory(outer.name, outer.memlock + sum(t.memlock for t in tables), *sizes,
+                     sum(t.max_entries for t in tables))
+
+
 def pinned_memory(root: Path = PIN_ROOT) -> tuple[MapMemory, ...]:
     """Every pinned map of the loaded program, read-only (works while sealed)."""
     out = []
@@ -57,7 +77,8 @@ def pinned_memory(root: Path = PIN_ROOT) -> tuple[MapMemory, ...]:
             continue
         fd = bpfsys.obj_get(str(path), read_only=True)
         try:
-            out.append(map_memory(fd, name))
+            found = map_memory(fd, name)
+            out.append(with_tables(found, fd) if name in POLICY_MAPS else found)
         finally:
             os.close(fd)
     return tuple(out)

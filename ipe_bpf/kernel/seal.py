@@ -7,9 +7,9 @@
 What `seal()` does, in this order, under the control lock (docs/seal.md):
  1. checks: loaded by the CO-RE loader with every seal hook attached; enforcing, with a policy
     active (unless forced);
- 2. collects what is ipe-bpf's: every map (pinned, and those its programs use) with its type,
-    sizes and flags, program and link ids, the pin folders (device, inode), and each directory
-    from / down to them (mount id, inode: statx);
+ 2. collects what is ipe-bpf's: every map (pinned, the policy's tables in them, and those its
+    programs use) with its type, sizes and flags, program and link ids, the pin folders
+    (device, inode), and each directory from / down to them (mount id, inode: statx);
  3. freezes every map but the ring buffer (BPF_MAP_FREEZE: bpf() never writes them again,
     through any fd, including fds opened before);
  4. writes the ipe_seal entry with sealed=1, from which on the program's seal hooks refuse
@@ -196,6 +196,7 @@ def _collect(root: Path, maps: PinnedPolicyMaps) -> SealEntry:
     map_ids = [bpfsys.map_info(maps.map_fd("ipe_seal")).id]
     for name in MAP_NAMES:
         map_ids.append(bpfsys.map_info(maps.map_fd(name)).id)
+    map_ids.extend(maps.table_ids())  # the policy's tables, held by ipe_digests and ipe_rules
     for info in infos:
         fd = bpfsys.prog_fd_by_id(info.prog_id)
         try:

@@ -43,11 +43,11 @@ from .records import (Record, access_lines, access_record_count, daemon_started,
                       parse_line)
 from .sink import Sink
 from .source import EventSource
+from .status import STATUS
 
 BATCH_MAX = 4096
 CHECK_SECONDS = 1.0
 CURSOR = "auditd.cursor"
-STATUS = "auditd.status"
 
 
 @dataclass

@@ -6,8 +6,10 @@ import json
 import time
 
 from .config import Config
-from .daemon import STATUS
 from .durable import writer_pid
+
+
+STATUS = "auditd.status"  # in the run dir, written by the daemon
 
 
 def daemon_status(cfg: Config) -> dict[str, object]:

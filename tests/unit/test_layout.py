@@ -339,8 +339,7 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     header = load_header()
     sizes = {"ipe_config": (4, header.struct("ipe_config").size), "ipe_defaults": (4, header.struct("ipe_policy_defaults").size),
-             "ipe_rules": (header.struct("ipe_rule_key").size, header.struct("ipe_rule_value").size),
-             "ipe_digests": (header.struct("ipe_digest_key").size, 4), "ipe_counters": (4, header.struct("ipe_counters").size),
+             "ipe_rules": (4, 4), "ipe_digests": (4, 4), "ipe_counters": (4, header.struct("ipe_counters").size),
              "ipe_devices": (4, header.struct("ipe_bdev_state").size)}
     tables: dict[int, dict[bytes, bytes]] = {}
     fds: dict[str, int] = {}
@@ -369,9 +368,16 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(bpfsys, "lookup", lambda fd, key, size: tables[fd].get(key))
     monkeypatch.setattr(bpfsys, "update", lambda fd, key, value, flags=0: tables[fd].__setitem__(key, value))
     monkeypatch.setattr(bpfsys, "update_many", lambda fd, items, k, v: tables[fd].update(items))
-    monkeypatch.setattr(bpfsys, "dump_keys", lambda fd, k, v: list(tables[fd]))
+    monkeypatch.setattr(bpfsys, "delete", lambda fd, key: tables[fd].pop(key, None) is not None)
     monkeypatch.setattr(bpfsys, "keys", lambda fd, k: list(tables[fd]))
-    monkeypatch.setattr(bpfsys, "delete_many", lambda fd, keys: [tables[fd].pop(key, None) for key in keys])
+    made: list[tuple[str, int, int, int]] = []
+
+    def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str) -> int:
+        made.append((name, key_size, value_size, max_entries))
+        tables[20_000 + len(made)] = {}
+        return 20_000 + len(made)
+
+    monkeypatch.setattr(bpfsys, "map_create", map_create)
     monkeypatch.setattr(bpfsys, "possible_cpus", lambda: cpus)
     monkeypatch.setattr(maps_mod, "_grace_period", lambda: None)
     real_close = maps_mod.os.close
@@ -387,7 +393,13 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
         assert (state.active_slot, state.generation, state.enforcing, state.flips) == (0, 7, False, 1)
         maps.install(compiled, 8)
         assert (maps.state().active_slot, maps.state().generation) == (1, 8)
-        assert all(key[0] == 1 for key in tables[fds["ipe_rules"]])  # the old slot was emptied
+        # each install made a table per map, sized to the policy; the old slot was emptied
+        rule_size = (header.struct("ipe_rule_key").size, header.struct("ipe_rule_value").size)
+        assert made == [("ipe_digests0", header.struct("ipe_digest_key").size, 4, 1), ("ipe_rules0", *rule_size, 1),
+                        ("ipe_digests1", header.struct("ipe_digest_key").size, 4, 1), ("ipe_rules1", *rule_size, 1)]
+        (rules_fd,) = [_struct.unpack("=I", v)[0] for k, v in tables[fds["ipe_rules"]].items() if k == _struct.pack("=I", 1)]
+        assert list(tables[fds["ipe_rules"]]) == [_struct.pack("=I", 1)] and len(tables[rules_fd]) == 1
+        assert all(key[0] == 1 for key in tables[rules_fd])
         got = maps.counters()
         assert got.allow["KMODULE"] == 2 * 2 and got.deny["EXECUTE"] == cpus and (got.audited, got.dropped, got.undecidable) == (6, 2, 4)
         state = header.struct("ipe_bdev_state").pack(has_roothash=1, sig_valid=1, alg_len=6, digest_len=32,

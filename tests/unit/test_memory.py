@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+
+import pytest
+
 from ipe_bpf.kernel.memory import MapMemory, describe, fdinfo_memlock, human_bytes
 
 FDINFO = """pos:\t0
@@ -43,3 +47,20 @@ def test_describe_puts_the_policy_maps_first_and_sums_the_rest() -> None:
             MapMemory("ipe_rules", 5 << 20, 12, 8, 1 << 21), MapMemory("ipe_events", 262144, 0, 0, 262144))
     assert describe(maps) == ("map memory: 6.3 MiB (ipe_digests 1.0 MiB, ipe_rules 5.0 MiB, "
                               "other maps 260.0 KiB)")
+
+
+def test_an_array_of_maps_counts_the_tables_in_its_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ipe_rules holds one table per slot: its figure is its own plus theirs (bpfsys faked)."""
+    from ipe_bpf.kernel import bpfsys, memory
+
+    outer = MapMemory("ipe_rules", 4096, 4, 4, 2)
+    slots = {struct.pack("=I", 1): struct.pack("=I", 77)}  # slot 0 empty, slot 1 holds map 77
+    monkeypatch.setattr(bpfsys, "lookup", lambda fd, key, size: slots.get(key) if fd == 5 else None)
+    opened = []
+    monkeypatch.setattr(bpfsys, "map_fd_by_id", lambda map_id, read_only=False: opened.append((map_id, read_only)) or 9)
+    monkeypatch.setattr(memory, "map_memory", lambda fd, name: MapMemory(name, 3 << 20, 12, 8, 40_000))
+    monkeypatch.setattr(memory.os, "close", lambda fd: None)
+    assert memory.with_tables(outer, 5) == MapMemory("ipe_rules", 4096 + (3 << 20), 12, 8, 40_000)
+    assert opened == [(77, True)]  # read-only: `status` works while sealed
+    slots.clear()
+    assert memory.with_tables(outer, 5) == MapMemory("ipe_rules", 4096, 4, 4, 0)
