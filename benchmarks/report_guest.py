@@ -223,6 +223,7 @@ def main() -> None:
         load_figures(report)
         return
     if args.cli_only:
+        WORK.mkdir(parents=True, exist_ok=True)
         loader.load()
         cli_figures(report, "sha256:" + "00" * 32)
         return
