@@ -18,6 +18,7 @@ with the same DIR (reboots, enabled units, /var/lib and /var/log).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -175,6 +177,20 @@ def ensure_image(config: VmConfig, reporter: Reporter) -> Image:
         reporter.note(f"no VM image of kernel line {config.choice.line.name} for the current inputs yet: building it")
         image = build_image(config, reporter=reporter)
     return image
+
+
+@contextlib.contextmanager
+def _terminate_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, as Ctrl-C does: QEMU is stopped and the run's
+    disks go, instead of a guest left running when `vm run` is killed."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -341,7 +357,7 @@ def run_vm(
             + f" (console log: {log_path})"
         )
         deadline = None if request.timeout <= 0 else time.monotonic() + request.timeout
-        with log_path.open("wb") as log:
+        with log_path.open("wb") as log, _terminate_interrupts():
             try:
                 proc = subprocess.Popen(
                     spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

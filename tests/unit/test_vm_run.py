@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +180,31 @@ def test_pruning_old_runs_never_takes_a_running_ones_directory(tmp_path: Path) -
     assert running.is_dir()
     left = sorted(p for p in config.runs_dir.iterdir() if p != new and p != running)
     assert left == finished[-(run_mod.KEEP_RUNS - 1):]
+
+
+def test_sigterm_stops_qemu_and_removes_the_disks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed `vm run` (SIGTERM) leaves no guest running and no disks behind."""
+    config = _env(tmp_path, monkeypatch, "hang")
+    fake = str(tmp_path / "bin" / "qemu-system-x86_64")
+
+    def running() -> list[str]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if fake.encode() in (proc / "cmdline").read_bytes():
+                    found.append(proc.name)
+            except OSError:
+                pass
+        return found
+
+    def kill_when_booted() -> None:
+        deadline = time.monotonic() + 30
+        while not running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_when_booted, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_vm(RunRequest(("true",), _project(tmp_path), None, timeout=0), config)
+    assert running() == []
+    assert not list(config.cache_dir.rglob("work.img"))
