@@ -339,7 +339,7 @@ def run_vm(
                 Disk("results", run_dir / "results.img"),
             ),
             memory_mib=config.initramfs_memory_mib if request.initramfs else config.memory_mib,
-            cpus=config.cpus,
+            cpus=config.cpus if not request.icount or config.choice.line.icount_smp else 1,
             icount=request.icount,
             snapshot=request.state is None,
             **_systemd_boot(request),

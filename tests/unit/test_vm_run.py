@@ -52,7 +52,7 @@ elif behaviour == "broken":
 """
 
 
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str) -> VmConfig:
+def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str, kernel: str = "6.12") -> VmConfig:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     qemu = bin_dir / "qemu-system-x86_64"
@@ -63,7 +63,7 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str) -> VmC
         fake.write_text("#!/bin/sh\nexit 0\n")
         fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    config = VmConfig(cache_dir=tmp_path / "cache")
+    config = VmConfig(cache_dir=tmp_path / "cache", kernel=kernel)
     key = image_key(config)
     image = config.images_dir / key
     image.mkdir(parents=True)
@@ -208,3 +208,14 @@ def test_sigterm_stops_qemu_and_removes_the_disks(tmp_path: Path, monkeypatch: p
         run_vm(RunRequest(("true",), _project(tmp_path), None, timeout=0), config)
     assert running() == []
     assert not list(config.cache_dir.rglob("work.img"))
+
+
+@pytest.mark.parametrize("kernel, cpus", [("6.12", "2"), ("6.1", "1")])
+def test_icount_boots_one_cpu_on_a_line_that_hangs_bringing_up_the_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str, cpus: str
+) -> None:
+    config = _env(tmp_path, monkeypatch, "ok", kernel)
+    results = tmp_path / "results"
+    outcome = run_vm(RunRequest(("sh", "-c", "exit 0"), _project(tmp_path), results, timeout=0, icount=True), config)
+    argv = next(line for line in (results / "vm-console.log").read_text().splitlines() if line.startswith("ARGV "))
+    assert outcome.reported and f" -smp {cpus} " in argv and " -icount shift=0,sleep=off" in argv
