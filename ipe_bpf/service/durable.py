@@ -58,7 +58,7 @@ def rotation_lock_path(log: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _rotation_lock(log: Path, exclusive: bool) -> Iterator[None]:
+def rotation_lock(log: Path, exclusive: bool) -> Iterator[None]:
     """Held by the writer while it renames files, and by readers while they look up names."""
     try:
         fd = os.open(rotation_lock_path(log), (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY,
@@ -245,7 +245,7 @@ class LogWriter:
         assert self._fd is not None
         try:
             os.fdatasync(self._fd)
-            with _rotation_lock(self.path, exclusive=True):
+            with rotation_lock(self.path, exclusive=True):
                 self._shift_files()
             _fsync_dir(self.path.parent)
         except OSError as exc:
@@ -287,7 +287,7 @@ class LogReader:
             if self._open(self.path):
                 self.offset = os.fstat(self._fd).st_size  # type: ignore[arg-type]
         else:
-            with _rotation_lock(self.path, exclusive=False):
+            with rotation_lock(self.path, exclusive=False):
                 files = self._files()
                 found = next((p for _, p, i in files if i == start.ino), None)
                 if found is None:
@@ -330,7 +330,7 @@ class LogReader:
         Names are looked up under the rotation lock: a reader never sees the writer's renames
         half done (``.1`` already ``.2`` while ``audit.log`` is not ``.1`` yet).
         """
-        with _rotation_lock(self.path, exclusive=False):
+        with rotation_lock(self.path, exclusive=False):
             files = self._files()
             index = next((index for index, _, ino in files if ino == self.ino), None)
             if index == 0:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from ipe_bpf.service.durable import rotation_lock
 from ipe_bpf.service.records import LogRecord, group, parse_line
 
 WORK = Path("/work")
@@ -116,10 +117,14 @@ def daemon_pid() -> int:
 def log_records(since: float | None = None) -> list[LogRecord]:
     """Every record of the durable log and its rotated files, oldest first (this boot's only
     with ``since``: serials start again at 1 on every boot)."""
-    files = sorted(LOG.parent.glob("audit.log.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    with rotation_lock(LOG, exclusive=False):  # the daemon rotates meanwhile: open the files it names now
+        rotated = [p for p in LOG.parent.glob("audit.log.*") if p.suffix[1:].isdigit()]
+        files = [(p, p.open("rb")) for p in sorted(rotated, key=lambda p: -int(p.suffix[1:])) + [LOG]]
     out = []
-    for path in [p for p in files if p.suffix[1:].isdigit()] + [LOG]:
-        for text in path.read_bytes().decode("utf-8", "surrogateescape").split("\n")[:-1]:
+    for path, f in files:
+        with f:
+            data = f.read()
+        for text in data.decode("utf-8", "surrogateescape").split("\n")[:-1]:
             rec = parse_line(text)
             assert rec is not None, f"{path}: not a record: {text[:200]!r}"
             if since is None or rec.time >= since:
