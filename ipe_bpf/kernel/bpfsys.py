@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from dataclasses import dataclass
 
 from ..errors import KernelError
@@ -25,7 +26,6 @@ BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_UPDATE_BATCH = 26
-BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_GET_FD_BY_ID = 30
 
 BPF_ANY = 0
@@ -284,50 +284,14 @@ def update_many(fd: int, items: list[tuple[bytes, bytes]], key_size: int, value_
         at += len(chunk)
 
 
-BPF_MAP_LOOKUP_BATCH = 24
-
-
-def dump_keys(fd: int, key_size: int, value_size: int) -> list[bytes]:
-    """Every key of a hash map through BPF_MAP_LOOKUP_BATCH (falls back to iteration)."""
-    chunk = 4096
-    out: list[bytes] = []
-    token_in = ctypes.create_string_buffer(8)
-    token_out = ctypes.create_string_buffer(8)
-    first = True
-    while True:
-        kbuf = ctypes.create_string_buffer(key_size * chunk)
-        vbuf = ctypes.create_string_buffer(value_size * chunk)
-        attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
-                          keys=ctypes.addressof(kbuf), values=ctypes.addressof(vbuf), count=chunk, map_fd=fd)
-        ret, err = bpf_errno(BPF_MAP_LOOKUP_BATCH, attr)
-        if ret < 0 and err == errno.ENOSPC and attr.count == 0:
-            chunk *= 4  # one bucket holds more than a chunk
-            continue
-        if ret < 0 and err not in (errno.ENOENT,):
-            if first and err in (errno.EINVAL, 524):
-                return keys(fd, key_size)
-            raise _fail("map batch lookup", err)
-        raw = kbuf.raw
-        out.extend(raw[i * key_size : (i + 1) * key_size] for i in range(attr.count))
-        if ret < 0:  # ENOENT: that was the last batch
-            return out
-        ctypes.memmove(token_in, token_out, 8)
-        first = False
-
-
-def delete_many(fd: int, keys_: list[bytes]) -> None:
-    """Delete keys (BPF_MAP_DELETE_BATCH in chunks, else one by one); missing keys are fine."""
-    at = 0
-    while at < len(keys_):
-        chunk = keys_[at : at + _BATCH]
-        key_size = len(chunk[0])
-        kbuf = ctypes.create_string_buffer(b"".join(chunk), key_size * len(chunk))
-        attr = _BatchAttr(keys=ctypes.addressof(kbuf), count=len(chunk), map_fd=fd)
-        ret, err = bpf_errno(BPF_MAP_DELETE_BATCH, attr)
-        if ret < 0:
-            for k in chunk[attr.count :]:
-                delete(fd, k)
-        at += len(chunk)
+def inner_map_ids(fd: int, slots: int) -> list[int]:
+    """The ids of the maps an array of maps holds at indexes 0..slots-1 (empty ones left out)."""
+    ids = []
+    for slot in range(slots):
+        raw = lookup(fd, struct.pack("=I", slot), 4)  # bpf() reads a map-in-map's value as an id
+        if raw is not None:
+            ids.append(struct.unpack("=I", raw)[0])
+    return ids
 
 
 def possible_cpus() -> int:

@@ -305,13 +305,8 @@ class PinnedPolicyMaps:
 
     def table_ids(self) -> list[int]:
         """The map ids of the tables in every slot (the seal freezes them, status counts them)."""
-        ids = []
-        for name in TABLES:
-            for slot in range(self.header.constant("IPE_SLOTS")):
-                raw = bpfsys.lookup(self._map(name).fd, struct.pack("=I", slot), 4)
-                if raw is not None:
-                    ids.append(struct.unpack("=I", raw)[0])
-        return ids
+        slots = self.header.constant("IPE_SLOTS")
+        return [i for name in TABLES for i in bpfsys.inner_map_ids(self._map(name).fd, slots)]
 
     def _put_table(self, name: str, slot: int, entries: list[tuple[bytes, bytes]]) -> None:
         """A new table of `name` holding `entries`, into `slot`."""

@@ -11,7 +11,6 @@ their slots (hash maps sized to each installed policy), whose key and value size
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,14 +54,12 @@ def with_tables(outer: MapMemory, fd: int) -> MapMemory:
     """`outer` (an array of maps, open as `fd`) with the tables in its slots added: their
     memory, their key and value sizes, their max_entries summed (0: no table installed)."""
     tables = []
-    for slot in range(default_header().constant("IPE_SLOTS")):
-        raw = bpfsys.lookup(fd, struct.pack("=I", slot), 4)
-        if raw is not None:
-            table_fd = bpfsys.map_fd_by_id(struct.unpack("=I", raw)[0], read_only=True)
-            try:
-                tables.append(map_memory(table_fd, outer.name))
-            finally:
-                os.close(table_fd)
+    for table_id in bpfsys.inner_map_ids(fd, default_header().constant("IPE_SLOTS")):
+        table_fd = bpfsys.map_fd_by_id(table_id, read_only=True)
+        try:
+            tables.append(map_memory(table_fd, outer.name))
+        finally:
+            os.close(table_fd)
     sizes = (tables[0].key_size, tables[0].value_size) if tables else (outer.key_size, outer.value_size)
     return MapMemory(outer.name, outer.memlock + sum(t.memlock for t in tables), *sizes,
                      sum(t.max_entries for t in tables))
