@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import KernelError
-from ..policy.model import BoolKey, FileAttributes, Policy
+from ..policy.model import BoolKey, FileAttributes, Policy, property_keys
 from . import libbpf
 from .pins import HOOKS, LOADED_STATE
 
@@ -224,7 +224,7 @@ def running_kernel(state_file: Path = LOADED_STATE,
 
 def policy_properties(policy: Policy) -> frozenset[str]:
     """The property keys any rule of the policy tests."""
-    return frozenset(prop.key.value for rule in policy.rules for prop in rule.properties)
+    return property_keys(policy.rules)
 
 
 def unevaluable(policy: Policy, found: KernelFeatures) -> tuple[PropertySupport, ...]:

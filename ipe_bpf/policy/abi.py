@@ -79,6 +79,11 @@ class Abi:
             raise HeaderError("; ".join(problems))
 
     @property
+    def digest_id_size(self) -> int:
+        """Bytes of a digest id (the digests map's value, the rule key's id fields)."""
+        return self.header.struct("ipe_rule_key").field("digest_id").size
+
+    @property
     def all_bools(self) -> int:
         return sum(self.bool_bits.values())
 

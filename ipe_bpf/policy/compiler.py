@@ -25,14 +25,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from array import array
 from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import NamedTuple
 
 from ..errors import IpeBpfError
 from .abi import Abi
-from .layout import Header, load_header
-from .model import POLICY_OPS, Action, BoolProperty, Digest, DigestKey, DigestProperty, Op, Policy, Rule
+from .layout import Header, default_header
+from .model import (
+    POLICY_OPS,
+    Action,
+    BoolProperty,
+    Digest,
+    DigestKey,
+    DigestProperty,
+    DigestRow,
+    Op,
+    Policy,
+    Rule,
+    RuleList,
+)
+from .structs import TYPES
 
 __all__ = [
     "CompileError",
@@ -44,6 +58,7 @@ __all__ = [
     "NormalRule",
     "RuleKey",
     "RuleValue",
+    "Tables",
     "compile_policy",
     "encode",
     "normalise",
@@ -156,18 +171,35 @@ class Defaults:
 
 @dataclass(frozen=True)
 class CompiledPolicy:
-    """A policy's kernel tables, before they are given a slot and encoded."""
+    """A policy's kernel tables, before they are given a slot and encoded.
 
-    digests: Mapping[DigestEntry, int]
-    rules: Mapping[RuleKey, RuleValue]
+    The compiler keeps plain tuples (digest (kind, alg, value) -> id; rule key -> (index,
+    action)); `digests` and `rules` show them as named tuples.
+    """
+
+    digest_ids: Mapping[tuple[int, bytes, bytes], int] = field(repr=False)
+    rule_entries: Mapping[tuple[int, int, int, int, int], tuple[int, int]] = field(repr=False)
     defaults: Defaults
     policy: Policy = field(repr=False, compare=False)
     abi: Abi = field(repr=False, compare=False)
 
     @cached_property
+    def digests(self) -> Mapping[DigestEntry, int]:
+        return MappingProxyType({DigestEntry(*e): i for e, i in self.digest_ids.items()})
+
+    @cached_property
+    def rules(self) -> Mapping[RuleKey, RuleValue]:
+        return MappingProxyType({RuleKey(*k): RuleValue(*v) for k, v in self.rule_entries.items()})
+
+    @cached_property
     def rule_texts(self) -> tuple[str, ...]:
         """Index -> the rule as kernel IPE's audit prints it (rule="..."); made when first asked."""
         return tuple(str(rule) for rule in self.policy.rules)
+
+    @cached_property
+    def tables(self) -> "Tables":
+        """The map contents, packed (made once, on demand)."""
+        return Tables.pack(self)
 
     @cached_property
     def kernel_maps(self) -> "KernelMaps":
@@ -183,15 +215,6 @@ def _check_policy(policy: Policy, abi: Abi) -> None:
         raise CompileError("E2BIG", f"{len(policy.rules)} rules do not fit a __u32 index")
 
 
-def _digest_id(digests: dict[DigestEntry, int], entry: DigestEntry) -> int:
-    found = digests.get(entry)
-    if found is None:
-        found = digests[entry] = len(digests) + 1
-        if found > _U32_MAX:
-            raise CompileError("E2BIG", "too many distinct digests for a __u32 id")
-    return found
-
-
 def _defaults(policy: Policy, abi: Abi, shapes: int, bool_mask: int) -> Defaults:
     def action_or_none(action: Action | None) -> int:
         return abi.default_none if action is None else int(action)
@@ -204,44 +227,150 @@ def _defaults(policy: Policy, abi: Abi, shapes: int, bool_mask: int) -> Defaults
     return Defaults(op_default, action_or_none(policy.global_default), shapes, bool_mask)
 
 
+# What a rule requires: (op, action, mask, bools, roothash (kind, alg, value) or None, fs-verity digest or None)
+_Normal = tuple[int, int, int, int, "tuple[int, bytes, bytes] | None", "tuple[int, bytes, bytes] | None"]
+
+
+def _normal(rule: Rule, abi: Abi) -> _Normal | None:
+    """`normalise` as the compiler's tuple (None: the rule can never match, no entry)."""
+    normal = normalise(rule, abi) if rule.op is not Op.UNKNOWN else None  # UNKNOWN sees the global default only
+    if normal is None:
+        return None
+    roothash = None if normal.roothash is None else (abi.digest_dmverity, normal.roothash.alg, normal.roothash.value)
+    fsverity = None if normal.fsverity is None else (abi.digest_fsverity, normal.fsverity.alg, normal.fsverity.value)
+    return int(rule.op), int(rule.action), normal.mask, normal.bools, roothash, fsverity
+
+
 def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledPolicy:
     """Compile `policy` into its kernel tables (header: bpf/ipe_bpf.h unless given)."""
-    abi = Abi.from_header(load_header() if header is None else header)
+    abi = _abi(header)
     _check_policy(policy, abi)
-    digests: dict[DigestEntry, int] = {}
-    rules: dict[RuleKey, RuleValue] = {}
-    shapes = 0
-    normals = [(index, rule, normalise(rule, abi)) for index, rule in enumerate(policy.rules)
-               if rule.op is not Op.UNKNOWN]  # UNKNOWN events only ever see the global default
+    items = policy.rules.rows() if isinstance(policy.rules, RuleList) else policy.rules
+    # Rules the parser left as DigestRows test no boolean: only the others decide `relevant`.
+    normals = {i: _normal(item, abi) for i, item in enumerate(items) if type(item) is not DigestRow}
     relevant = 0
-    for _, _, normal in normals:
-        relevant |= normal.mask if normal is not None else 0
+    for normal in normals.values():
+        relevant |= normal[2] if normal is not None else 0
+    digests: dict[tuple[int, bytes, bytes], int] = {}
+    rules: dict[tuple[int, int, int, int, int], tuple[int, int]] = {}
     claim = rules.setdefault  # rules come in index order: the first to claim a key is the lowest
-    dmverity, fsverity, all_bools = abi.digest_dmverity, abi.digest_fsverity, abi.all_bools
-    for index, rule, normal in normals:
+    shape_bits = (0, abi.shape_fsverity, abi.shape_roothash, abi.shape_roothash | abi.shape_fsverity)
+    shapes_seen = 0
+    alg_max, digest_max, all_bools = abi.alg_max, abi.digest_max, abi.all_bools
+    fsverity_key, fsverity_kind, dmverity_kind = DigestKey.FSVERITY_DIGEST, abi.digest_fsverity, abi.digest_dmverity
+    for index, item in enumerate(items):
+        if type(item) is DigestRow:
+            op, key, alg, value, action, _ = item
+            if len(alg) > alg_max or len(value) > digest_max:
+                continue  # no kernel digest key can hold it: never matches
+            if key is fsverity_key:
+                digest_id = digests.setdefault((fsverity_kind, alg, value), len(digests) + 1)
+                shape, entry = shape_bits[1], (op, shape_bits[1], 0, 0, digest_id)
+            else:
+                digest_id = digests.setdefault((dmverity_kind, alg, value), len(digests) + 1)
+                shape, entry = shape_bits[2], (op, shape_bits[2], 0, digest_id, 0)
+            shapes_seen |= 1 << shape
+            if not relevant:
+                claim(entry, (index, action))
+                continue
+            for file_bools in _accepted_bools(all_bools, relevant, 0, 0):
+                claim((entry[0], entry[1], file_bools, entry[3], entry[4]), (index, action))
+            continue
+        normal = normals[index]
         if normal is None:
-            continue  # can never match: no entry
-        roothash_id = digest_id = 0
-        if normal.roothash is not None:
-            roothash_id = _digest_id(digests, DigestEntry(dmverity, normal.roothash.alg, normal.roothash.value))
-        if normal.fsverity is not None:
-            digest_id = _digest_id(digests, DigestEntry(fsverity, normal.fsverity.alg, normal.fsverity.value))
-        shape = normal.shape(abi)
-        shapes |= 1 << shape
-        value = RuleValue(index, int(rule.action))
-        op = int(rule.op)
-        for bools in _accepted_bools(all_bools, relevant, normal.mask, normal.bools):
-            claim(RuleKey(op, shape, bools, roothash_id, digest_id), value)
+            continue
+        op, action, mask, bools, roothash, fsverity = normal
+        roothash_id = 0 if roothash is None else digests.setdefault(roothash, len(digests) + 1)
+        digest_id = 0 if fsverity is None else digests.setdefault(fsverity, len(digests) + 1)
+        shape = shape_bits[(roothash is not None) * 2 + (fsverity is not None)]
+        shapes_seen |= 1 << shape
+        for file_bools in _accepted_bools(all_bools, relevant, mask, bools):
+            claim((op, shape, file_bools, roothash_id, digest_id), (index, action))
+    if len(digests) > _U32_MAX:
+        raise CompileError("E2BIG", "too many distinct digests for a __u32 id")
     return CompiledPolicy(
-        digests=MappingProxyType(digests),
-        rules=MappingProxyType(rules),
-        defaults=_defaults(policy, abi, shapes, relevant),
+        digest_ids=MappingProxyType(digests),
+        rule_entries=MappingProxyType(rules),
+        defaults=_defaults(policy, abi, shapes_seen, relevant),
         policy=policy,
         abi=abi,
     )
 
 
+@lru_cache(maxsize=1)
+def _default_abi() -> Abi:
+    return Abi.from_header(default_header())
+
+
+def _abi(header: Header | None) -> Abi:
+    return _default_abi() if header is None else Abi.from_header(header)
+
+
 # ---------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class Tables:
+    """A compiled policy's map contents, packed back to back, with slot 0 in every key: what
+    `install` writes (after `slotted`), and what the store keeps beside a deployed policy so
+    that activating it at once or at boot needs no parsing or compiling (policy/tables_file.py).
+    """
+
+    digest_keys: bytes  # count x struct ipe_digest_key
+    digest_values: bytes  # count x __u32 id
+    rule_keys: bytes  # count x struct ipe_rule_key
+    rule_values: bytes  # count x struct ipe_rule_value
+    defaults: Defaults
+    abi: Abi = field(repr=False, compare=False)
+
+    @classmethod
+    def pack(cls, compiled: CompiledPolicy) -> "Tables":
+        h, abi = compiled.abi.header, compiled.abi
+        digest_ids = compiled.digest_ids
+        kinds, algs, values = zip(*digest_ids) if digest_ids else ((), (), ())
+        n = len(digest_ids)
+        digest_keys = h.struct("ipe_digest_key").pack_columns(n, {
+            "kind": kinds, "alg_len": list(map(len, algs)), "len": list(map(len, values)),
+            "alg": algs, "value": values})
+        id_field = h.struct("ipe_rule_key").field("digest_id")
+        digest_values = array(TYPES[id_field.ctype].code, digest_ids.values()).tobytes()
+        entries = compiled.rule_entries
+        ops, shapes, bools, roothash_ids, digest_ids_ = zip(*entries) if entries else ((),) * 5
+        indexes, actions = zip(*entries.values()) if entries else ((), ())
+        m = len(entries)
+        rule_keys = h.struct("ipe_rule_key").pack_columns(m, {
+            "op": ops, "shape": shapes, "bools": bools, "roothash_id": roothash_ids, "digest_id": digest_ids_})
+        rule_values = h.struct("ipe_rule_value").pack_columns(m, {"index": indexes, "action": actions})
+        return cls(digest_keys, digest_values, rule_keys, rule_values, compiled.defaults, abi)
+
+    @property
+    def digest_count(self) -> int:
+        return len(self.digest_values) // self.abi.digest_id_size
+
+    @property
+    def rule_count(self) -> int:
+        return len(self.rule_values) // self.abi.header.struct("ipe_rule_value").size
+
+    def slotted(self, slot: int) -> tuple[bytes, bytes]:
+        """(digest keys, rule keys) with `slot` in every key."""
+        if not 0 <= slot < self.abi.slots:
+            raise ValueError(f"slot must be in 0..{self.abi.slots - 1}, got {slot}")
+        out = []
+        for keys, name in ((self.digest_keys, "ipe_digest_key"), (self.rule_keys, "ipe_rule_key")):
+            layout = self.abi.header.struct(name)
+            buf = bytearray(keys)
+            buf[layout.field("slot").offset :: layout.size] = bytes([slot]) * (len(keys) // layout.size)
+            out.append(bytes(buf))
+        return out[0], out[1]
+
+    def defaults_entry(self, slot: int, *, generation: int = 0, epoch: int = 0) -> tuple[bytes, bytes]:
+        d, codecs = self.defaults, self.abi.codecs
+        return (codecs.array_key.pack(slot),
+                codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, d.bool_mask, generation, epoch))
+
+
+def _split(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 @dataclass(frozen=True)
@@ -263,26 +392,15 @@ class EncodedMaps:
 
 
 def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0, epoch: int = 0) -> EncodedMaps:
-    """The entries of every map for `compiled` written into `slot`."""
-    abi = compiled.abi
-    if not 0 <= slot < abi.slots:
-        raise ValueError(f"slot must be in 0..{abi.slots - 1}, got {slot}")
-    codecs = abi.codecs
-    digests = [
-        (codecs.digest_key(slot, e.kind, len(e.alg), len(e.value), e.alg, e.value), codecs.digest_id.pack(i))
-        for e, i in compiled.digests.items()
-    ]
-    rules = [
-        (codecs.rule_key(slot, *k), codecs.rule_value(v.index, v.action)) for k, v in compiled.rules.items()
-    ]
-    d = compiled.defaults
-    defaults = [
-        (
-            codecs.array_key.pack(slot),
-            codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, d.bool_mask, generation, epoch),
-        )
-    ]
-    return EncodedMaps(digests, rules, defaults)
+    """The entries of every map for `compiled` written into `slot`, one pair per entry."""
+    tables = compiled.tables
+    digest_keys, rule_keys = tables.slotted(slot)
+    h = compiled.abi.header
+    digests = list(zip(_split(digest_keys, h.struct("ipe_digest_key").size),
+                       _split(tables.digest_values, compiled.abi.digest_id_size)))
+    rules = list(zip(_split(rule_keys, h.struct("ipe_rule_key").size),
+                     _split(tables.rule_values, h.struct("ipe_rule_value").size)))
+    return EncodedMaps(digests, rules, [tables.defaults_entry(slot, generation=generation, epoch=epoch)])
 
 
 @dataclass(frozen=True)

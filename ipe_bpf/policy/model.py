@@ -12,7 +12,9 @@ compiled rule texts all show.  The policy-language spelling is `parser.format_po
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from .layout import abi_constant
 
@@ -115,6 +117,78 @@ class Rule:
         return " ".join(parts)
 
 
+class DigestRow(tuple):
+    """A one-digest rule as the parser found it, before it becomes a Rule: the compiler
+    reads it as is (100k-rule allowlists make no objects they do not need)."""
+
+    __slots__ = ()
+
+    def __new__(cls, op: Op, key: DigestKey, alg: bytes, value: bytes, action: Action, line: int) -> "DigestRow":
+        return tuple.__new__(cls, (op, key, alg, value, action, line))
+
+    def rule(self) -> Rule:
+        op, key, alg, value, action, line = self
+        return Rule(op, (DigestProperty(key, Digest(alg, value)),), action, line)
+
+
+class RuleList(Sequence[Rule]):
+    """A policy's rules in file order, each a Rule or a DigestRow that becomes one when read.
+
+    Equal to (and hashed like) the tuple of its Rules, so a Policy compares the same however
+    it was made.  `rows()` gives the items as they are, for the compiler's fast path.
+    """
+
+    __slots__ = ("_items", "_pending")
+
+    def __init__(self, items: list[Rule | DigestRow]) -> None:
+        self._items = items
+        self._pending = any(type(item) is DigestRow for item in items)
+
+    def rows(self) -> Sequence[Rule | DigestRow]:
+        return self._items
+
+    def _all(self) -> list[Rule | DigestRow]:
+        if self._pending:
+            self._items = [item.rule() if type(item) is DigestRow else item for item in self._items]
+            self._pending = False
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> Rule: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Rule, ...]: ...
+    def __getitem__(self, index: int | slice) -> Rule | tuple[Rule, ...]:
+        if isinstance(index, slice):
+            return tuple(self._all()[index])  # type: ignore[arg-type]
+        item = self._items[index]
+        return item.rule() if type(item) is DigestRow else item  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self._all())  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (RuleList, tuple)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"RuleList({tuple(self)!r})"
+
+
+def property_keys(rules: Sequence[Rule]) -> frozenset[str]:
+    """The property keys (`fsverity_digest`, ...) the rules use."""
+    items = rules.rows() if isinstance(rules, RuleList) else rules
+    keys = {item[1].value for item in items if type(item) is DigestRow}
+    keys.update(prop.key.value for item in items if type(item) is not DigestRow for prop in item.properties)
+    return frozenset(keys)
+
+
 def default_text(op: Op | None, action: Action) -> str:
     """The `rule="..."` text of a decision by a default: per-op (`op` given) or global."""
     if op is None:
@@ -130,7 +204,7 @@ class Policy:
     version: tuple[int, int, int]
     global_default: Action | None
     op_defaults: tuple[tuple[Op, Action], ...]  # sorted by op
-    rules: tuple[Rule, ...]
+    rules: Sequence[Rule]  # a tuple, or the parser's RuleList
 
     @property
     def version_text(self) -> str:
