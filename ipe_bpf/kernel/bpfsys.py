@@ -262,26 +262,28 @@ def keys(fd: int, key_size: int) -> list[bytes]:
     return out
 
 
-_BATCH = 4096
+_BATCH = 16384
 
 
-def update_many(fd: int, items: list[tuple[bytes, bytes]], key_size: int, value_size: int) -> None:
-    """Write many elements: BPF_MAP_UPDATE_BATCH where the kernel has it, else one by one."""
-    at = 0
-    while at < len(items):
-        chunk = items[at : at + _BATCH]
-        kbuf = ctypes.create_string_buffer(b"".join(k for k, _ in chunk), key_size * len(chunk))
-        vbuf = ctypes.create_string_buffer(b"".join(v for _, v in chunk), value_size * len(chunk))
-        attr = _BatchAttr(keys=ctypes.addressof(kbuf), values=ctypes.addressof(vbuf),
-                          count=len(chunk), map_fd=fd)
+def update_packed(fd: int, keys: bytes, values: bytes, key_size: int, value_size: int) -> None:
+    """Write the elements packed back to back in `keys` and `values`: BPF_MAP_UPDATE_BATCH
+    where the kernel has it, else one by one."""
+    count = len(keys) // key_size
+    if len(keys) != count * key_size or len(values) != count * value_size:
+        raise ValueError(f"{len(keys)} key bytes and {len(values)} value bytes are not {count} whole elements")
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values))
+    for at in range(0, count, _BATCH):
+        n = min(_BATCH, count - at)
+        attr = _BatchAttr(keys=ctypes.addressof(kbuf) + at * key_size, values=ctypes.addressof(vbuf) + at * value_size,
+                          count=n, map_fd=fd)
         ret, err = bpf_errno(BPF_MAP_UPDATE_BATCH, attr)
-        if ret < 0:
-            if err in (errno.EINVAL, 524) and attr.count == 0:  # 524: ENOTSUPP
-                for k, v in chunk:
-                    update(fd, k, v)
-            else:
-                raise _fail(f"map batch update ({attr.count} of {len(chunk)} written)", err)
-        at += len(chunk)
+        if ret >= 0:
+            continue
+        if err not in (errno.EINVAL, 524) or attr.count != 0:  # 524: ENOTSUPP
+            raise _fail(f"map batch update ({attr.count} of {n} written)", err)
+        for i in range(at, at + n):
+            update(fd, keys[i * key_size : (i + 1) * key_size], values[i * value_size : (i + 1) * value_size])
 
 
 def inner_map_ids(fd: int, slots: int) -> list[int]:

@@ -52,7 +52,7 @@ from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_te
 from .features import KernelFeatures, unevaluable
 
 if TYPE_CHECKING:  # signatures, parsing and compiling are imported by what uses them: `status` needs none
-    from ..policy.compiler import CompiledPolicy
+    from ..policy.compiler import Tables
     from .submission import Submission, Trust
 
 __all__ = ["Lifecycle", "Listing", "Outcome", "PolicyInfo", "PolicyTarget", "policy_name"]
@@ -62,8 +62,8 @@ __all__ = ["Lifecycle", "Listing", "Outcome", "PolicyInfo", "PolicyTarget", "pol
 class PolicyTarget(Protocol):
     """What the lifecycle needs from the kernel side (PinnedPolicyMaps, or a fake)."""
 
-    def install(self, compiled: CompiledPolicy, generation: int) -> None:
-        """Write ``compiled`` into the inactive slot, then flip to it atomically."""
+    def install(self, tables: Tables, generation: int) -> None:
+        """Write ``tables`` into the inactive slot, then flip to it atomically."""
 
     def set_enforce(self, enforce: bool) -> None: ...
 
@@ -173,7 +173,7 @@ class Lifecycle:
             policy = self.store.load().by_generation(generation)
             if policy is None:
                 return None
-            texts = self._compile_stored(policy).rule_texts
+            texts = self._rule_texts_stored(policy)
         self._rule_texts[generation] = texts
         return texts
 
@@ -196,7 +196,7 @@ class Lifecycle:
             records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
             new_state = state.with_deployed(stored)
             outcome = self._commit(state, new_state, records, stored, applied=False,
-                                   blobs={stored.blob_name: sub.blob})
+                                   blobs=_blobs(stored, sub))
             return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
     def activate(self, name: bytes) -> Outcome:
@@ -215,7 +215,7 @@ class Lifecycle:
                                      f"{version_text(policy.version)} of {_quote(name)}")
             records = [Record(AUDIT_IPE_CONFIG_CHANGE,
                               config_change(_ref(old) if old else None, _ref(policy), self.identity))]
-            applied = self._install(self._compile_stored(policy), policy.generation)
+            applied = self._install(self._stored_tables(policy), policy.generation)
             return self._commit(state, replace(state, active=name), records, policy,
                                 applied=applied, undo=lambda: self._restore(old))
 
@@ -247,9 +247,9 @@ class Lifecycle:
             if was_active:
                 records.append(Record(AUDIT_IPE_CONFIG_CHANGE,
                                       config_change(_ref(old), _ref(stored), self.identity)))
-                applied = self._install(sub.compiled, stored.generation)
+                applied = self._install(sub.compiled.tables, stored.generation)
             outcome = self._commit(state, state.with_deployed(stored), records, stored,
-                                   applied=applied, blobs={stored.blob_name: sub.blob},
+                                   applied=applied, blobs=_blobs(stored, sub),
                                    undo=lambda: self._restore(old))
             return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
@@ -311,7 +311,7 @@ class Lifecycle:
             policy = state.active_policy()
             if policy is None:
                 return None
-            _call_target(lambda: target.install(self._compile_stored(policy), policy.generation))
+            _call_target(lambda: target.install(self._stored_tables(policy), policy.generation))
             return PolicyInfo.of(policy, state)
 
     def rule_text(self, generation: int, index: int) -> str | None:
@@ -354,15 +354,26 @@ class Lifecycle:
         moment = dt.datetime.fromtimestamp(self._clock_ns() / 1e9, dt.timezone.utc)
         return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def _compile_stored(self, policy: StoredPolicy) -> CompiledPolicy:
-        from ..policy.compiler import compile_policy
+    def _stored_tables(self, policy: StoredPolicy) -> Tables:
+        """The tables deploy kept for ``policy`` if they still fit, else compiled from its text."""
+        from ..policy import tables_file
+        from ..policy.compiler import compile_policy, default_abi
         from ..policy.parser import parse_policy
 
-        content = _stored_content(policy, self.store.blob(policy))
-        return compile_policy(parse_policy(content))
+        blob = self.store.blob(policy)  # EUCLEAN if the policy itself was changed on disk
+        kept = self.store.tables(policy)
+        found = None if kept is None else tables_file.read(kept, policy.content_digest, default_abi())
+        if found is not None:
+            return found
+        return compile_policy(parse_policy(_stored_content(policy, blob))).tables
 
-    def _install(self, compiled: CompiledPolicy, generation: int) -> bool:
-        return self._push(lambda t: t.install(compiled, generation))
+    def _rule_texts_stored(self, policy: StoredPolicy) -> tuple[str, ...]:
+        from ..policy.parser import parse_policy
+
+        return tuple(map(str, parse_policy(_stored_content(policy, self.store.blob(policy))).rules))
+
+    def _install(self, tables: Tables, generation: int) -> bool:
+        return self._push(lambda t: t.install(tables, generation))
 
     def _push(self, action: Callable[[PolicyTarget], None], *, quiet: bool = False) -> bool:
         """Run ``action`` on the target if loaded; True if it ran."""
@@ -408,11 +419,19 @@ class Lifecycle:
         """Put the kernel back on ``policy`` (None: no policy, if the target can do that)."""
         try:
             if policy is not None:
-                self._install(self._compile_stored(policy), policy.generation)
+                self._install(self._stored_tables(policy), policy.generation)
             elif self.target is not None and hasattr(self.target, "deactivate"):
                 _call_target(self.target.deactivate)
         except IpeBpfError:
             pass  # the original error is the one to report
+
+
+def _blobs(stored: StoredPolicy, sub: Submission) -> dict[str, bytes]:
+    """What the store keeps of a submission: the blob, and its tables (so activate compiles nothing)."""
+    from ..policy import tables_file
+
+    return {stored.blob_name: sub.blob,
+            stored.tables_name: tables_file.write(sub.compiled.tables, stored.content_digest)}
 
 
 def _call_target(call: Callable[[], None]) -> None:

@@ -45,7 +45,7 @@ from .memory import MapMemory, pinned_memory
 from .pins import PIN_ROOT, control_lock, map_path
 
 if TYPE_CHECKING:
-    from ..policy.compiler import CompiledPolicy
+    from ..policy.compiler import CompiledPolicy, Tables
 
 _MEMBARRIER_CMD_GLOBAL = 1
 
@@ -308,13 +308,13 @@ class PinnedPolicyMaps:
         slots = self.header.constant("IPE_SLOTS")
         return [i for name in TABLES for i in bpfsys.inner_map_ids(self._map(name).fd, slots)]
 
-    def _put_table(self, name: str, slot: int, entries: list[tuple[bytes, bytes]]) -> None:
-        """A new table of `name` holding `entries`, into `slot`."""
+    def _put_table(self, name: str, slot: int, keys: bytes, values: bytes) -> None:
+        """A new table of `name` holding the packed `keys` -> `values`, into `slot`."""
         key_size, value_size = self._table_sizes(name)
-        fd = bpfsys.map_create(_BPF_MAP_TYPE_HASH, key_size, value_size, max(1, len(entries)), _TABLE_FLAGS,
-                               f"{name}{slot}")
+        count = len(keys) // key_size
+        fd = bpfsys.map_create(_BPF_MAP_TYPE_HASH, key_size, value_size, max(1, count), _TABLE_FLAGS, f"{name}{slot}")
         try:
-            bpfsys.update_many(fd, entries, key_size, value_size)
+            bpfsys.update_packed(fd, keys, values, key_size, value_size)
             bpfsys.update(self._map(name, write=True).fd, struct.pack("=I", slot), struct.pack("=I", fd))
         finally:
             os.close(fd)
@@ -324,21 +324,21 @@ class PinnedPolicyMaps:
         for name in TABLES:
             bpfsys.delete(self._map(name, write=True).fd, struct.pack("=I", slot))
 
-    def install(self, compiled: CompiledPolicy, generation: int) -> None:
-        """Make `compiled` the active policy, atomically (see the module doc)."""
-        from ..policy.compiler import encode  # readers (`status`) need no compiler
-
+    def install(self, policy: CompiledPolicy | Tables, generation: int) -> None:
+        """Make `policy` (compiled, or its packed tables) the active policy, atomically (see the
+        module doc)."""
+        tables = policy.tables if hasattr(policy, "tables") else policy  # readers (`status`) import no compiler
         with control_lock():
             cfg = self._config()
             active = cfg.active
             new_slot = 1 if active == 1 else 0
             self._delete_slot(new_slot)  # leftovers of an interrupted install
+            digest_keys, rule_keys = tables.slotted(new_slot)
+            self._put_table("ipe_digests", new_slot, digest_keys, tables.digest_values)
+            self._put_table("ipe_rules", new_slot, rule_keys, tables.rule_values)
             # the epoch tags the program's cached decisions: unique per install, never reused
-            enc = encode(compiled, new_slot, generation=generation, epoch=cfg.flips + 1)
-            self._put_table("ipe_digests", new_slot, enc.digests)
-            self._put_table("ipe_rules", new_slot, enc.rules)
-            for k, v in enc.defaults:
-                bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
+            k, v = tables.defaults_entry(new_slot, generation=generation, epoch=cfg.flips + 1)
+            bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
             self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))
             if active:
                 _grace_period()

@@ -83,6 +83,11 @@ class StoredPolicy:
     def blob_name(self) -> str:
         return f"{self.digest}.{'p7s' if self.signed else 'pol'}"
 
+    @property
+    def tables_name(self) -> str:
+        """Its compiled tables (policy/tables_file.py): a cache kept while it is deployed."""
+        return f"{self.digest}.tables"
+
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name.hex(),
@@ -140,7 +145,7 @@ class StoreState:
         return next((p for p in (*self.policies, *self.retired) if p.generation == generation), None)
 
     def referenced_blobs(self) -> set[str]:
-        return {p.blob_name for p in (*self.policies, *self.retired)}
+        return {p.blob_name for p in (*self.policies, *self.retired)} | {p.tables_name for p in self.policies}
 
     # Functional updates: every change returns a new state.
 
@@ -393,6 +398,13 @@ class PolicyStore:
                 if path.name not in keep:
                     with contextlib.suppress(OSError):
                         path.unlink()
+
+    def tables(self, policy: StoredPolicy) -> bytes | None:
+        """The compiled tables kept for ``policy``, or None if there are none to read."""
+        try:
+            return (self._policies_dir / policy.tables_name).read_bytes()
+        except OSError:
+            return None
 
     def blob(self, policy: StoredPolicy) -> bytes:
         """The submitted blob of ``policy``, checked against its recorded digest."""

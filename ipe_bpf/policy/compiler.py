@@ -60,6 +60,7 @@ __all__ = [
     "RuleValue",
     "Tables",
     "compile_policy",
+    "default_abi",
     "encode",
     "normalise",
 ]
@@ -298,12 +299,13 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
 
 
 @lru_cache(maxsize=1)
-def _default_abi() -> Abi:
+def default_abi() -> Abi:
+    """The Abi of bpf/ipe_bpf.h, made once per process."""
     return Abi.from_header(default_header())
 
 
 def _abi(header: Header | None) -> Abi:
-    return _default_abi() if header is None else Abi.from_header(header)
+    return default_abi() if header is None else Abi.from_header(header)
 
 
 # ---------------------------------------------------------------- encoding
@@ -321,6 +323,8 @@ class Tables:
     rule_keys: bytes  # count x struct ipe_rule_key
     rule_values: bytes  # count x struct ipe_rule_value
     defaults: Defaults
+    name: bytes  # the policy's, to name it in errors and tests
+    version: tuple[int, int, int]
     abi: Abi = field(repr=False, compare=False)
 
     @classmethod
@@ -341,7 +345,9 @@ class Tables:
         rule_keys = h.struct("ipe_rule_key").pack_columns(m, {
             "op": ops, "shape": shapes, "bools": bools, "roothash_id": roothash_ids, "digest_id": digest_ids_})
         rule_values = h.struct("ipe_rule_value").pack_columns(m, {"index": indexes, "action": actions})
-        return cls(digest_keys, digest_values, rule_keys, rule_values, compiled.defaults, abi)
+        policy = compiled.policy
+        return cls(digest_keys, digest_values, rule_keys, rule_values, compiled.defaults, policy.name, policy.version,
+                   abi)
 
     @property
     def digest_count(self) -> int:

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ipe_bpf.policy.compiler import CompiledPolicy
+from ipe_bpf.policy.compiler import Tables
 from ipe_bpf.policy.signing import sign_policy
 
 
@@ -56,17 +56,17 @@ def make_signer(common_name: str) -> Signer:
 class FakeTarget:
     """Records what the lifecycle asks of the kernel; can be told to fail."""
 
-    installs: list[tuple[CompiledPolicy, int]] = field(default_factory=list)
+    installs: list[tuple[Tables, int]] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     enforce: bool | None = None
     success_audit: bool | None = None
     fail_with: BaseException | None = None
 
-    def install(self, compiled: CompiledPolicy, generation: int) -> None:
+    def install(self, tables: Tables, generation: int) -> None:
         self.calls.append(f"install {generation}")
         if self.fail_with is not None:
             raise self.fail_with
-        self.installs.append((compiled, generation))
+        self.installs.append((tables, generation))
 
     def set_enforce(self, enforce: bool) -> None:
         self.calls.append(f"enforce {int(enforce)}")
@@ -86,4 +86,4 @@ class FakeTarget:
 
     @property
     def policy_name(self) -> bytes | None:
-        return self.installs[-1][0].policy.name if self.installs else None
+        return self.installs[-1][0].name if self.installs else None

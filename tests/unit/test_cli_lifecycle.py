@@ -192,7 +192,7 @@ def test_update_paths(env: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
     result = run(env, "update", "prod", str(signed_file(env, signer, "prod", "1.1.0")))
     assert result.exit_code == 0, result.output
     assert 'updated policy "prod" 1.1.0' in result.stdout and "active" in result.stdout
-    assert target.installs[-1][0].policy.version == (1, 1, 0)
+    assert target.installs[-1][0].version == (1, 1, 0)
 
 
 def test_delete_paths(env: Path, signer: Signer) -> None:

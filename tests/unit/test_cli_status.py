@@ -196,7 +196,7 @@ def test_status_with_a_damaged_state_file_fails_and_says_what_the_kernel_enforce
 
 def test_status_with_a_damaged_copy_of_the_active_policy_fails(loaded: type[FakeKernel], state: Path) -> None:
     _deploy_active()
-    (blob,) = (state / "state" / "policies").iterdir()
+    (blob,) = (state / "state" / "policies").glob("*.pol")
     blob.write_bytes(blob.read_bytes() + b"op=EXECUTE action=ALLOW\n")
     result = runner.invoke(APP, ["status"])
     assert result.exit_code == 1

@@ -367,7 +367,10 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(1, fd, *next(sizes[n] for n, f in fds.items() if f == fd), 0, 0, ""))
     monkeypatch.setattr(bpfsys, "lookup", lambda fd, key, size: tables[fd].get(key))
     monkeypatch.setattr(bpfsys, "update", lambda fd, key, value, flags=0: tables[fd].__setitem__(key, value))
-    monkeypatch.setattr(bpfsys, "update_many", lambda fd, items, k, v: tables[fd].update(items))
+    def update_packed(fd: int, keys: bytes, values: bytes, k: int, v: int) -> None:
+        tables[fd].update((keys[i * k : (i + 1) * k], values[i * v : (i + 1) * v]) for i in range(len(keys) // k))
+
+    monkeypatch.setattr(bpfsys, "update_packed", update_packed)
     monkeypatch.setattr(bpfsys, "delete", lambda fd, key: tables[fd].pop(key, None) is not None)
     monkeypatch.setattr(bpfsys, "keys", lambda fd, k: list(tables[fd]))
     made: list[tuple[str, int, int, int]] = []

@@ -245,7 +245,7 @@ def test_activate_unloaded_records_and_apply_active_installs(tmp_path: Path, sig
     installed = life_at(tmp_path).apply_active(target)  # what `load` does
     assert installed is not None and installed.name == b"prod"
     assert target.calls == ["enforce 0", "success_audit 1", f"install {installed.generation}"]
-    assert target.installs[0][0].policy.name == b"prod"
+    assert target.installs[0][0].name == b"prod"
 
 
 def test_apply_active_without_policy_sets_modes_only(life: Lifecycle) -> None:
@@ -307,7 +307,7 @@ def test_update_active_switches_at_once(life: Lifecycle, signer: Signer, trust, 
     outcome = life.update(b"prod", new_blob, trust)
     assert outcome.applied and outcome.policy and outcome.policy.active
     assert target.generation == outcome.policy.generation
-    assert target.installs[-1][0].policy.version == (1, 1, 0)
+    assert target.installs[-1][0].version == (1, 1, 0)
     load, change = outcome.records
     assert load.startswith("type=1422 ") and change.startswith("type=1421 ")
     old_hex = hashlib.sha256(old_blob).hexdigest().upper()
@@ -470,12 +470,12 @@ def test_crash_between_blob_and_state_write_keeps_old_state(life: Lifecycle, sig
     monkeypatch.setattr(store_module, "write_atomic", real)
     assert [p.name for p in life.list().policies] == [b"prod"]
     life.deploy(signer.sign(policy_text("third", "1.0.0")), trust)  # next commit collects the orphan blob
-    assert len(list((life.store.root / "policies").iterdir())) == 2
+    assert len(list((life.store.root / "policies").glob("*.p7s"))) == 2
 
 
 def test_tampered_stored_blob_is_refused(life: Lifecycle, signer: Signer, trust, target: FakeTarget) -> None:
     life.deploy(signer.sign(policy_text("prod")), trust)
-    [blob] = (life.store.root / "policies").iterdir()
+    [blob] = (life.store.root / "policies").glob("*.p7s")
     blob.write_bytes(blob.read_bytes() + b"\n")
     with pytest.raises(LifecycleError) as exc:
         life.activate(b"prod")

@@ -1,0 +1,83 @@
+"""A compiled policy's packed tables as a file: what the store keeps beside a deployed policy,
+so that `activate`, `update` of the active policy and `load` at boot write maps without parsing or
+compiling the text again.
+
+The file is a cache, never the authority: it names the policy text it was compiled from (its
+sha256) and the ABI it was packed for (a digest of the header's structs and constants), and
+`read` returns None for any file that does not match both, whose arrays do not match their
+sha256, or that is malformed, so the caller compiles the text instead.  Layout: a magic line, one JSON line, then the four packed
+arrays back to back (digest keys, digest ids, rule keys, rule values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .abi import Abi
+from .compiler import Defaults, Tables
+
+__all__ = ["abi_fingerprint", "read", "write"]
+
+_MAGIC = b"ipe-bpf tables 1\n"
+_STRUCTS = ("ipe_digest_key", "ipe_rule_key", "ipe_rule_value", "ipe_policy_defaults")
+
+
+def abi_fingerprint(abi: Abi) -> str:
+    """A digest of everything the packed bytes depend on: the structs' layouts and the constants."""
+    h = abi.header
+    described = repr((sorted(h.constants.items()), [h.struct(name) for name in _STRUCTS]))
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def write(tables: Tables, content_digest: str) -> bytes:
+    """The file for `tables`, compiled from the policy text whose sha256 hex is `content_digest`."""
+    d = tables.defaults
+    payload = (tables.digest_keys, tables.digest_values, tables.rule_keys, tables.rule_values)
+    meta = {
+        "content": content_digest,
+        "abi": abi_fingerprint(tables.abi),
+        "name": tables.name.hex(),
+        "version": list(tables.version),
+        "sizes": [len(part) for part in payload],
+        "sha256": hashlib.sha256(b"".join(payload)).hexdigest(),
+        "defaults": [list(d.op_default), d.global_default, d.shapes, d.bool_mask],
+    }
+    return b"".join((_MAGIC, json.dumps(meta).encode(), b"\n", *payload))
+
+
+def read(data: bytes, content_digest: str, abi: Abi) -> Tables | None:
+    """The tables in `data` if they were compiled from `content_digest` for `abi`, else None."""
+    if not data.startswith(_MAGIC):
+        return None
+    end = data.find(b"\n", len(_MAGIC))
+    try:
+        meta = json.loads(data[len(_MAGIC) : end])
+        if meta["content"] != content_digest or meta["abi"] != abi_fingerprint(abi) or end < 0:
+            return None
+        sizes = [int(n) for n in meta["sizes"]]
+        op_default, global_default, shapes, bool_mask = meta["defaults"]
+        defaults = Defaults(tuple(int(a) for a in op_default), int(global_default), int(shapes), int(bool_mask))
+        name, version = bytes.fromhex(meta["name"]), tuple(int(v) for v in meta["version"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(sizes) != 4 or len(version) != 3 or sum(sizes) != len(data) - end - 1:
+        return None
+    if hashlib.sha256(memoryview(data)[end + 1 :]).hexdigest() != meta.get("sha256"):
+        return None  # damaged on disk
+    parts, at = [], end + 1
+    for size in sizes:
+        parts.append(data[at : at + size])
+        at += size
+    tables = Tables(*parts, defaults=defaults, name=name, version=version, abi=abi)  # type: ignore[arg-type]
+    return tables if _whole_entries(tables) else None
+
+
+def _whole_entries(tables: Tables) -> bool:
+    """Every array holds whole entries, and keys and values pair up."""
+    h = tables.abi.header
+    digests, rules = tables.digest_count, tables.rule_count
+    return (len(tables.digest_keys) == digests * h.struct("ipe_digest_key").size
+            and len(tables.digest_values) == digests * tables.abi.digest_id_size
+            and len(tables.rule_keys) == rules * h.struct("ipe_rule_key").size
+            and len(tables.rule_values) == rules * h.struct("ipe_rule_value").size)

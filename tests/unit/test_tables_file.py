@@ -1,0 +1,103 @@
+"""The compiled tables deploy keeps beside a policy: activate and boot install them without
+parsing; a file that does not fit (other text, other ABI, damaged) is never used."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from ipe_bpf.audit.policy_records import AuditIdentity
+from ipe_bpf.kernel.lifecycle import Lifecycle
+from ipe_bpf.kernel.store import PolicyStore
+from ipe_bpf.policy import parser, tables_file
+from ipe_bpf.policy.compiler import compile_policy, default_abi
+from ipe_bpf.policy.parser import parse_policy
+
+from .lifecycle_fixtures import FakeTarget
+
+DIGESTS = [hashlib.sha256(bytes([i])).hexdigest() for i in range(40)]
+TEXT = ("policy_name=app policy_version=1.0.0\nDEFAULT action=DENY\n"
+        + "".join(f"op=EXECUTE fsverity_digest=sha256:{d} action=ALLOW\n" for d in DIGESTS)
+        + "op=KMODULE boot_verified=TRUE action=ALLOW\n").encode()
+CONTENT = hashlib.sha256(TEXT).hexdigest()
+
+
+@pytest.fixture()
+def life(tmp_path: Path) -> Lifecycle:
+    return Lifecycle(PolicyStore(tmp_path / "state"), FakeTarget(), identity=AuditIdentity(auid=0, ses=1),
+                     clock_ns=lambda: 1_700_000_000_000_000_000)
+
+
+def tables_path(life: Lifecycle) -> Path:
+    (path,) = (life.store.root / "policies").glob("*.tables")
+    return path
+
+
+def installed(life: Lifecycle):  # type: ignore[no-untyped-def]
+    target = life.target
+    assert isinstance(target, FakeTarget)
+    return target.installs[-1][0]
+
+
+def forbid_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(data: bytes) -> None:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(parser, "parse_policy", refuse)
+
+
+def test_activate_installs_the_kept_tables_without_parsing(life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
+    life.deploy(TEXT, (), allow_unsigned=True)
+    forbid_parsing(monkeypatch)
+    life.activate(b"app")
+    assert installed(life) == compile_policy(parse_policy(TEXT)).tables  # the module's own, unpatched
+    assert installed(life).name == b"app" and installed(life).version == (1, 0, 0)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "other abi", "missing"])
+def test_tables_that_do_not_fit_are_compiled_again(life: Lifecycle, monkeypatch: pytest.MonkeyPatch,
+                                                   damage: str) -> None:
+    life.deploy(TEXT, (), allow_unsigned=True)
+    path = tables_path(life)
+    data = path.read_bytes()
+    if damage == "flip":
+        path.write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
+    elif damage == "truncate":
+        path.write_bytes(data[:-12])
+    elif damage == "magic":
+        path.write_bytes(b"x" + data[1:])
+    elif damage == "other abi":
+        monkeypatch.setattr(tables_file, "abi_fingerprint", lambda abi: "0" * 64)
+    else:
+        path.unlink()
+    parsed: list[bytes] = []
+    real = parser.parse_policy
+    monkeypatch.setattr(parser, "parse_policy", lambda data: parsed.append(data) or real(data))
+    life.activate(b"app")
+    assert parsed == [TEXT]
+    assert installed(life) == compile_policy(real(TEXT)).tables
+
+
+def test_read_refuses_tables_of_other_text() -> None:
+    tables = compile_policy(parse_policy(TEXT)).tables
+    data = tables_file.write(tables, CONTENT)
+    assert tables_file.read(data, CONTENT, default_abi()) == tables
+    assert tables_file.read(data, "0" * 64, default_abi()) is None
+
+
+def test_apply_active_at_boot_uses_the_kept_tables(life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
+    life.deploy(TEXT, (), allow_unsigned=True)
+    life.activate(b"app")
+    fresh = FakeTarget()
+    forbid_parsing(monkeypatch)
+    life.apply_active(fresh)
+    assert fresh.installs[-1][0] == installed(life)
+
+
+def test_the_tables_go_with_their_policy(life: Lifecycle) -> None:
+    life.deploy(TEXT, (), allow_unsigned=True)
+    assert tables_path(life).exists()
+    life.delete(b"app")
+    assert list((life.store.root / "policies").glob("*.tables")) == []
