@@ -88,6 +88,11 @@ class Abi:
         return sum(self.bool_bits.values())
 
     @cached_property
+    def bool_bit_of(self) -> Mapping[str, int]:
+        """bool_bits by the key's enum name (str keys hash in C: the compiler asks per property)."""
+        return {key.name: bit for key, bit in self.bool_bits.items()}
+
+    @cached_property
     def codecs(self) -> "Codecs":
         return Codecs(self.header)
 

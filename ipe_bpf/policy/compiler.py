@@ -23,12 +23,13 @@ from them exactly as the BPF program does; ipe_bpf.policy.abi holds the header's
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from array import array
 from functools import cached_property, lru_cache
+from operator import itemgetter
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import IpeBpfError
 from .abi import Abi
@@ -55,7 +56,6 @@ __all__ = [
     "DigestEntry",
     "EncodedMaps",
     "KernelMaps",
-    "NormalRule",
     "RuleKey",
     "RuleValue",
     "Tables",
@@ -75,63 +75,51 @@ class CompileError(IpeBpfError):
 # ---------------------------------------------------------------- normalisation
 
 
-@dataclass(frozen=True)
-class NormalRule:
-    """A rule reduced to what it requires of the file.
-
-    `mask` are the IPE_BOOL_* bits the rule constrains and `bools` their required values
-    (bits outside `mask` are 0); `roothash` / `fsverity` the digest it requires, if any.
-    """
-
-    mask: int
-    bools: int
-    roothash: Digest | None
-    fsverity: Digest | None
-
-    def shape(self, abi: Abi) -> int:
-        return (abi.shape_roothash if self.roothash is not None else 0) | (
-            abi.shape_fsverity if self.fsverity is not None else 0
-        )
-
-    def file_bools(self, abi: Abi, relevant: int) -> tuple[int, ...]:
-        """Every value of the file's `relevant` boolean bits this rule accepts (2**free of them)."""
-        return _accepted_bools(abi.all_bools, relevant, self.mask, self.bools)
+# What a rule requires of a file: (op, action, mask, bools, roothash, fs-verity digest).  `mask`
+# are the IPE_BOOL_* bits it constrains and `bools` their required values (bits outside `mask`
+# are 0); each digest is a digests-map entry (kind, alg, value), or None if not required.
+_DigestEntry = tuple[int, bytes, bytes]
+_Normal = tuple[int, int, int, int, "_DigestEntry | None", "_DigestEntry | None"]
 
 
 @lru_cache(maxsize=None)
 def _accepted_bools(all_bools: int, relevant: int, mask: int, bools: int) -> tuple[int, ...]:
+    """Every value of the file's `relevant` boolean bits a rule of (mask, bools) accepts."""
     return tuple(v for v in range(all_bools + 1) if v & ~relevant == 0 and v & mask == bools)
 
 
-def normalise(rule: Rule, abi: Abi) -> NormalRule | None:
-    """What `rule` requires of a file, or None if no file the kernel sees can match it."""
-    if len(rule.properties) == 1 and isinstance(rule.properties[0], DigestProperty):
-        prop = rule.properties[0]  # the digest allowlist's one-property rule, made fast
-        if not abi.representable(prop.digest):
-            return None
-        if prop.key is DigestKey.FSVERITY_DIGEST:
-            return NormalRule(0, 0, None, prop.digest)
-        return NormalRule(0, 0, prop.digest, None)
+def normalise(rule: Rule, abi: Abi) -> _Normal | None:
+    """What `rule` requires of a file, or None if no file the kernel sees can match it: an
+    UNKNOWN-op rule (such events see the global default only), key=TRUE with key=FALSE, two
+    different digests of one kind (a file has one), or a digest no kernel key can hold."""
+    if rule.op is Op.UNKNOWN:
+        return None
     mask = bools = 0
-    wanted: dict[DigestKey, set[Digest]] = {DigestKey.DMVERITY_ROOTHASH: set(), DigestKey.FSVERITY_DIGEST: set()}
+    roothash: Digest | None = None
+    fsverity: Digest | None = None
     for prop in rule.properties:
-        if isinstance(prop, BoolProperty):
-            bit = abi.bool_bits[prop.key]
-            value = bit if prop.value else 0
-            if mask & bit and bools & bit != value:
-                return None  # key=TRUE and key=FALSE
-            mask, bools = mask | bit, bools | value
-        else:
-            wanted[prop.key].add(prop.digest)
-    chosen: dict[DigestKey, Digest | None] = {}
-    for key, digests in wanted.items():
-        if len(digests) > 1:
-            return None  # the file has one digest of each kind
-        digest = next(iter(digests), None)
+        key = prop.key
+        if key is DigestKey.FSVERITY_DIGEST or key is DigestKey.DMVERITY_ROOTHASH:
+            digest = prop.digest  # type: ignore[union-attr]
+            seen = fsverity if key is DigestKey.FSVERITY_DIGEST else roothash
+            if seen is not None and seen != digest:
+                return None
+            if key is DigestKey.FSVERITY_DIGEST:
+                fsverity = digest
+            else:
+                roothash = digest
+            continue
+        bit = abi.bool_bit_of[key._name_]
+        value = bit if prop.value else 0  # type: ignore[union-attr]
+        if mask & bit and bools & bit != value:
+            return None
+        mask, bools = mask | bit, bools | value
+    entries = []
+    for kind, digest in ((abi.digest_dmverity, roothash), (abi.digest_fsverity, fsverity)):
         if digest is not None and not abi.representable(digest):
             return None
-        chosen[key] = digest
-    return NormalRule(mask, bools, chosen[DigestKey.DMVERITY_ROOTHASH], chosen[DigestKey.FSVERITY_DIGEST])
+        entries.append(None if digest is None else (kind, digest.alg, digest.value))
+    return int(rule.op), int(rule.action), mask, bools, entries[0], entries[1]
 
 
 # ---------------------------------------------------------------- compiled tables
@@ -228,27 +216,13 @@ def _defaults(policy: Policy, abi: Abi, shapes: int, bool_mask: int) -> Defaults
     return Defaults(op_default, action_or_none(policy.global_default), shapes, bool_mask)
 
 
-# What a rule requires: (op, action, mask, bools, roothash (kind, alg, value) or None, fs-verity digest or None)
-_Normal = tuple[int, int, int, int, "tuple[int, bytes, bytes] | None", "tuple[int, bytes, bytes] | None"]
-
-
-def _normal(rule: Rule, abi: Abi) -> _Normal | None:
-    """`normalise` as the compiler's tuple (None: the rule can never match, no entry)."""
-    normal = normalise(rule, abi) if rule.op is not Op.UNKNOWN else None  # UNKNOWN sees the global default only
-    if normal is None:
-        return None
-    roothash = None if normal.roothash is None else (abi.digest_dmverity, normal.roothash.alg, normal.roothash.value)
-    fsverity = None if normal.fsverity is None else (abi.digest_fsverity, normal.fsverity.alg, normal.fsverity.value)
-    return int(rule.op), int(rule.action), normal.mask, normal.bools, roothash, fsverity
-
-
 def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledPolicy:
     """Compile `policy` into its kernel tables (header: bpf/ipe_bpf.h unless given)."""
     abi = _abi(header)
     _check_policy(policy, abi)
     items = policy.rules.rows() if isinstance(policy.rules, RuleList) else policy.rules
     # Rules the parser left as DigestRows test no boolean: only the others decide `relevant`.
-    normals = {i: _normal(item, abi) for i, item in enumerate(items) if type(item) is not DigestRow}
+    normals = {i: normalise(item, abi) for i, item in enumerate(items) if type(item) is not DigestRow}
     relevant = 0
     for normal in normals.values():
         relevant |= normal[2] if normal is not None else 0
@@ -331,20 +305,17 @@ class Tables:
     def pack(cls, compiled: CompiledPolicy) -> "Tables":
         h, abi = compiled.abi.header, compiled.abi
         digest_ids = compiled.digest_ids
-        kinds, algs, values = zip(*digest_ids) if digest_ids else ((), (), ())
-        n = len(digest_ids)
-        digest_keys = h.struct("ipe_digest_key").pack_columns(n, {
-            "kind": kinds, "alg_len": list(map(len, algs)), "len": list(map(len, values)),
-            "alg": algs, "value": values})
+        kinds, algs, values = _columns(digest_ids, 3)
+        digest_keys = h.struct("ipe_digest_key").pack_columns(len(digest_ids), {
+            "kind": kinds, "alg_len": list(map(len, algs)), "len": list(map(len, values)), "alg": algs, "value": values})
         id_field = h.struct("ipe_rule_key").field("digest_id")
         digest_values = array(TYPES[id_field.ctype].code, digest_ids.values()).tobytes()
         entries = compiled.rule_entries
-        ops, shapes, bools, roothash_ids, digest_ids_ = zip(*entries) if entries else ((),) * 5
-        indexes, actions = zip(*entries.values()) if entries else ((), ())
-        m = len(entries)
-        rule_keys = h.struct("ipe_rule_key").pack_columns(m, {
+        ops, shapes, bools, roothash_ids, digest_ids_ = _columns(entries, 5)
+        indexes, actions = _columns(entries.values(), 2)
+        rule_keys = h.struct("ipe_rule_key").pack_columns(len(entries), {
             "op": ops, "shape": shapes, "bools": bools, "roothash_id": roothash_ids, "digest_id": digest_ids_})
-        rule_values = h.struct("ipe_rule_value").pack_columns(m, {"index": indexes, "action": actions})
+        rule_values = h.struct("ipe_rule_value").pack_columns(len(entries), {"index": indexes, "action": actions})
         policy = compiled.policy
         return cls(digest_keys, digest_values, rule_keys, rule_values, compiled.defaults, policy.name, policy.version,
                    abi)
@@ -373,6 +344,11 @@ class Tables:
         d, codecs = self.defaults, self.abi.codecs
         return (codecs.array_key.pack(slot),
                 codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, d.bool_mask, generation, epoch))
+
+
+def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Tuples of `width` items as `width` lists (zip(*rows) is quadratic-slow for long inputs)."""
+    return [list(map(itemgetter(i), rows)) for i in range(width)]
 
 
 def _split(data: bytes, size: int) -> list[bytes]:

@@ -42,16 +42,16 @@ class Action(enum.IntEnum):
     DENY = abi_constant("IPE_ACTION_DENY")
 
 
-class BoolKey(enum.Enum):
-    """Boolean properties, written `key=TRUE` or `key=FALSE`."""
+class BoolKey(str, enum.Enum):
+    """Boolean properties, written `key=TRUE` or `key=FALSE` (a str: hashed in C, the compiler's sets are big)."""
 
     BOOT_VERIFIED = "boot_verified"
     DMVERITY_SIGNATURE = "dmverity_signature"
     FSVERITY_SIGNATURE = "fsverity_signature"
 
 
-class DigestKey(enum.Enum):
-    """Digest properties, written `key=<alg>:<hex>`."""
+class DigestKey(str, enum.Enum):
+    """Digest properties, written `key=<alg>:<hex>` (a str, like BoolKey)."""
 
     DMVERITY_ROOTHASH = "dmverity_roothash"
     FSVERITY_DIGEST = "fsverity_digest"
@@ -121,10 +121,7 @@ class DigestRow(tuple):
     """A one-digest rule as the parser found it, before it becomes a Rule: the compiler
     reads it as is (100k-rule allowlists make no objects they do not need)."""
 
-    __slots__ = ()
-
-    def __new__(cls, op: Op, key: DigestKey, alg: bytes, value: bytes, action: Action, line: int) -> "DigestRow":
-        return tuple.__new__(cls, (op, key, alg, value, action, line))
+    __slots__ = ()  # made as DigestRow((op, key, alg, value, action, line)): no Python-level __new__
 
     def rule(self) -> Rule:
         op, key, alg, value, action, line = self
@@ -184,9 +181,9 @@ class RuleList(Sequence[Rule]):
 def property_keys(rules: Sequence[Rule]) -> frozenset[str]:
     """The property keys (`fsverity_digest`, ...) the rules use."""
     items = rules.rows() if isinstance(rules, RuleList) else rules
-    keys = {item[1].value for item in items if type(item) is DigestRow}
-    keys.update(prop.key.value for item in items if type(item) is not DigestRow for prop in item.properties)
-    return frozenset(keys)
+    keys: set[BoolKey | DigestKey] = {item[1] for item in items if type(item) is DigestRow}
+    keys.update(prop.key for item in items if type(item) is not DigestRow for prop in item.properties)
+    return frozenset(key.value for key in keys)
 
 
 def default_text(op: Op | None, action: Action) -> str:

@@ -204,18 +204,6 @@ class _Builder:
         self.op_defaults: dict[Op, Action] = {}
         self.rules: list[Rule | DigestRow] = []
 
-    def add_one_digest_rule(self, line: bytes, number: int) -> bool:
-        """Add `line` if it is a canonical one-digest rule (False: it needs add_line)."""
-        match = _ONE_DIGEST_RULE.fullmatch(line)
-        if match is None:
-            return False
-        op, key, alg, hex_text, action = match.groups()
-        if len(hex_text) % 2:
-            return False  # add_line names the error
-        self.rules.append(DigestRow(_OP_NAMES[op], _DIGEST_KEYS[key], alg, bytes.fromhex(hex_text.decode()),
-                                    _ACTION_NAMES[action], number))
-        return True
-
     def add_line(self, line: bytes, number: int) -> None:
         tokens = _tokens(line)
         *body, last = tokens
@@ -271,10 +259,14 @@ def parse_policy(data: bytes) -> Policy:
     text = data.split(b"\0", 1)[0]
     header: tuple[bytes, tuple[int, int, int]] | None = None
     builder = _Builder()
-    fast = builder.add_one_digest_rule
+    fast, rules = _ONE_DIGEST_RULE.fullmatch, builder.rules
     for number, raw in _lines(text):
-        if header is not None and fast(raw, number):
-            continue
+        if header is not None and (match := fast(raw)) is not None:  # inline: it runs per line
+            op, key, alg, hex_text, action = match.groups()
+            if not len(hex_text) & 1:  # odd: the general path names the error
+                rules.append(DigestRow((_OP_NAMES[op], _DIGEST_KEYS[key], alg, bytes.fromhex(hex_text.decode()),
+                                        _ACTION_NAMES[action], number)))
+                continue
         line = _clean(raw)
         if not line:
             continue

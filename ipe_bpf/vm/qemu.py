@@ -67,9 +67,12 @@ class BootSpec:
                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_escape(code)}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={_escape(variables)}",
             ]
+        # cache=unsafe on every disk: a guest flush stops at the host's page cache.  These disks are
+        # thrown away or only have to outlive QEMU (never the host), and a flush that waits on the
+        # host's disk would count as guest time under -icount.
         if self.root is not None:
             argv += [
-                "-drive", f"file={_escape(self.root)},if=none,id=root,format=raw"
+                "-drive", f"file={_escape(self.root)},if=none,id=root,format=raw,cache=unsafe"
                           + (",snapshot=on" if self.snapshot else ""),
                 "-device", "nvme,serial=ipe-bpf-root,drive=root",
             ]
@@ -78,7 +81,7 @@ class BootSpec:
         for disk in self.disks:
             ro = ",readonly=on" if disk.readonly else ""
             argv += [
-                "-drive", f"file={_escape(disk.path)},if=none,id={disk.serial},format=raw{ro}",
+                "-drive", f"file={_escape(disk.path)},if=none,id={disk.serial},format=raw,cache=unsafe{ro}",
                 "-device", f"virtio-blk-pci,drive={disk.serial},serial={disk.serial}",
             ]
         return argv

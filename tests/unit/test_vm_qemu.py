@@ -71,4 +71,4 @@ def test_systemd_init_and_a_kept_root_disk() -> None:
     append = _opt(argv, "-append")[0]
     assert "init=/lib/systemd/systemd" in append.split() and append.endswith(
         "systemd.unit=multi-user.target root=/dev/nvme0n1 rootfstype=ext4 rw init=/lib/systemd/systemd")
-    assert _opt(argv, "-drive")[0] == "file=/c/root.img,if=none,id=root,format=raw"
+    assert _opt(argv, "-drive")[0] == "file=/c/root.img,if=none,id=root,format=raw,cache=unsafe"

@@ -145,7 +145,7 @@ def test_systemd_boot_from_a_kept_root_disk(tmp_path: Path, monkeypatch: pytest.
         argv = next(line for line in outcome.console_log.read_text().splitlines() if line.startswith("ARGV "))
         assert "init=/lib/systemd/systemd " in argv and "systemd.wants=ipe-bpf-vm-run.service" in argv
         assert "systemd.mask=serial-getty@ttyS0.service" in argv
-        assert f"file={state}/root.img,if=none,id=root,format=raw " in argv + " "  # no snapshot=on
+        assert f"file={state}/root.img,if=none,id=root,format=raw,cache=unsafe " in argv + " "  # no snapshot=on
     assert (state / "root.img").read_bytes() == b"r"
     (state / "image").write_text("another-image\n")
     with pytest.raises(VmError) as err:
