@@ -339,11 +339,12 @@ class Lifecycle:
                              f"accepts that")
 
     def _new_record(self, state: StoreState, sub: Submission) -> StoredPolicy:
+        digest = sha256_hex(sub.blob)
         return StoredPolicy(
             name=sub.policy.name,
             version=sub.policy.version,
-            digest=sha256_hex(sub.blob),
-            content_digest=sha256_hex(sub.content),
+            digest=digest,
+            content_digest=digest if sub.content is sub.blob else sha256_hex(sub.content),
             generation=state.next_generation,
             signed=sub.signed,
             signer=sub.signer,

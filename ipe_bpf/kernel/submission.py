@@ -7,16 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from ..errors import IpeBpfError, SignatureError
-from ..policy import signing
+from ..policy import cms
 from ..policy.compiler import CompiledPolicy, compile_policy
 from ..policy.lint import nul_truncation
 from ..policy.model import Policy
 from ..policy.parser import parse_policy
 
-Trust = Path | Sequence[x509.Certificate]
+if TYPE_CHECKING:  # cryptography is imported only for a signed blob (0.25 s of an unsigned deploy in the VM)
+    from cryptography import x509
+
+Trust = Path | Sequence["x509.Certificate"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Submission:
 
 
 def _resolve_trust(trust: Trust) -> Sequence[x509.Certificate]:
+    from ..policy import signing
+
     if isinstance(trust, (str, Path)):
         return signing.load_trust(Path(trust))
     return trust
@@ -48,10 +53,12 @@ def open_submission(blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
     A PKCS#7 blob is always verified against ``trust`` (loaded only then).  Plain text is
     ``EBADMSG`` unless ``allow_unsigned``.  Errors about the blob name ``source`` as their file.
     """
-    signed = signing.looks_like_pkcs7(blob)
+    signed = cms.looks_like_signed_data(blob)
     trusted = _resolve_trust(trust) if signed else ()
     try:
         if signed:
+            from ..policy import signing
+
             verified = signing.verify_policy(blob, trusted, now=now)
             content, signer = verified.content, verified.signer_subject
         elif allow_unsigned:

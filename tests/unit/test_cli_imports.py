@@ -48,3 +48,11 @@ def test_building_the_command_tree_loads_no_library_module() -> None:
     `--help`): that must not need the library either."""
     modules = loaded_after("import typer.main, ipe_bpf.cli\ntyper.main.get_command(ipe_bpf.cli.app)")
     assert heavy(modules) == []
+
+
+def test_an_unsigned_policy_is_opened_without_cryptography() -> None:
+    """`policy deploy --unsigned` of a big policy pays for parsing, not for the X.509 stack."""
+    modules = loaded_after("from ipe_bpf.kernel.submission import open_submission\n"
+                           "open_submission(b'policy_name=p policy_version=1.0.0\\nDEFAULT action=ALLOW\\n', (),"
+                           " allow_unsigned=True)")
+    assert "ipe_bpf.policy.compiler" in modules and [m for m in modules if m.startswith("cryptography")] == []
