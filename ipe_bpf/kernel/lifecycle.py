@@ -196,7 +196,7 @@ class Lifecycle:
             records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
             new_state = state.with_deployed(stored)
             outcome = self._commit(state, new_state, records, stored, applied=False,
-                                   blobs=_blobs(stored, sub))
+                                   blobs={stored.blob_name: sub.blob}, caches=_tables_cache(stored, sub))
             return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
     def activate(self, name: bytes) -> Outcome:
@@ -249,7 +249,8 @@ class Lifecycle:
                                       config_change(_ref(old), _ref(stored), self.identity)))
                 applied = self._install(sub.compiled.tables, stored.generation)
             outcome = self._commit(state, state.with_deployed(stored), records, stored,
-                                   applied=applied, blobs=_blobs(stored, sub),
+                                   applied=applied, blobs={stored.blob_name: sub.blob},
+                                   caches=_tables_cache(stored, sub),
                                    undo=lambda: self._restore(old))
             return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
 
@@ -397,6 +398,7 @@ class Lifecycle:
         *,
         applied: bool,
         blobs: dict[str, bytes] | None = None,
+        caches: dict[str, bytes] | None = None,
         undo: Callable[[], object] | None = None,
     ) -> Outcome:
         """Commit ``new_state``, then append the records (serials from the per-boot sequence,
@@ -407,7 +409,7 @@ class Lifecycle:
         """
         try:
             lines = self.control.stamp(records, self._clock_ns())
-            self.store.commit(new_state, blobs)
+            self.store.commit(new_state, blobs, caches)
         except IpeBpfError:
             if applied and undo is not None:
                 undo()
@@ -427,12 +429,11 @@ class Lifecycle:
             pass  # the original error is the one to report
 
 
-def _blobs(stored: StoredPolicy, sub: Submission) -> dict[str, bytes]:
-    """What the store keeps of a submission: the blob, and its tables (so activate compiles nothing)."""
+def _tables_cache(stored: StoredPolicy, sub: Submission) -> dict[str, bytes]:
+    """The submission's tables, kept so that activate compiles nothing (a cache: no fsync)."""
     from ..policy import tables_file
 
-    return {stored.blob_name: sub.blob,
-            stored.tables_name: tables_file.write(sub.compiled.tables, stored.content_digest)}
+    return {stored.tables_name: tables_file.write(sub.compiled.tables, stored.content_digest)}
 
 
 def _call_target(call: Callable[[], None]) -> None:

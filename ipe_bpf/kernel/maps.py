@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ..errors import KernelError
-from ..policy.layout import Header, load_header
+from ..policy.layout import Header, default_header
 from ..policy.model import Op
 from . import bpfsys, syscalls
 from .memory import MapMemory, pinned_memory
@@ -199,7 +199,7 @@ class PinnedPolicyMaps:
     """Open file descriptors to the pinned maps; use as a context manager."""
 
     root: Path = PIN_ROOT
-    header: Header = field(default_factory=load_header)
+    header: Header = field(default_factory=default_header)
     _maps: dict[tuple[str, bool], _Map] = field(default_factory=dict, init=False)
 
     def __enter__(self) -> "PinnedPolicyMaps":

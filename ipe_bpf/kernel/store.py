@@ -249,8 +249,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: tmp file in the same directory, fsync, rename, fsync dir."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data``: tmp file in the same directory, fsync, rename, fsync dir.
+
+    ``durable=False`` skips the fsync of the file (a cache that is checked when read);
+    ``sync_dir=False`` leaves the directory's fsync to the caller (one for several files).
+    """
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
@@ -258,7 +262,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -266,7 +271,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------- the store
@@ -373,17 +379,22 @@ class PolicyStore:
             raise LifecycleError("EUCLEAN", f"{self._state_path} is corrupt ({exc}); "
                                  f"it is only ever replaced atomically, so it was edited by hand") from None
 
-    def commit(self, state: StoreState, blobs: Mapping[str, bytes] | None = None) -> None:
-        """Make ``state`` the committed state, first writing ``blobs`` (file name -> bytes).
+    def commit(self, state: StoreState, blobs: Mapping[str, bytes] | None = None,
+               caches: Mapping[str, bytes] | None = None) -> None:
+        """Make ``state`` the committed state, first writing ``blobs`` (file name -> bytes) and
+        ``caches`` (the same, but files a crash may lose: readers check them and do without).
 
-        Blobs not referenced by the new state are removed afterwards.
+        Files not referenced by the new state are removed afterwards.
         """
         if self._lock_fd is None or not self._exclusive:
             raise LifecycleError("ENOLCK", "store commit without holding the exclusive lock")
         self._ensure_dirs()
         try:
+            for name, data in (caches or {}).items():
+                write_atomic(self._policies_dir / name, data, durable=False, sync_dir=False)
             for name, data in (blobs or {}).items():
-                write_atomic(self._policies_dir / name, data)
+                write_atomic(self._policies_dir / name, data, sync_dir=False)
+            _fsync_dir(self._policies_dir)  # every blob in place before the state names them
             payload = json.dumps(state.to_json(), indent=1, sort_keys=False).encode() + b"\n"
             write_atomic(self._state_path, payload, 0o644)
         except OSError as exc:

@@ -458,10 +458,10 @@ def test_crash_between_blob_and_state_write_keeps_old_state(life: Lifecycle, sig
 
     real = store_module.write_atomic
 
-    def crash_on_state(path: Path, data: bytes, mode: int = 0o644) -> None:
+    def crash_on_state(path: Path, data: bytes, mode: int = 0o644, **how: bool) -> None:
         if path.name == "state.json":
             raise OSError(5, "Input/output error")
-        real(path, data, mode)
+        real(path, data, mode, **how)
 
     monkeypatch.setattr(store_module, "write_atomic", crash_on_state)
     with pytest.raises(LifecycleError) as exc:
