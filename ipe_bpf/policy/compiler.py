@@ -23,16 +23,16 @@ from them exactly as the BPF program does; ipe_bpf.policy.abi holds the header's
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from array import array
 from functools import cached_property, lru_cache
-from operator import itemgetter
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ..errors import IpeBpfError
 from .abi import Abi
+from .bulk import columns, without_gc
 from .layout import Header, default_header
 from .model import (
     POLICY_OPS,
@@ -216,6 +216,7 @@ def _defaults(policy: Policy, abi: Abi, shapes: int, bool_mask: int) -> Defaults
     return Defaults(op_default, action_or_none(policy.global_default), shapes, bool_mask)
 
 
+@without_gc
 def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledPolicy:
     """Compile `policy` into its kernel tables (header: bpf/ipe_bpf.h unless given)."""
     abi = _abi(header)
@@ -302,17 +303,18 @@ class Tables:
     abi: Abi = field(repr=False, compare=False)
 
     @classmethod
+    @without_gc
     def pack(cls, compiled: CompiledPolicy) -> "Tables":
         h, abi = compiled.abi.header, compiled.abi
         digest_ids = compiled.digest_ids
-        kinds, algs, values = _columns(digest_ids, 3)
+        kinds, algs, values = columns(digest_ids, 3)
         digest_keys = h.struct("ipe_digest_key").pack_columns(len(digest_ids), {
             "kind": kinds, "alg_len": list(map(len, algs)), "len": list(map(len, values)), "alg": algs, "value": values})
         id_field = h.struct("ipe_rule_key").field("digest_id")
         digest_values = array(TYPES[id_field.ctype].code, digest_ids.values()).tobytes()
         entries = compiled.rule_entries
-        ops, shapes, bools, roothash_ids, digest_ids_ = _columns(entries, 5)
-        indexes, actions = _columns(entries.values(), 2)
+        ops, shapes, bools, roothash_ids, digest_ids_ = columns(entries, 5)
+        indexes, actions = columns(entries.values(), 2)
         rule_keys = h.struct("ipe_rule_key").pack_columns(len(entries), {
             "op": ops, "shape": shapes, "bools": bools, "roothash_id": roothash_ids, "digest_id": digest_ids_})
         rule_values = h.struct("ipe_rule_value").pack_columns(len(entries), {"index": indexes, "action": actions})
@@ -344,11 +346,6 @@ class Tables:
         d, codecs = self.defaults, self.abi.codecs
         return (codecs.array_key.pack(slot),
                 codecs.defaults(bytes(d.op_default), d.global_default, d.shapes, d.bool_mask, generation, epoch))
-
-
-def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Tuples of `width` items as `width` lists (zip(*rows) is quadratic-slow for long inputs)."""
-    return [list(map(itemgetter(i), rows)) for i in range(width)]
 
 
 def _split(data: bytes, size: int) -> list[bytes]:

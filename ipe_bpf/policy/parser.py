@@ -14,6 +14,7 @@ import difflib
 from collections.abc import Iterator
 
 from ..errors import PolicyError
+from .bulk import without_gc
 from .model import (
     POLICY_OPS,
     Action,
@@ -249,6 +250,7 @@ class _Builder:
         return self.global_default is not None or all(op in self.op_defaults for op in POLICY_OPS)
 
 
+@without_gc
 def parse_policy(data: bytes) -> Policy:
     """Parse policy text (the signed payload or a plain file) into a Policy.
 

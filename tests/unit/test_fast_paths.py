@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipe_bpf.errors import PolicyError
+from ipe_bpf.policy import compiler as compiler_module
 from ipe_bpf.policy import parser
 from ipe_bpf.policy.compiler import CompiledPolicy, compile_policy, encode
 from ipe_bpf.policy.layout import load_header
@@ -139,3 +140,21 @@ def test_rule_list_is_equal_to_and_hashed_like_its_tuple(slot: int) -> None:
                      .rules)
     assert policy.rules == as_tuple and as_tuple == policy.rules and hash(policy.rules) == hash(as_tuple)
     assert policy.rules[slot - 1] == as_tuple[slot - 1] and policy.rules[:1] == as_tuple[:1]
+
+
+def test_the_compiler_runs_without_cyclic_gc_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    seen: list[bool] = []
+    real = compiler_module.normalise
+    monkeypatch.setattr(compiler_module, "normalise", lambda rule, abi: seen.append(gc.isenabled()) or real(rule, abi))
+    policy = parse_policy((HEADER + "op=EXECUTE boot_verified=TRUE action=ALLOW\n").encode())
+    assert gc.isenabled()
+    compile_policy(policy)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        compile_policy(policy)
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
