@@ -127,7 +127,16 @@ def policy_text(n: int, digest: str, rng: random.Random) -> str:
     return "\n".join(lines) + "\n"
 
 
+SETTLE_S = 0.05
+
+
 def block(helper: Path, kind: str, target: Path, n: int) -> float:
+    # Idle first, so that every block starts quiescent: the previous helper's deferred teardown
+    # (RCU callbacks, kworkers) runs here, not in the block.  Without it the blocks right after
+    # an attach/detach (which waits) ran ~3-8 % faster than the others, and a median over both
+    # kinds moved the mmap ratio by +-0.03 from run to run.  Guest time under --icount: costs no
+    # wall time.
+    time.sleep(SETTLE_S)
     out = sh(helper, f"bench-{kind}", target, n)
     return int(out.strip()) / n
 

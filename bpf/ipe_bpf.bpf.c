@@ -715,55 +715,38 @@ static __always_inline __u32 ipe_dev_change_count(void)
 static __always_inline int ipe_cache_get(struct inode *inode, __u64 epoch, struct ipe_decision *d, int *split)
 {
 	struct ipe_cached *c;
-	__u64 tag;
-	__u32 dev_changes, index;
-	__u8 action, source, cached_split, verity;
 
 	if (!ipe_cacheable(inode))
 		return 0;
 	c = bpf_inode_storage_get(&ipe_cache, inode, 0, 0);
-	if (!c)
+	if (!c || c->epoch != epoch || c->dev_changes != ipe_dev_change_count() ||
+	    c->verity != !!(inode->i_flags & S_VERITY))
 		return 0;
-	bpf_spin_lock(&c->lock);
-	tag = c->epoch;
-	dev_changes = c->dev_changes;
-	index = c->index;
-	action = c->action;
-	source = c->source;
-	cached_split = c->split;
-	verity = c->verity;
-	bpf_spin_unlock(&c->lock);
-	if (tag != epoch || dev_changes != ipe_dev_change_count() ||
-	    verity != !!(inode->i_flags & S_VERITY))
-		return 0;
-	d->index = index;
-	d->action = action;
-	d->source = source;
-	*split = cached_split;
+	d->index = c->index;
+	d->action = c->action;
+	d->source = c->source;
+	*split = c->split;
 	return 1;
 }
 
+/* A new entry replaces the old one whole (see struct ipe_cached); if another CPU created one
+ * between the two steps, that one stays: it is whole too. */
 static __always_inline void ipe_cache_put(struct inode *inode, __u64 epoch, __u32 dev_changes,
 					  struct ipe_attrs *a, struct ipe_decision *d, int split)
 {
-	struct ipe_cached *c;
-	__u8 verity;
+	struct ipe_cached v = {};
 
 	if (!ipe_cacheable(inode) || (a->walked && !IPE_DM_HOOK))
 		return;
-	verity = !!(inode->i_flags & S_VERITY);
-	c = bpf_inode_storage_get(&ipe_cache, inode, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!c)
-		return;
-	bpf_spin_lock(&c->lock);
-	c->epoch = epoch;
-	c->dev_changes = dev_changes;
-	c->index = d->index;
-	c->action = d->action;
-	c->source = d->source;
-	c->split = split;
-	c->verity = verity;
-	bpf_spin_unlock(&c->lock);
+	v.epoch = epoch;
+	v.dev_changes = dev_changes;
+	v.index = d->index;
+	v.action = d->action;
+	v.source = d->source;
+	v.split = split;
+	v.verity = !!(inode->i_flags & S_VERITY);
+	bpf_inode_storage_delete(&ipe_cache, inode);
+	bpf_inode_storage_get(&ipe_cache, inode, &v, BPF_LOCAL_STORAGE_GET_F_CREATE);
 }
 
 static __always_inline void ipe_note_dev_change(void)
@@ -889,6 +872,19 @@ static __always_inline const void *ipe_ctx_ptr(unsigned long long *ctx, int i)
 	return p;
 }
 
+/*
+ * Whether a file argument that may be NULL (mmap_file, kernel_read_file) is.  6.12's verifier
+ * treats a trusted hook argument as never NULL: it drops `if (!file)` as dead code, and the
+ * NULL case would run unguarded loads (a NULL dereference in the kernel).  A pointer compared
+ * with a constant other than 0 is a test it cannot decide, so it checks both ways (no kernel
+ * object lives in the first page).  Cheaper than laundering a copy through
+ * bpf_probe_read_kernel (about 90 instructions on every PROT_EXEC mmap).
+ */
+static __always_inline int ipe_no_file(const void *file)
+{
+	return (unsigned long)file < 4096;
+}
+
 IPE_HOOK(bprm_check_security, struct linux_binprm *bprm)
 {
 	return ipe_evaluate(bprm->file, IPE_OP_EXECUTE, IPE_HOOK_BPRM_CHECK, 1);
@@ -898,12 +894,7 @@ IPE_HOOK(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot
 {
 	if (!(prot & PROT_EXEC))
 		return 0;
-	/*
-	 * file is NULL for anonymous memory, but 6.12's verifier treats a trusted hook argument
-	 * as never NULL: it drops `if (file)` as dead code and emits unguarded loads (a NULL
-	 * dereference in the kernel).  Test a copy laundered through bpf_probe_read_kernel.
-	 */
-	if (!ipe_ctx_ptr(ctx, 0))
+	if (ipe_no_file(file))	/* anonymous memory */
 		return ipe_evaluate(NULL, IPE_OP_EXECUTE, IPE_HOOK_MMAP, 0);
 	return ipe_evaluate(file, IPE_OP_EXECUTE, IPE_HOOK_MMAP, 1);
 }
@@ -924,7 +915,7 @@ IPE_HOOK(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsig
 
 IPE_HOOK(kernel_read_file, struct file *file, enum kernel_read_file_id id, bool contents)
 {
-	if (!ipe_ctx_ptr(ctx, 0))
+	if (ipe_no_file(file))
 		return ipe_evaluate(NULL, ipe_read_id_op(id), IPE_HOOK_KERNEL_READ, 0);
 	return ipe_evaluate(file, ipe_read_id_op(id), IPE_HOOK_KERNEL_READ, 1);
 }

@@ -138,10 +138,11 @@ struct {
 /*
  * A decision cached per inode (op EXECUTE only: exec, mmap, mprotect): valid while the active
  * slot's epoch, the file's verity state and the count of dm-verity device changes are what
- * they were when it was made.  A lock makes the entry one value (two CPUs may fill it at once).
+ * they were when it was made.  An entry is never written after it is created: a new decision
+ * replaces it (delete, then create with the whole value), so a reader needs no lock to see one
+ * whole value, and the map has no special field (the seal can freeze it).
  */
 struct ipe_cached {
-	struct bpf_spin_lock lock;
 	__u32 index;
 	__u32 dev_changes;
 	__u8 action;

@@ -134,7 +134,7 @@ def _freeze(fd: int) -> None:
     bpfsys.freeze(fd)  # False (EBUSY): frozen already
 
 
-# The kernel's ENOTSUPP: a map with special fields (ipe_cache's bpf_spin_lock) cannot be frozen.
+# The kernel's ENOTSUPP: a map with special fields (a bpf_spin_lock) cannot be frozen.
 _CANNOT_FREEZE = "E524"
 
 

@@ -302,7 +302,7 @@ def test_doctor_says_what_the_seal_rests_on() -> None:
 
 
 def test_a_map_the_kernel_cannot_freeze_is_left_to_the_hook(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ENOTSUPP (a map with a bpf_spin_lock: ipe_cache) is skipped; any other failure stops the seal."""
+    """ENOTSUPP (a map with a bpf_spin_lock) is skipped; any other failure stops the seal."""
     from ipe_bpf.kernel import bpfsys
 
     closed: list[int] = []
