@@ -35,7 +35,7 @@ UnsignedOption = Annotated[bool, typer.Option(
 UnevaluableOption = Annotated[bool, typer.Option(
     "--allow-unevaluable",
     help="Accept a policy using properties this kernel cannot evaluate (see `ipe-bpf doctor`): "
-         "rules hanging on an unknown signature state deny, digest rules it cannot read never match.")]
+         "they are FALSE for every file here; a warning names the rules that changes.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 

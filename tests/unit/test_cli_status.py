@@ -301,3 +301,19 @@ def test_status_shows_the_map_memory(loaded: type[FakeKernel], state: Path) -> N
     data = json.loads(runner.invoke(APP, ["status", "--json"]).stdout)["map_memory"]
     assert data["total"] == (4 << 20) + 4096
     assert data["maps"]["ipe_rules"] == {"memlock": 3 << 20, "key_size": 12, "value_size": 8, "max_entries": 1 << 21}
+
+
+def test_status_says_which_properties_are_always_false_here(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipe_bpf.kernel import features
+    from ipe_bpf.kernel.pins import HOOKS
+
+    no_hooks = tuple(h for h in HOOKS if "integrity" not in h)
+    kernel_6_1 = features.KernelFeatures(no_hooks, "inode", "6.1", True, False, True, False)
+    monkeypatch.setattr(features, "running_kernel", lambda: kernel_6_1)
+    data = json.loads(runner.invoke(APP, ["status", "--json"]).stdout)
+    assert sorted(data["always_false"]) == ["dmverity_signature", "fsverity_signature"]
+    text = runner.invoke(APP, ["status"]).stdout
+    assert "property dmverity_signature: always FALSE on this kernel: kernel keeps no dm-verity signature state" in text
+    assert "property fsverity_signature: always FALSE on this kernel: kernel keeps no record" in text
+    monkeypatch.setattr(features, "running_kernel", lambda: features.KernelFeatures(HOOKS, "inode", "6.5+", True, True, True, False))
+    assert "always FALSE" not in runner.invoke(APP, ["status"]).stdout
