@@ -4,8 +4,6 @@
 function of ipe_bpf.kernel / ipe_bpf.audit.
 """
 
-from __future__ import annotations
-
 import os
 from typing import TYPE_CHECKING, Annotated, Optional
 

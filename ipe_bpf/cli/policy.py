@@ -1,7 +1,5 @@
 """`ipe-bpf policy ...`: check, explain and format policies (no kernel, no root)."""
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -27,7 +25,7 @@ def policy_text(data: bytes) -> bytes:
     return payload(data)
 
 
-def load_policy(path: Path) -> Policy:
+def load_policy(path: Path) -> "Policy":
     from ..policy.parser import parse_policy
 
     data = read_bytes(path)
@@ -35,7 +33,7 @@ def load_policy(path: Path) -> Policy:
         return parse_policy(policy_text(data))
 
 
-def _summary(policy: Policy) -> Table:
+def _summary(policy: "Policy") -> "Table":
     from rich.table import Table
 
     from ..policy.model import POLICY_OPS, text
@@ -84,7 +82,7 @@ def check(
     console.print(f"[green]valid[/]: {len(policy.rules)} rules")
 
 
-def _digest_option(value: Optional[str], option: str) -> Optional[Digest]:
+def _digest_option(value: Optional[str], option: str) -> "Optional[Digest]":
     from ..policy.model import Digest
 
     if value is None:
@@ -173,7 +171,7 @@ def explain(
     generate.exit_with_decision(exit_status, decision)
 
 
-def _evaluated_here(attrs: FileAttributes) -> FileAttributes:
+def _evaluated_here(attrs: "FileAttributes") -> "FileAttributes":
     """The measured file as the loaded program (or this kernel) evaluates it: what the kernel
     cannot evaluate is FALSE."""
     from ..kernel.features import running_kernel
@@ -182,7 +180,7 @@ def _evaluated_here(attrs: FileAttributes) -> FileAttributes:
     return found.as_evaluated(attrs) if found is not None else attrs
 
 
-def _lost(measured: FileAttributes, here: FileAttributes) -> list[str]:
+def _lost(measured: "FileAttributes", here: "FileAttributes") -> list[str]:
     """The properties the file has that this kernel does not see."""
     return [name for name in ("dmverity_roothash", "dmverity_signature", "fsverity_digest", "fsverity_signature")
             if getattr(measured, name) != getattr(here, name)]
