@@ -55,7 +55,7 @@ struct ipe_attrs {
 	__u32 roothash_id;	/* id of the file's dm-verity root hash in the slot, or 0 */
 	__u32 digest_id;	/* id of the file's fs-verity digest in the slot, or 0 */
 	__u8 bools;		/* IPE_BOOL_* the file has */
-	__u8 unknown;		/* IPE_BOOL_* whose value this kernel cannot tell (not guessed FALSE) */
+	__u8 unknown;		/* IPE_BOOL_* the kernel keeps but the program has no record of for this file */
 	__u8 walked;		/* its dm-verity state was read from the live table, not the hook */
 };
 
@@ -166,10 +166,13 @@ static __always_inline void *ipe_real_inode(void *inode)
 
 /*
  * A device-mapper device's live table, when it is one dm-verity target: its root hash and
- * algorithm into key, and whether its root hash signature verified (6.12+ keeps the signature
- * only then) into *signed_ (-1: unknown, older dm-verity keeps no such state).  Covers devices set up before ipe-bpf was loaded and kernels
- * without the bdev_setintegrity hook (6.1).  Returns 0 if bdev is not such a device, 1 if it
- * is (key->len is 0 when its root hash cannot match a policy digest).
+ * algorithm into key, and whether its root hash signature verified into *signed_: dm-verity
+ * keeps the signature only then (6.12+: root_digest_sig).  Older dm-verity keeps no such
+ * state: -1 (unknown) if the bdev_setintegrity hook could have told but did not see this
+ * device, else 0: a kernel with neither keeps no signature state at all (6.1), and IPE then
+ * evaluates every device as unsigned.  Covers devices set up before ipe-bpf was loaded and
+ * kernels without the hook.  Returns 0 if bdev is not such a device, 1 if it is (key->len is 0
+ * when its root hash cannot match a policy digest).
  */
 static __always_inline int ipe_dm_table_roothash(void *bdev, struct ipe_digest_key *key, int *signed_)
 {
@@ -213,7 +216,7 @@ static __always_inline int ipe_dm_table_roothash(void *bdev, struct ipe_digest_k
 		IPE_READ(sig, v + IPE_OFF_DM_VERITY_ROOT_DIGEST_SIG);
 		*signed_ = sig ? 1 : 0;
 	} else {
-		*signed_ = -1;	/* dm-verity keeps no signature state (before 6.12) */
+		*signed_ = IPE_DM_HOOK ? -1 : 0;
 	}
 	IPE_READ(alg, v + IPE_OFF_DM_VERITY_ALG_NAME);
 	IPE_READ(digest, v + IPE_OFF_DM_VERITY_ROOT_DIGEST);
@@ -339,8 +342,10 @@ static __always_inline int ipe_fsverity_from_kfunc(struct file *file, struct ipe
 /*
  * fsverity_digest and fsverity_signature.  btf_file / btf_inode are the event's own file and
  * inode as the hook got them (NULL when the properties come from another inode: overlayfs),
- * which the kfunc and inode storage need.  The signature is known only for files whose verity
- * set-up the program watched (ipe_inode_state); for others it is unknown, never FALSE.
+ * which the kfunc and inode storage need.  A kernel without the inode_setintegrity hook keeps
+ * no record of a verified signature: FALSE, as IPE evaluates a file it has none for.  With the
+ * hook, the signature is known for files whose verity set-up the program watched
+ * (ipe_inode_state); for others it is unknown, never FALSE.
  */
 static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_inode, struct file *btf_file,
 					       int slot, struct ipe_attrs *a)
@@ -357,11 +362,13 @@ static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_in
 #endif
 	if (!verity)
 		return;
-	ist = btf_inode && IPE_FSV_SIG_HOOK ? ipe_inode_storage(ipe_inodes, btf_inode, 0) : NULL;
-	if (ist && ist->fsv_sig_valid)
-		a->bools |= IPE_BOOL_FSV_SIGNATURE;
-	else if (!ist || !ist->fsv_observed)
-		a->unknown |= IPE_BOOL_FSV_SIGNATURE;	/* checked before load, or not reported */
+	if (IPE_FSV_SIG_HOOK) {
+		ist = btf_inode ? ipe_inode_storage(ipe_inodes, btf_inode, 0) : NULL;
+		if (ist && ist->fsv_sig_valid)
+			a->bools |= IPE_BOOL_FSV_SIGNATURE;
+		else if (!ist || !ist->fsv_observed)
+			a->unknown |= IPE_BOOL_FSV_SIGNATURE;	/* checked before load, or through overlayfs */
+	}
 	key.slot = slot;
 	key.kind = IPE_DIGEST_FSVERITY;
 	a->digest_id = ipe_digest_id(&key);
@@ -447,10 +454,10 @@ static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot
 }
 
 /*
- * The decision when some boolean properties are unknown: the policy is asked with every value
- * they could have.  If the answers agree, that is the decision; if not, it hangs on what this
- * kernel cannot tell, and the event is denied (fail-closed) with the denying rule.  Returns 1
- * in that case.
+ * The decision when some boolean properties are unknown (the kernel keeps them, but not for
+ * this file in the program's view): the policy is asked with every value they could have.  If
+ * the answers agree, that is the decision; if not, it hangs on what the program cannot tell,
+ * and the event is denied (fail-closed) with the denying rule.  Returns 1 in that case.
  */
 static __always_inline int ipe_decide_all(struct ipe_policy_defaults *def, int slot, __u8 op,
 					  struct ipe_attrs *a, struct ipe_decision *d)

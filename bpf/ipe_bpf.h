@@ -165,7 +165,7 @@ struct ipe_counters {
 	__u64 deny[IPE_NR_OPS];
 	__u64 audited;
 	__u64 dropped;		/* ring buffer full: the event was lost, the decision was not */
-	__u64 undecidable;	/* the answer hung on a signature state this kernel could not give: denied */
+	__u64 undecidable;	/* the answer hung on a signature state the program has no record of: denied */
 	__u64 seal_refused;	/* attempts against the seal refused (EPERM) */
 };
 

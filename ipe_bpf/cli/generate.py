@@ -1,7 +1,5 @@
 """`ipe-bpf policy generate`, `policy learn` and `ipe-bpf verity pack|open|close`."""
 
-from __future__ import annotations
-
 import os
 import sys
 from pathlib import Path
@@ -127,7 +125,7 @@ def learn_command(
               *(f"cannot learn: {what}" for what in learned.unlearnable)])
 
 
-def measure_file(path: Path) -> measure.Measurement:
+def measure_file(path: Path) -> "measure.Measurement":
     """`policy explain --file`: the real file's attributes on this machine."""
     from ..kernel import measure
 
@@ -135,7 +133,7 @@ def measure_file(path: Path) -> measure.Measurement:
         return measure.measure(path)
 
 
-def audit_fields(m: measure.Measurement, decision: Decision) -> str:
+def audit_fields(m: "measure.Measurement", decision: "Decision") -> str:
     """The decision as a 1420 record would show it (without the event's hook, pid and comm)."""
     from ..policy.model import untrusted
 
@@ -143,12 +141,12 @@ def audit_fields(m: measure.Measurement, decision: Decision) -> str:
             f"ino={m.ino} rule=\"{decision.rule_text}\"")
 
 
-def _digest_text(digest: Digest | None) -> str | None:
+def _digest_text(digest: "Digest | None") -> str | None:
     """As a policy writes it (`sha256:<hex>`), or None."""
     return None if digest is None else f"{digest.alg.decode('latin-1')}:{digest.value.hex()}"
 
 
-def measurement_json(m: measure.Measurement) -> dict[str, object]:
+def measurement_json(m: "measure.Measurement") -> dict[str, object]:
     a = m.attributes()
     return {"path": m.path, "dev": m.dev, "ino": m.ino, "boot_verified": a.boot_verified,
             "dmverity_roothash": _digest_text(a.dmverity_roothash),
@@ -158,14 +156,14 @@ def measurement_json(m: measure.Measurement) -> dict[str, object]:
             "fsverity_signature": a.fsverity_signature}
 
 
-def print_measurement(m: measure.Measurement, decision: Decision) -> None:
+def print_measurement(m: "measure.Measurement", decision: "Decision") -> None:
     for key, value in measurement_json(m).items():
         if key not in ("path", "dev", "ino"):
             console.print(f"  {key}: {value}", markup=False, highlight=False)
     console.print(audit_fields(m, decision), markup=False, highlight=False, soft_wrap=True)
 
 
-def exit_with_decision(wanted: bool, decision: Decision) -> None:
+def exit_with_decision(wanted: bool, decision: "Decision") -> None:
     from ..policy.model import Action
 
     if wanted and decision.action is Action.DENY:

@@ -4,8 +4,6 @@
 function of ipe_bpf.kernel / ipe_bpf.audit.
 """
 
-from __future__ import annotations
-
 import os
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -56,7 +54,8 @@ def load_cmd(
             fail(f"load: {err.message}")
     r = report.loaded
     unsupported = [p.property for p in r.features.properties().values() if not p.supported]
-    note = f"; this kernel cannot evaluate {', '.join(unsupported)} (see `ipe-bpf doctor`)" if unsupported else ""
+    note = (f"; this kernel cannot evaluate {', '.join(unsupported)}: always FALSE here (see `ipe-bpf doctor`)"
+            if unsupported else "")
     mode = "enforcing" if report.enforcing else "permissive"
     console.print(
         f"loaded ({r.loader}): {len(r.hooks)} hooks, {mode}{' (stored)' if enforce is None else ''}, "
@@ -227,6 +226,8 @@ def _print_status(found: "Status") -> None:
                    f"(generation {active.generation}{when})")
         if found.loaded and active.generation != found.kernel_generation:
             err_console.print("warning: the kernel's policy is not the store's active policy", markup=False)
+    for prop in found.always_false:
+        typer.echo(f"property {prop.property}: {prop.detail}")
     others = [p for p in (found.listing.policies if found.listing else ()) if not p.active]
     if others:
         typer.echo("also deployed: " + ", ".join(f'"{p.name_text}" {p.version_text}' for p in others))

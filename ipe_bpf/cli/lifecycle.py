@@ -6,8 +6,6 @@ if ipe-bpf is loaded; otherwise deploy/update/delete/list work on the store alon
 records the choice, which `ipe-bpf load` applies (Lifecycle.apply_active).
 """
 
-from __future__ import annotations
-
 import contextlib
 import errno
 from collections.abc import Iterator
@@ -35,12 +33,12 @@ UnsignedOption = Annotated[bool, typer.Option(
 UnevaluableOption = Annotated[bool, typer.Option(
     "--allow-unevaluable",
     help="Accept a policy using properties this kernel cannot evaluate (see `ipe-bpf doctor`): "
-         "rules hanging on an unknown signature state deny, digest rules it cannot read never match.")]
+         "they are FALSE for every file here; a warning names the rules that changes.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
 @contextlib.contextmanager
-def kernel_target() -> Iterator[PolicyTarget | None]:
+def kernel_target() -> "Iterator[PolicyTarget | None]":
     """The pinned maps of a loaded ipe-bpf, or None if the kernel side is absent or not loaded."""
     try:
         from ..kernel.maps import PinnedPolicyMaps
@@ -56,7 +54,7 @@ def kernel_target() -> Iterator[PolicyTarget | None]:
 
 
 @contextlib.contextmanager
-def open_lifecycle(command: str, attempt: str | None = None) -> Iterator[Lifecycle]:
+def open_lifecycle(command: str, attempt: str | None = None) -> "Iterator[Lifecycle]":
     """A Lifecycle over the default store and the kernel (if loaded); errors become one line.
 
     ``attempt`` names a change (e.g. ``policy activate``): refused with EPERM while sealed.
@@ -99,30 +97,30 @@ def _say(message: str) -> None:
     typer.echo(message)
 
 
-def _warn_unsigned(unsigned: bool, outcome: Outcome) -> None:
+def _warn_unsigned(unsigned: bool, outcome: "Outcome") -> None:
     if unsigned and outcome.policy is not None and not outcome.policy.signed:
         err_console.print("WARNING: --unsigned: accepted a policy WITHOUT A SIGNATURE. Anyone who "
                           "can write it controls what runs. For test machines only.",
                           markup=False, style="bold red")
 
 
-def print_warnings(outcome: Outcome) -> None:
+def print_warnings(outcome: "Outcome") -> None:
     for warning in outcome.warnings:
         err_console.print(f"warning: {warning}", markup=False)
 
 
-def _describe(outcome: Outcome) -> str:
+def _describe(outcome: "Outcome") -> str:
     assert outcome.policy is not None
     return f'policy "{outcome.policy.name_text}" {outcome.policy.version_text}'
 
 
-def _outcome_json(outcome: Outcome, loaded: bool) -> dict[str, object]:
+def _outcome_json(outcome: "Outcome", loaded: bool) -> dict[str, object]:
     return {"policy": outcome.policy.to_json() if outcome.policy else None,
             "changed": outcome.changed, "applied": outcome.applied, "loaded": loaded,
             "records": list(outcome.records)}
 
 
-def _kernel_note(outcome: Outcome, loaded: bool) -> str:
+def _kernel_note(outcome: "Outcome", loaded: bool) -> str:
     if outcome.applied:
         return "enforced now"
     return f"{NOT_LOADED}: recorded, applied at `ipe-bpf load`" if not loaded else ""
@@ -213,7 +211,7 @@ def delete(
     _say(f"deleted {_describe(outcome)}")
 
 
-def _kernel_generation(target: PolicyTarget | None) -> int | None:
+def _kernel_generation(target: "PolicyTarget | None") -> int | None:
     state = getattr(target, "state", None)
     if state is None:
         return None
@@ -223,7 +221,7 @@ def _kernel_generation(target: PolicyTarget | None) -> int | None:
         return None
 
 
-def _listing_table(listing: Listing) -> Table:
+def _listing_table(listing: "Listing") -> "Table":
     from rich.table import Table
 
     table = Table(show_lines=False)

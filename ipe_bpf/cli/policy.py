@@ -1,7 +1,5 @@
 """`ipe-bpf policy ...`: check, explain and format policies (no kernel, no root)."""
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -15,7 +13,7 @@ from .common import console, err_console, fail, print_json, read_bytes, reported
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from ..policy.model import BoolKey, Digest, FileAttributes, Policy
+    from ..policy.model import Digest, FileAttributes, Policy
 
 app = typer.Typer(help="Check, explain, format, sign and verify IPE policies.", no_args_is_help=True)
 
@@ -27,7 +25,7 @@ def policy_text(data: bytes) -> bytes:
     return payload(data)
 
 
-def load_policy(path: Path) -> Policy:
+def load_policy(path: Path) -> "Policy":
     from ..policy.parser import parse_policy
 
     data = read_bytes(path)
@@ -35,7 +33,7 @@ def load_policy(path: Path) -> Policy:
         return parse_policy(policy_text(data))
 
 
-def _summary(policy: Policy) -> Table:
+def _summary(policy: "Policy") -> "Table":
     from rich.table import Table
 
     from ..policy.model import POLICY_OPS, text
@@ -84,7 +82,7 @@ def check(
     console.print(f"[green]valid[/]: {len(policy.rules)} rules")
 
 
-def _digest_option(value: Optional[str], option: str) -> Optional[Digest]:
+def _digest_option(value: Optional[str], option: str) -> "Optional[Digest]":
     from ..policy.model import Digest
 
     if value is None:
@@ -115,7 +113,7 @@ def explain(
     """Show what the policy decides for an event, and why each earlier rule did not match."""
     from rich.markup import escape
 
-    from ..policy.evaluate import evaluate_undecided, first_failing_property
+    from ..policy.evaluate import evaluate, first_failing_property
     from ..policy.model import FileAttributes, Op
 
     if op is None and target is None:
@@ -138,8 +136,10 @@ def explain(
         measured = generate.measure_file(target)
         attrs = measured.attributes()
     policy = load_policy(file)
-    unknown = _unknown_here(attrs) if measured is not None else frozenset()
-    decision = evaluate_undecided(policy, Op[op], attrs, unknown)
+    here = _evaluated_here(attrs) if measured is not None else attrs
+    always_false = _lost(attrs, here)
+    attrs = here
+    decision = evaluate(policy, Op[op], attrs)
     rules = policy.rules_for(Op[op])
     earlier = rules[: rules.index(decision.rule)] if decision.rule is not None else rules
     misses = [(rule, first_failing_property(rule, attrs)) for rule in earlier]
@@ -150,7 +150,7 @@ def explain(
             "rule": decision.rule_text,
             "line": decision.rule.line if decision.rule else None,
             "skipped": [{"line": r.line, "rule": str(r), "failed": str(p)} for r, p in misses],
-            "unknown": sorted(key.value for key in unknown),
+            "always_false_here": always_false,
             **({"file": generate.measurement_json(measured), "audit": generate.audit_fields(measured, decision)}
                if measured else {}),
         })
@@ -159,10 +159,9 @@ def explain(
     for rule, prop in misses:
         console.print(f"  line {rule.line}: {escape(str(rule))}  [dim](no: {escape(str(prop))})[/]",
                       markup=True, highlight=False)
-    if unknown:
-        names = " and ".join(sorted(key.value for key in unknown))
-        console.print(f"  this kernel cannot know the file's {names}: decided fail-closed (see `ipe-bpf doctor`)",
-                      markup=False)
+    if always_false:
+        console.print(f"  this kernel cannot evaluate the file's {' and '.join(always_false)}: FALSE here "
+                      f"(see `ipe-bpf doctor`)", markup=False)
     colour = "green" if decision.action.name == "ALLOW" else "red"
     where = f" (line {decision.rule.line})" if decision.rule else ""
     console.print(f"[{colour}]{decision.action.name}[/] by {decision.source.value}: "
@@ -172,12 +171,19 @@ def explain(
     generate.exit_with_decision(exit_status, decision)
 
 
-def _unknown_here(attrs: FileAttributes) -> "frozenset[BoolKey]":
-    """The file's signature states the loaded program (or this kernel) cannot know."""
+def _evaluated_here(attrs: "FileAttributes") -> "FileAttributes":
+    """The measured file as the loaded program (or this kernel) evaluates it: what the kernel
+    cannot evaluate is FALSE."""
     from ..kernel.features import running_kernel
 
     found = running_kernel()
-    return found.unknown_states(attrs) if found is not None else frozenset()
+    return found.as_evaluated(attrs) if found is not None else attrs
+
+
+def _lost(measured: "FileAttributes", here: "FileAttributes") -> list[str]:
+    """The properties the file has that this kernel does not see."""
+    return [name for name in ("dmverity_roothash", "dmverity_signature", "fsverity_digest", "fsverity_signature")
+            if getattr(measured, name) != getattr(here, name)]
 
 
 @app.command("format")

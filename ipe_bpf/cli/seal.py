@@ -5,8 +5,6 @@ one clear line (EPERM, sealed since when) before anything is tried, and records 
 attempt (1121 ``op=seal_refused``) in the control log, which the audit daemon forwards.
 """
 
-from __future__ import annotations
-
 import os
 import time
 from pathlib import Path

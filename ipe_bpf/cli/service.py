@@ -3,8 +3,6 @@
 `register(app)` adds them to the main app.  Each command calls one function of ipe_bpf.service.
 """
 
-from __future__ import annotations
-
 import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional

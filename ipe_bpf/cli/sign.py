@@ -1,7 +1,5 @@
 """`ipe-bpf policy sign` and `ipe-bpf policy verify`: PKCS#7 envelopes for kernel IPE."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -14,13 +12,13 @@ if TYPE_CHECKING:
     from ..policy.model import Policy
 
 
-def _parse(content: bytes) -> Policy:
+def _parse(content: bytes) -> "Policy":
     from ..policy.parser import parse_policy  # the parser is only needed once a file is read
 
     return parse_policy(content)
 
 
-def _policy_json(policy: Policy) -> dict[str, str]:
+def _policy_json(policy: "Policy") -> dict[str, str]:
     from ..policy.model import text
 
     return {"name": text(policy.name), "version": policy.version_text}

@@ -1,7 +1,5 @@
 """`ipe-bpf vm build|run|setup`: the bundled test VM (Debian guests on three kernel lines, QEMU)."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys

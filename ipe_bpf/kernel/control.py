@@ -26,7 +26,8 @@ from ..audit.policy_records import (AUDIT_MAC_STATUS, AUDIT_TRUSTED_APP, AuditId
                                     records_lost)
 from ..audit.record import event_size
 from ..errors import IpeBpfError, KernelError
-from . import loader, pins
+from . import features, loader, pins
+from .features import KernelFeatures, PropertySupport
 from .lifecycle import Lifecycle, Listing, PolicyInfo
 from . import maps
 from .maps import Counters, DeviceState, KernelState
@@ -140,6 +141,7 @@ class Status:
     listing: Listing | None  # None: the store could not be read
     store_problem: str | None  # what is damaged in the store, if anything
     memory: tuple[MapMemory, ...] = ()  # the pinned maps' kernel memory (loaded only)
+    always_false: tuple[PropertySupport, ...] = ()  # properties this kernel cannot evaluate: FALSE
 
     @property
     def active(self) -> PolicyInfo | None:
@@ -161,6 +163,7 @@ class Status:
                                   "maps": {m.name: m.as_dict() for m in self.memory}}
         data["active_policy"] = self.active.to_json() if self.active is not None else None
         data["policies"] = [p.to_json() for p in self.listing.policies] if self.listing is not None else []
+        data["always_false"] = {p.property: p.how for p in self.always_false}
         if self.store_problem is not None:
             data["store_error"] = self.store_problem
         return data
@@ -181,9 +184,15 @@ def _store_view(store: PolicyStore) -> tuple[Listing | None, str | None]:
     return listing, None
 
 
+def _always_false(found: KernelFeatures | None) -> tuple[PropertySupport, ...]:
+    return () if found is None else tuple(p for p in found.properties().values() if not p.supported)
+
+
 def status(store: PolicyStore | None = None, *, root: Path = pins.PIN_ROOT,
-           open_kernel: Callable[[Path], KernelView] | None = None) -> Status:
-    """The kernel side (if loaded; read through `open_kernel`, the pinned maps by default)
+           open_kernel: Callable[[Path], KernelView] | None = None,
+           kernel_features: Callable[[], KernelFeatures | None] | None = None) -> Status:
+    """The kernel side (if loaded; read through `open_kernel`, the pinned maps by default),
+    what this kernel cannot evaluate (`kernel_features`: features.running_kernel by default)
     and the store, as one value."""
     store = PolicyStore.default() if store is None else store
     open_kernel = maps.PinnedPolicyMaps if open_kernel is None else open_kernel
@@ -198,4 +207,5 @@ def status(store: PolicyStore | None = None, *, root: Path = pins.PIN_ROOT,
             memory = view.memory()
         hooks = tuple(p.name for p in pins.link_paths(root))
     listing, problem = _store_view(store)
-    return Status(loaded, kernel, hooks, counters, devices, listing, problem, memory)
+    found = (kernel_features or features.running_kernel)()
+    return Status(loaded, kernel, hooks, counters, devices, listing, problem, memory, _always_false(found))

@@ -142,7 +142,7 @@ def kernel_checks() -> list[Check]:
                     f"missing {', '.join(found.missing_hooks)} (what they capture is read another way, or "
                     f"the properties below are unavailable)", False)]
     for prop in found.properties().values():
-        checks.append(Check(f"property {prop.property}", prop.supported, prop.how, False))
+        checks.append(Check(f"property {prop.property}", prop.supported, prop.detail, False))
     for op, hooks in OP_HOOKS.items():
         have = [h for h in hooks if h in found.hooks]
         detail = "judged at " + ", ".join(have) if have else "no hook"

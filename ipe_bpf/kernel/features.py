@@ -14,12 +14,12 @@ import ctypes
 import json
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 from ..errors import KernelError
-from ..policy.model import BoolKey, FileAttributes, Policy, property_keys
+from ..policy.model import BoolProperty, FileAttributes, Policy, Rule, property_keys
 from . import libbpf
 from .pins import HOOKS, LOADED_STATE
 
@@ -70,9 +70,17 @@ class _Btf:
 
 @dataclass(frozen=True)
 class PropertySupport:
+    """One policy property on one kernel.  What the kernel cannot evaluate is FALSE for every
+    file (a signature it keeps no state of, a digest it cannot read), as kernel IPE evaluates a
+    file it has no such fact about; `detail` says so."""
+
     property: str
     supported: bool
     how: str  # the mechanism, or why it cannot work on this kernel
+
+    @property
+    def detail(self) -> str:
+        return self.how if self.supported else f"always FALSE on this kernel: {self.how}"
 
 
 @dataclass(frozen=True)
@@ -112,20 +120,25 @@ class KernelFeatures:
             "fsverity_digest": (fsv is not None, fsv or "neither inode.i_verity_info nor the kfunc"),
             "fsverity_signature": ("inode_setintegrity" in hook and fsv is not None,
                                    "no fs-verity" if fsv is None else "inode_setintegrity hook"
-                                   if "inode_setintegrity" in hook else "no inode_setintegrity hook"),
+                                   if "inode_setintegrity" in hook else "kernel keeps no record of a "
+                                   "verified fs-verity signature (no inode_setintegrity hook)"),
         }
         return {name: PropertySupport(name, ok, how) for name, (ok, how) in found.items()}
 
-    def unknown_states(self, attrs: FileAttributes) -> frozenset[BoolKey]:
-        """The signature states of this file that the program cannot know on this kernel (it
-        decides them fail-closed: policy.evaluate.evaluate_undecided)."""
+    def as_evaluated(self, attrs: FileAttributes) -> FileAttributes:
+        """The file's attributes as the program evaluates them on this kernel: what it cannot
+        evaluate is FALSE (signatures) or absent (digests).  A state the kernel has but the
+        program did not see for this one file (set up before `load`) is another matter: the
+        program decides it fail-closed (policy.evaluate.evaluate_undecided)."""
         props = self.properties()
-        unknown = set()
-        if attrs.dmverity_roothash is not None and not props["dmverity_signature"].supported:
-            unknown.add(BoolKey.DMVERITY_SIGNATURE)
-        if attrs.fsverity_digest is not None and not props["fsverity_signature"].supported:
-            unknown.add(BoolKey.FSVERITY_SIGNATURE)
-        return frozenset(unknown)
+        gone: dict[str, object] = {}
+        for key in ("dmverity_signature", "fsverity_signature"):
+            if not props[key].supported:
+                gone[key] = False
+        for key in ("dmverity_roothash", "fsverity_digest"):
+            if not props[key].supported:
+                gone[key] = None
+        return replace(attrs, **gone) if gone else attrs  # type: ignore[arg-type]
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -231,3 +244,19 @@ def unevaluable(policy: Policy, found: KernelFeatures) -> tuple[PropertySupport,
     """The properties the policy uses that this kernel cannot evaluate."""
     support = found.properties()
     return tuple(support[p] for p in sorted(policy_properties(policy)) if not support[p].supported)
+
+
+def _effect(rule: Rule, prop: str) -> str:
+    """What `prop` being FALSE for every file does to one rule that tests it."""
+    tested = [p for p in rule.properties if p.key.value == prop]
+    if all(isinstance(p, BoolProperty) and not p.value for p in tested):
+        return f"{prop}=FALSE holds for every file (its {rule.action.name} applies to signed files too)"
+    return f"never matches (its {rule.action.name} never applies)"
+
+
+def unevaluable_effects(policy: Policy, support: PropertySupport) -> str:
+    """The rules whose outcome hangs on a property this kernel cannot evaluate, by line, and what
+    each does here: what `--allow-unevaluable` accepted."""
+    return "; ".join(f"line {rule.line} `{rule}` {_effect(rule, support.property)}"
+                     for rule in policy.rules
+                     if any(p.key.value == support.property for p in rule.properties))

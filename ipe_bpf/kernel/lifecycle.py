@@ -49,7 +49,7 @@ from ..errors import IpeBpfError, KernelError, LifecycleError
 from ..policy.model import text
 from .results import Listing, Outcome, PolicyInfo
 from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_text
-from .features import KernelFeatures, unevaluable
+from .features import KernelFeatures, unevaluable, unevaluable_effects
 
 if TYPE_CHECKING:  # signatures, parsing and compiling are imported by what uses them: `status` needs none
     from ..policy.compiler import Tables
@@ -185,7 +185,7 @@ class Lifecycle:
         from .submission import open_submission
 
         sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
-        self._check_evaluable(sub, allow_unevaluable)
+        accepted = self._check_evaluable(sub, allow_unevaluable)
         with self.store.locked():
             state = self.store.load()
             if state.find(sub.policy.name) is not None:
@@ -197,7 +197,7 @@ class Lifecycle:
             new_state = state.with_deployed(stored)
             outcome = self._commit(state, new_state, records, stored, applied=False,
                                    blobs={stored.blob_name: sub.blob}, caches=_tables_cache(stored, sub))
-            return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
+            return replace(outcome, warnings=(*sub.warnings, *accepted, *outcome.warnings))
 
     def activate(self, name: bytes) -> Outcome:
         """Make ``name`` the active policy (installed now if loaded, else at `load`)."""
@@ -231,7 +231,7 @@ class Lifecycle:
             from .submission import open_submission
 
             sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
-            self._check_evaluable(sub, allow_unevaluable)
+            accepted = self._check_evaluable(sub, allow_unevaluable)
             if sub.policy.name != name:
                 raise LifecycleError("EINVAL", f"the new policy is named {_quote(sub.policy.name)},"
                                      f" not {_quote(name)}")
@@ -252,7 +252,7 @@ class Lifecycle:
                                    applied=applied, blobs={stored.blob_name: sub.blob},
                                    caches=_tables_cache(stored, sub),
                                    undo=lambda: self._restore(old))
-            return replace(outcome, warnings=(*sub.warnings, *outcome.warnings))
+            return replace(outcome, warnings=(*sub.warnings, *accepted, *outcome.warnings))
 
     def delete(self, name: bytes) -> Outcome:
         """Remove a deployed policy that is not active."""
@@ -324,20 +324,22 @@ class Lifecycle:
 
     # ------------------------------------------------------------------- internals
 
-    def _check_evaluable(self, sub: Submission, allow: bool) -> None:
-        """EOPNOTSUPP for a policy using properties this kernel cannot evaluate, unless allowed:
-        it must never be evaluated differently without the admin saying so."""
+    def _check_evaluable(self, sub: Submission, allow: bool) -> tuple[str, ...]:
+        """EOPNOTSUPP for a policy using properties this kernel cannot evaluate (FALSE for every
+        file here), unless allowed: it must never be evaluated differently without the admin
+        saying so.  Allowed: a warning per property, naming the rules it changes."""
         found = self._kernel() if self._kernel is not None else None
         missing = unevaluable(sub.policy, found) if found is not None else ()
-        if not missing or allow:
-            return
-        what = "; ".join(f"{p.property}: {p.how}" for p in missing)
-        raise LifecycleError("EOPNOTSUPP", f"policy {_quote(sub.policy.name)} uses "
-                             f"{', '.join(p.property for p in missing)}, which this kernel "
-                             f"({os.uname().release}) cannot evaluate ({what}); rules that hang on "
-                             f"them would decide differently than written (signature states "
-                             f"unknown: denied; digests: never matched); --allow-unevaluable "
-                             f"accepts that")
+        release = os.uname().release
+        if missing and not allow:
+            what = "; ".join(f"{p.property}: {p.how}" for p in missing)
+            raise LifecycleError("EOPNOTSUPP", f"policy {_quote(sub.policy.name)} uses "
+                                 f"{', '.join(p.property for p in missing)}, which this kernel "
+                                 f"({release}) cannot evaluate ({what}): it would evaluate as FALSE "
+                                 f"for every file, and rules testing it would decide differently "
+                                 f"than written; --allow-unevaluable accepts that")
+        return tuple(f"--allow-unevaluable: {p.property} is always FALSE on this kernel ({release}: "
+                     f"{p.how}); rules it changes: {unevaluable_effects(sub.policy, p)}" for p in missing)
 
     def _new_record(self, state: StoreState, sub: Submission) -> StoredPolicy:
         digest = sha256_hex(sub.blob)

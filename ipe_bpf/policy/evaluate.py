@@ -74,10 +74,12 @@ def property_holds(prop: Property, attrs: FileAttributes) -> bool:
 
 def evaluate_undecided(policy: Policy, op: Op, attrs: FileAttributes,
                        unknown: frozenset[BoolKey] = frozenset()) -> Decision:
-    """Decide as the kernel does when it cannot know some signature states (``unknown``: a kernel
-    without the hooks that report them): the decision with them FALSE stands, unless making one
-    or both TRUE turns it into a DENY, which then wins (fail-closed; tried in the order
-    dmverity_signature, fsverity_signature, both, like bpf/ipe_bpf.bpf.c's ipe_decide_all)."""
+    """Decide as the program does when it has no record of some signature states of this one
+    file (``unknown``: its kernel keeps them, but the file or device was set up before the
+    program was loaded): the decision with them FALSE stands, unless making one or both TRUE
+    turns it into a DENY, which then wins (fail-closed; tried in the order dmverity_signature,
+    fsverity_signature, both, like bpf/ipe_bpf.bpf.c's ipe_decide_all).  A state the kernel keeps
+    none of is FALSE, not unknown: kernel.features.KernelFeatures.as_evaluated."""
     unknown = unknown & {BoolKey.DMVERITY_SIGNATURE, BoolKey.FSVERITY_SIGNATURE}
     unset = {key.value: False for key in unknown}
     base = evaluate(policy, op, replace(attrs, **unset))

@@ -15,6 +15,7 @@ from ipe_bpf.cli import app
 from ipe_bpf.generate.fsverity import file_digest
 from ipe_bpf.generate.volumes import sign_roothash
 from ipe_bpf.policy import signing
+from ipe_bpf.policy.model import Digest
 from ipe_bpf.policy.parser import parse_policy
 
 from .signing_fixtures import Pki, openssl, pki  # noqa: F401
@@ -113,6 +114,29 @@ def test_explain_file_measures_the_real_file(tmp_path: Path, programs: Path) -> 
     assert allow.exit_code == 0 and "ALLOW" in allow.stdout
     both = runner.invoke(app, ["policy", "explain", str(pol), "--file", "/usr/bin/true", "--boot-verified"])
     assert both.exit_code == 2
+
+
+def test_explain_file_takes_what_this_kernel_cannot_evaluate_as_false(tmp_path: Path, programs: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a 6.1-like kernel a signed fs-verity file is evaluated as unsigned, as the program does."""
+    from dataclasses import replace
+
+    from ipe_bpf.cli import generate
+    from ipe_bpf.kernel import features, measure
+    from ipe_bpf.kernel.pins import HOOKS
+
+    real = measure.measure(programs / "true")
+    signed = replace(real, fsverity=Digest(b"sha256", file_digest(programs / "true")), fsverity_signed=True)
+    monkeypatch.setattr(generate, "measure_file", lambda path: signed)
+    no_hooks = tuple(h for h in HOOKS if "integrity" not in h)
+    monkeypatch.setattr(features, "running_kernel", lambda: features.KernelFeatures(no_hooks, "inode", None, True, False, True, False))
+    pol = tmp_path / "p.pol"
+    pol.write_text("policy_name=p policy_version=0.0.1\nDEFAULT action=ALLOW\n"
+                   "op=EXECUTE fsverity_signature=TRUE action=DENY\n")
+    out = json.loads(runner.invoke(app, ["policy", "explain", str(pol), "--file", str(programs / "true"), "--json"]).stdout)
+    assert (out["action"], out["always_false_here"]) == ("ALLOW", ["fsverity_signature"])
+    human = runner.invoke(app, ["policy", "explain", str(pol), "--file", str(programs / "true")]).stdout
+    assert "cannot evaluate the file's fsverity_signature: FALSE here" in human
 
 
 def test_roothash_signature_is_what_openssl_makes(tmp_path: Path, pki: Pki) -> None:

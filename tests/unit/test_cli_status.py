@@ -301,3 +301,40 @@ def test_status_shows_the_map_memory(loaded: type[FakeKernel], state: Path) -> N
     data = json.loads(runner.invoke(APP, ["status", "--json"]).stdout)["map_memory"]
     assert data["total"] == (4 << 20) + 4096
     assert data["maps"]["ipe_rules"] == {"memlock": 3 << 20, "key_size": 12, "value_size": 8, "max_entries": 1 << 21}
+
+
+def test_status_says_which_properties_are_always_false_here(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipe_bpf.kernel import features
+    from ipe_bpf.kernel.pins import HOOKS
+
+    no_hooks = tuple(h for h in HOOKS if "integrity" not in h)
+    kernel_6_1 = features.KernelFeatures(no_hooks, "inode", "6.1", True, False, True, False)
+    monkeypatch.setattr(features, "running_kernel", lambda: kernel_6_1)
+    data = json.loads(runner.invoke(APP, ["status", "--json"]).stdout)
+    assert sorted(data["always_false"]) == ["dmverity_signature", "fsverity_signature"]
+    text = runner.invoke(APP, ["status"]).stdout
+    assert "property dmverity_signature: always FALSE on this kernel: kernel keeps no dm-verity signature state" in text
+    assert "property fsverity_signature: always FALSE on this kernel: kernel keeps no record" in text
+    monkeypatch.setattr(features, "running_kernel", lambda: features.KernelFeatures(HOOKS, "inode", "6.5+", True, True, True, False))
+    assert "always FALSE" not in runner.invoke(APP, ["status"]).stdout
+
+
+def test_deploy_cli_refuses_what_this_kernel_cannot_evaluate_unless_allowed(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from ipe_bpf.cli import app
+    from ipe_bpf.kernel import features
+    from ipe_bpf.kernel.pins import HOOKS
+
+    no_hooks = tuple(h for h in HOOKS if "integrity" not in h)
+    monkeypatch.setattr(features, "running_kernel",
+                        lambda: features.KernelFeatures(no_hooks, "inode", "6.1", True, False, True, False))
+    pol = state / "u.pol"
+    pol.write_bytes(b"policy_name=u policy_version=1.0.0\nDEFAULT action=ALLOW\nop=EXECUTE fsverity_signature=TRUE action=DENY\n")
+    refused = runner.invoke(app, ["policy", "deploy", "--unsigned", str(pol)])
+    assert refused.exit_code == 1 and refused.stderr.startswith("deploy: EOPNOTSUPP: policy \"u\" uses fsverity_signature")
+    assert os.uname().release in refused.stderr and "evaluate as FALSE" in refused.stderr
+    taken = runner.invoke(app, ["policy", "deploy", "--unsigned", "--allow-unevaluable", str(pol)])
+    assert taken.exit_code == 0, taken.stderr
+    assert "warning: --allow-unevaluable: fsverity_signature is always FALSE on this kernel" in taken.stderr
+    assert "line 3 `op=EXECUTE fsverity_signature=TRUE action=DENY` never matches" in taken.stderr

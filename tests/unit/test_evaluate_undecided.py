@@ -1,5 +1,7 @@
-"""Signature states the kernel cannot know are decided fail-closed, as bpf/ipe_bpf.bpf.c's
-ipe_decide_all does: what the explain command and the VM's differential tests expect."""
+"""Signature states: one the kernel keeps none of is FALSE (KernelFeatures.as_evaluated, as
+bpf/ipe_bpf.bpf.c reads them), one it keeps but the program has no record of for a file is
+decided fail-closed (evaluate_undecided, as ipe_decide_all does): what the explain command and
+the VM's differential tests expect."""
 
 from __future__ import annotations
 
@@ -49,13 +51,30 @@ def test_both_unknown_tries_them_together() -> None:
     assert evaluate_undecided(p, Op.EXECUTE, attrs, frozenset({DMV, FSS})).action is Action.DENY
 
 
+NO_HOOKS = tuple(h for h in HOOKS if not h.endswith("setintegrity"))
+SIGNED = FileAttributes(dmverity_roothash=ROOT, dmverity_signature=True, fsverity_digest=FSV, fsverity_signature=True)
+
+
 @pytest.mark.parametrize("hooks, dm_signature, want", [
-    (HOOKS, False, frozenset()),  # 6.12: the hooks report both
-    (tuple(h for h in HOOKS if not h.endswith("setintegrity")), False, frozenset({DMV, FSS})),  # 6.1
-    (tuple(h for h in HOOKS if not h.endswith("setintegrity")), True, frozenset({FSS})),
+    (HOOKS, False, SIGNED),  # 6.12: the hooks report both
+    (NO_HOOKS, False, FileAttributes(dmverity_roothash=ROOT, fsverity_digest=FSV)),  # 6.1: keeps neither
+    (NO_HOOKS, True, FileAttributes(dmverity_roothash=ROOT, dmverity_signature=True, fsverity_digest=FSV)),
 ])
-def test_the_kernel_says_which_states_it_cannot_know(hooks: tuple[str, ...], dm_signature: bool,
-                                                     want: frozenset[BoolKey]) -> None:
+def test_a_signature_state_the_kernel_keeps_none_of_is_false(hooks: tuple[str, ...], dm_signature: bool,
+                                                            want: FileAttributes) -> None:
     found = KernelFeatures(hooks, "inode", None, True, dm_signature, True, False)
-    assert found.unknown_states(FileAttributes(dmverity_roothash=ROOT, fsverity_digest=FSV)) == want
-    assert found.unknown_states(FileAttributes()) == frozenset()  # no verity: both known FALSE
+    assert found.as_evaluated(SIGNED) == want
+    assert found.as_evaluated(FileAttributes()) == FileAttributes()
+
+
+def test_on_6_1_a_signature_false_rule_matches_signed_files_and_is_not_fail_closed() -> None:
+    p = policy("op=EXECUTE dmverity_signature=FALSE fsverity_signature=FALSE action=ALLOW", default="DENY")
+    kernel_6_1 = KernelFeatures(NO_HOOKS, "inode", None, True, False, True, False)
+    assert evaluate(p, Op.EXECUTE, SIGNED).action is Action.DENY  # where the kernel keeps them
+    d = evaluate(p, Op.EXECUTE, kernel_6_1.as_evaluated(SIGNED))
+    assert d.action is Action.ALLOW and d.rule is p.rules[0]
+
+
+def test_a_digest_the_kernel_cannot_read_is_absent() -> None:
+    no_fsverity = KernelFeatures(HOOKS, None, None, True, True, True, False)
+    assert no_fsverity.as_evaluated(SIGNED) == FileAttributes(dmverity_roothash=ROOT, dmverity_signature=True)

@@ -3,6 +3,7 @@ object opened through this machine's libbpf, and what a kernel's features allow.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -137,8 +138,12 @@ def test_a_policy_this_kernel_cannot_evaluate_is_refused_unless_allowed(tmp_path
     with pytest.raises(LifecycleError) as err:
         life.deploy(text, [], allow_unsigned=True, source="p.pol")
     assert err.value.errno_name == "EOPNOTSUPP" and "dmverity_signature" in str(err.value)
+    assert os.uname().release in str(err.value) and "evaluate as FALSE" in str(err.value)
     assert life.list().policies == ()  # nothing stored
-    assert life.deploy(text, [], allow_unsigned=True, allow_unevaluable=True).changed
+    accepted = life.deploy(text, [], allow_unsigned=True, allow_unevaluable=True)
+    assert accepted.changed
+    assert [w for w in accepted.warnings if "dmverity_signature is always FALSE" in w and
+            "line 3 `op=EXECUTE dmverity_signature=TRUE action=DENY` never matches" in w]
     plain = b"policy_name=q policy_version=1.0.0\nDEFAULT action=ALLOW\nop=EXECUTE boot_verified=TRUE action=DENY\n"
     assert life.deploy(plain, [], allow_unsigned=True).changed  # what 6.1 can evaluate is not refused
 
@@ -149,3 +154,40 @@ def test_no_kernel_to_check_against_on_a_machine_without_bpf_lsm(tmp_path: Path)
     lsm = tmp_path / "lsm"
     lsm.write_text("capability,landlock,yama,apparmor")
     assert running_kernel(tmp_path / "none.json", lsm) is None
+
+
+def test_allow_unevaluable_names_each_rule_and_what_it_does_here(tmp_path: Path) -> None:
+    """update too; a rule testing =FALSE now holds for every file, one testing =TRUE never matches,
+    a rule not testing the property is not named."""
+    from ipe_bpf.errors import LifecycleError
+    from ipe_bpf.kernel.lifecycle import Lifecycle
+    from ipe_bpf.kernel.store import PolicyStore
+
+    kernel_6_1 = _features(hooks=tuple(h for h in HOOKS if "integrity" not in h), dm_table_signature=False)
+    life = Lifecycle(PolicyStore(tmp_path), kernel=lambda: kernel_6_1)
+    head = "policy_name=p policy_version={}\nDEFAULT action=ALLOW\n"
+    life.deploy(head.format("1.0.0").encode(), [], allow_unsigned=True)
+    text = (head.format("1.0.1") + "op=EXECUTE boot_verified=TRUE action=ALLOW\n"
+            "op=EXECUTE fsverity_signature=FALSE action=DENY\n"
+            "op=EXECUTE fsverity_signature=TRUE action=ALLOW\n").encode()
+    with pytest.raises(LifecycleError) as err:
+        life.update(b"p", text, [], allow_unsigned=True)
+    assert err.value.errno_name == "EOPNOTSUPP" and "fsverity_signature" in str(err.value)
+    out = life.update(b"p", text, [], allow_unsigned=True, allow_unevaluable=True)
+    (warning,) = [w for w in out.warnings if "fsverity_signature is always FALSE" in w]
+    assert "line 4 `op=EXECUTE fsverity_signature=FALSE action=DENY` fsverity_signature=FALSE holds for every file" in warning
+    assert "line 5 `op=EXECUTE fsverity_signature=TRUE action=ALLOW` never matches (its ALLOW never applies)" in warning
+    assert "line 3" not in warning
+
+
+def test_doctor_says_what_is_always_false_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipe_bpf.kernel import doctor, features
+
+    kernel_6_1 = _features(hooks=tuple(h for h in HOOKS if "integrity" not in h), dm_table_signature=False)
+    monkeypatch.setattr(features, "probe", lambda: kernel_6_1)
+    monkeypatch.setattr(features, "load_modules", lambda: None)
+    details = {c.name: c for c in doctor.kernel_checks()}
+    for prop in ("dmverity_signature", "fsverity_signature"):
+        check = details[f"property {prop}"]
+        assert not check.ok and check.detail.startswith("always FALSE on this kernel: kernel keeps no"), check
+    assert details["property fsverity_digest"].ok and "FALSE" not in details["property fsverity_digest"].detail

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ipe_bpf.audit.record import AccessRecord
 from ipe_bpf.kernel.features import running_kernel
-from ipe_bpf.policy.evaluate import Source, evaluate_undecided
+from ipe_bpf.policy.evaluate import Source, evaluate
 from ipe_bpf.policy.model import Digest, FileAttributes, Op
 from ipe_bpf.policy.parser import parse_policy
 
@@ -88,14 +88,14 @@ def test_kernel_equals_reference_evaluator(ipe: Kernel) -> None:
         maps.set_success_audit(True)
     mismatches = []
     checked = 0
-    here = running_kernel()  # signature states it cannot know are decided fail-closed
+    here = running_kernel()  # what it cannot evaluate is FALSE
     assert here is not None
     for n in range(POLICIES):
         text = _random_policy(rng, ipe, n)
         parsed = parse_policy(text.encode())
         recs = exec_under(ipe, text, files)
         for path, attrs in files.items():
-            want = evaluate_undecided(parsed, Op.EXECUTE, attrs, here.unknown_states(attrs))
+            want = evaluate(parsed, Op.EXECUTE, here.as_evaluated(attrs))
             want_index = parsed.rules.index(want.rule) if want.rule is not None else None
             got = [r for r in recs if r.hook == "BPRM_CHECK" and r.path == str(path).encode()]
             if len(got) != 1:

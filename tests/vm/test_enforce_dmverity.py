@@ -66,3 +66,20 @@ def test_dmverity_signature_false(ipe: Kernel) -> None:
     assert ipe.exec_status(prog) == EACCES
     ipe.activate(policy(f"op=EXECUTE dmverity_signature=FALSE fsverity_digest={ipe.bad_digest} action=DENY"))
     assert ipe.exec_status(ipe.bad) == EACCES  # no dm-verity at all: signature is FALSE
+
+
+def test_dmverity_signature_of_an_unsigned_volume_is_false_on_every_line(ipe: Kernel) -> None:
+    """Both volumes are unsigned.  6.12+ knows it (hook, or the table's kept signature); 6.1's
+    dm-verity keeps no signature state, and there it is FALSE too (never decided fail-closed:
+    a rule allowing unsigned volumes before a deny is taken, the `undecidable` count stays)."""
+    with ipe.maps() as maps:
+        before = maps.counters().undecidable
+    for vol in (ipe.hooked_volume, ipe.early_volume):
+        prog = vol.mount / "prog"
+        ipe.activate(policy(f"op=EXECUTE {vol.property} dmverity_signature=FALSE action=ALLOW",
+                            f"op=EXECUTE {vol.property} action=DENY"))
+        assert ipe.exec_status(prog) == 0, vol.name
+        ipe.activate(policy(f"op=EXECUTE {vol.property} dmverity_signature=TRUE action=DENY"))
+        assert ipe.exec_status(prog) == 0, vol.name
+    with ipe.maps() as maps:
+        assert maps.counters().undecidable == before

@@ -249,7 +249,8 @@ def test_full_ring_buffer_drops_records_and_never_blocks_or_denies(ipe: Kernel) 
 
 def test_doctor_reports_a_ready_machine_and_what_this_kernel_can_evaluate(kernel: Kernel) -> None:
     """Every fatal check passes; per property, doctor says what the kernel's BTF shows: the
-    signature properties need the setintegrity hooks (6.12+), the rest every line has."""
+    signature properties need the setintegrity hooks (6.12+; without them doctor and status
+    say they are always FALSE), the rest every line has."""
     r = subprocess.run(["python3", "-m", "ipe_bpf", "doctor", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     checks = {c["name"]: c for c in json.loads(r.stdout)}
@@ -260,6 +261,39 @@ def test_doctor_reports_a_ready_machine_and_what_this_kernel_can_evaluate(kernel
     has_hooks = "bpf_lsm_bdev_setintegrity" in hooks and "bpf_lsm_inode_setintegrity" in hooks
     for prop in ("boot_verified", "dmverity_roothash", "fsverity_digest"):
         assert checks[f"property {prop}"]["ok"], checks[f"property {prop}"]
-    assert checks["property fsverity_signature"]["ok"] == has_hooks
+    for prop in ("dmverity_signature", "fsverity_signature"):
+        check = checks[f"property {prop}"]
+        assert check["ok"] == has_hooks, check
+        assert check["detail"].startswith("always FALSE on this kernel: kernel keeps no") != has_hooks, check
     assert checks["hooks"]["ok"] == has_hooks
+    status = json.loads(subprocess.run(["python3", "-m", "ipe_bpf", "status", "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert sorted(status["always_false"]) == ([] if has_hooks else ["dmverity_signature", "fsverity_signature"])
     assert all(checks[f"op {op}"]["ok"] for op in ("EXECUTE", "KMODULE", "FIRMWARE")), checks
+
+
+def test_deploy_refuses_a_property_this_kernel_cannot_evaluate_unless_allowed(kernel: Kernel, tmp_path: Path) -> None:
+    """Through the CLI: where the kernel keeps no signature state (6.1), deploying a policy that
+    tests fsverity_signature fails with EOPNOTSUPP naming the property, the release and FALSE;
+    --allow-unevaluable deploys it with a warning naming the rule's line.  Elsewhere it deploys."""
+    hooks = Path("/proc/kallsyms").read_text()
+    kept = "bpf_lsm_inode_setintegrity" in hooks
+    path = tmp_path / "unevaluable.pol"
+    path.write_text(policy("op=EXECUTE fsverity_signature=TRUE action=DENY", name="unevaluable"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["python3", "-m", "ipe_bpf", *args], capture_output=True, text=True)
+
+    try:
+        first = cli("policy", "deploy", "--unsigned", str(path))
+        if kept:
+            assert first.returncode == 0 and "always FALSE" not in first.stderr, first.stderr
+            return
+        assert first.returncode == 1, first.stderr
+        assert first.stderr.startswith("deploy: EOPNOTSUPP: ") and "fsverity_signature" in first.stderr
+        assert os.uname().release in first.stderr and "evaluate as FALSE" in first.stderr
+        second = cli("policy", "deploy", "--unsigned", "--allow-unevaluable", str(path))
+        assert second.returncode == 0, second.stderr
+        assert "fsverity_signature is always FALSE" in second.stderr and "line 3 " in second.stderr
+    finally:
+        cli("policy", "delete", "unevaluable")

@@ -43,3 +43,30 @@ def test_fsverity_builtin_signature(ipe: Kernel) -> None:
     ipe.activate(policy(f"op=EXECUTE fsverity_signature=FALSE fsverity_digest={measure(unsigned)} action=DENY"))
     assert ipe.exec_status(unsigned) == EACCES
     assert ipe.exec_status(signed) == 0
+
+
+def test_fsverity_signature_as_this_kernel_keeps_it(ipe: Kernel) -> None:
+    """Every line: a signed fs-verity file enabled after the load.  Where the kernel reports the
+    verified signature (inode_setintegrity) it is TRUE; where it keeps no record of it (6.1) it
+    is FALSE, as kernel IPE evaluates a file with no verified signature: never decided
+    fail-closed (the `undecidable` count stays)."""
+    from .conftest import FEATURES
+
+    key, cert = _signing_key()
+    signed = FSV / "signed-any-line"
+    signed.write_bytes(ipe.good.read_bytes() + b"\5")
+    signed.chmod(0o755)
+    sig = SCRATCH / "signed-any-line.sig"
+    sh("fsverity", "sign", signed, sig, "--key", key, "--cert", cert)
+    sh("fsverity", "enable", signed, f"--signature={sig}")
+    digest = measure(signed)
+    kept = FEATURES["setintegrity_hooks"].present()
+    with ipe.maps() as maps:
+        before = maps.counters().undecidable
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={digest} fsverity_signature=TRUE action=DENY"))
+    assert ipe.exec_status(signed) == (EACCES if kept else 0)
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={digest} fsverity_signature=FALSE action=ALLOW",
+                        f"op=EXECUTE fsverity_digest={digest} action=DENY"))
+    assert ipe.exec_status(signed) == (EACCES if kept else 0)
+    with ipe.maps() as maps:
+        assert maps.counters().undecidable == before

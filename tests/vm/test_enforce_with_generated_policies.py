@@ -25,7 +25,7 @@ from ipe_bpf.audit.render import ipe_text, json_line
 from ipe_bpf.cli import app
 from ipe_bpf.kernel import measure
 from ipe_bpf.kernel.features import running_kernel
-from ipe_bpf.policy.evaluate import evaluate_undecided
+from ipe_bpf.policy.evaluate import evaluate
 from ipe_bpf.policy.model import Op
 from ipe_bpf.policy.parser import format_rule, parse_policy
 
@@ -145,7 +145,7 @@ def test_explain_file_agrees_with_the_kernel(ipe: Kernel, tmp_path: Path) -> Non
     with ipe.maps() as maps:
         maps.set_success_audit(True)
     measured = {path: measure.measure(path) for path in files}
-    here = running_kernel()  # signature states it cannot know are decided fail-closed
+    here = running_kernel()  # what it cannot evaluate is FALSE
     assert here is not None
     mismatches = []
     for n in range(12):
@@ -157,7 +157,7 @@ def test_explain_file_agrees_with_the_kernel(ipe: Kernel, tmp_path: Path) -> Non
         for path in files:
             got = kernel[str(path).encode()]
             attrs = measured[path].attributes()
-            want = evaluate_undecided(parsed, Op.EXECUTE, attrs, here.unknown_states(attrs))
+            want = evaluate(parsed, Op.EXECUTE, here.as_evaluated(attrs))
             if got.action != want.action.name:
                 mismatches.append((n, str(path), got.action, want.action.name))
             if n < 3:  # the CLI itself, for the first policies
