@@ -75,7 +75,8 @@ def host_compile_100k() -> dict:
 
     row = measure(100_000, 1)
     return {"rules": row.rules, "compile_s": round(row.compile_s, 2), "compile_cpu_s": round(row.compile_cpu_s, 2),
-            "encode_s": round(row.encode_s, 2), "digests": row.digests, "rule_entries": row.rule_entries}
+            "encode_s": round(row.encode_s, 2), "encode_cpu_s": round(row.encode_cpu_s, 2), "digests": row.digests,
+            "rule_entries": row.rule_entries}
 
 
 def _start(row: dict) -> str:
@@ -131,15 +132,18 @@ def _facts(data: dict) -> list[str]:
     cli = data.get("cli")
     if cli:
         mem = cli["memory_100k"]
+        cpu = (f" (CPU {cli['deploy_100k_cpu_s']} s + {cli['activate_100k_cpu_s']} s; the rest is waiting on the "
+               f"virtual disk)" if "deploy_100k_cpu_s" in cli else "")
         lines.append(f"- CLI, 100k rules: `ipe-bpf policy deploy` {cli['deploy_100k_s']} s + `policy activate` "
-                     f"{cli['activate_100k_s']} s of guest time; map memory then {_mib(sum(mem.values()))}; "
+                     f"{cli['activate_100k_s']} s of guest time{cpu}; map memory then {_mib(sum(mem.values()))}; "
                      f"{_start(cli)}")
     for row in data.get("fapolicyd_start", []):
         lines.append(f"- fapolicyd with {_size(row['rules'])} trust entries: ready after {row['seconds']} s")
     host = data.get("host_compile")
     if host:
         lines.append(f"- host compile of 100k mixed rules (compile_bench.py): {host['compile_s']} s "
-                     f"(cpu {host['compile_cpu_s']} s) + encode {host['encode_s']} s; {host['digests']} digests, "
+                     f"(cpu {host['compile_cpu_s']} s) + packing the tables {host['encode_s']} s"
+                     f"{' (cpu ' + str(host['encode_cpu_s']) + ' s)' if 'encode_cpu_s' in host else ''}; {host['digests']} digests, "
                      f"{host['rule_entries']} rule entries")
     for row in data.get("load", []):
         what = f"{row['load_s']} s" if "load_s" in row else row.get("error", "?")
