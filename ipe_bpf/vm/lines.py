@@ -34,9 +34,6 @@ class KernelLine:
     glibc: tuple[int, int]  # the guest's C library (which manylinux wheels run there)
     pinned: str | None  # the release; None: the newest kernel_suite serves
     bcc: bool  # BCC and the kernel headers it compiles against (the BCC development loader)
-    # Under -icount (shift=0, sleep=off) bookworm's 6.1 never brings its second CPU up (it stops
-    # at "x86: Booting SMP configuration"); 6.12 and 7.x do.  Such a line boots one CPU there.
-    icount_smp: bool = True
 
     @property
     def backports(self) -> bool:
@@ -49,8 +46,7 @@ class KernelLine:
 # Pinned 2026-12-01 from the mirror's package index: bookworm serves 6.1.0-50 (Debian
 # 6.1.176-1) and trixie 6.12.117 (6.12.117-1); trixie-backports' newest was 7.3.4 (7.3.4-1~bpo13+1).
 LINES: tuple[KernelLine, ...] = (
-    KernelLine("6.1", "bookworm", "bookworm", "6.1.", "3.11", (2, 36), "6.1.0-50-cloud-amd64", bcc=False,
-               icount_smp=False),
+    KernelLine("6.1", "bookworm", "bookworm", "6.1.", "3.11", (2, 36), "6.1.0-50-cloud-amd64", bcc=False),
     KernelLine("6.12", "trixie", "trixie", "6.12.", "3.13", (2, 41), "6.12.117+deb13-cloud-amd64", bcc=True),
     KernelLine("7.x", "trixie", "trixie-backports", "7.", "3.13", (2, 41), None, bcc=False),
 )
