@@ -17,8 +17,11 @@ entries (one when the policy tests no boolean, as a digest allowlist does) and a
 digest entries: the tables are O(number of rules), and a decision costs at most 2 digest
 lookups, 4 rule lookups and 1 defaults lookup whatever the policy size.
 
-`encode()` turns the tables into map entries for a slot; ipe_bpf.policy.lookup decides events
-from them exactly as the BPF program does; ipe_bpf.policy.abi holds the header's constants.
+`CompiledPolicy.tables` packs them back to back (`Tables`: what install writes, and what
+deploy keeps beside the policy, policy/tables_file.py); `encode()` splits them into map entries
+for a slot, for ipe_bpf.policy.lookup, which decides events from them exactly as the BPF program
+does; ipe_bpf.policy.abi holds the header's constants.  Rules the parser kept as DigestRows (the
+canonical one-digest line of an allowlist) are compiled without making Rule objects.
 """
 
 from __future__ import annotations
