@@ -109,7 +109,6 @@ class Codecs:
         self.digest_key = h.struct("ipe_digest_key").packer("slot", "kind", "alg_len", "len", "alg", "value")
         self.rule_key = h.struct("ipe_rule_key").packer("slot", "op", "shape", "bools", "roothash_id", "digest_id")
         self.rule_value_layout = h.struct("ipe_rule_value")
-        self.rule_value = self.rule_value_layout.packer("index", "action")
         self.defaults_layout = h.struct("ipe_policy_defaults")
         self.defaults = self.defaults_layout.packer("op_default", "global_default", "shapes", "bool_mask", "generation", "epoch")
         # A digest id has the type of the rule key's id fields.

@@ -48,7 +48,7 @@ _DIGEST_PREFIXES = {f"{key.value}=".encode(): key for key in DigestKey}
 
 # The line every allowlist is made of, written canonically (single spaces, no comment, a plain
 # algorithm name, even-length hex): read in one match.  Any other line takes the general path,
-# which gives the same rule for this one (tests/unit/test_parser_fast.py).
+# which gives the same rule for this one (tests/unit/test_fast_paths.py).
 _ONE_DIGEST_RULE = re.compile(
     b"op=(" + b"|".join(op.name.encode() for op in POLICY_OPS) + b") ("
     + b"|".join(key.value.encode() for key in DigestKey) + b")=([0-9A-Za-z_-]+):([0-9a-fA-F]+) action=("
