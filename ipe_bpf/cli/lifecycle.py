@@ -134,13 +134,15 @@ def deploy(
     trust: TrustOption = DEFAULT_TRUST,
     unsigned: UnsignedOption = False,
     allow_unevaluable: UnevaluableOption = False,
+    activate_too: Annotated[bool, typer.Option(
+        "--activate", help="Also make it the active policy, in the same change (both or neither).")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Deploy a signed policy (kernel IPE's new_policy). It is not activated."""
+    """Deploy a signed policy (kernel IPE's new_policy). It is not activated unless --activate."""
     blob = _read("deploy", file)
     with open_lifecycle("deploy", attempt="policy deploy") as life:
         outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file),
-                              allow_unevaluable=allow_unevaluable)
+                              allow_unevaluable=allow_unevaluable, activate=activate_too)
     _warn_unsigned(unsigned, outcome)
     print_warnings(outcome)
     if as_json:
@@ -148,9 +150,12 @@ def deploy(
         return
     assert outcome.policy is not None
     digest = outcome.policy.digest.upper()
-    _say(f"deployed {_describe(outcome)} (sha256:{digest[:16]}…, generation "
-         f"{outcome.policy.generation}); activate it with `ipe-bpf policy activate "
-         f"{outcome.policy.name_text}`")
+    what = f"{_describe(outcome)} (sha256:{digest[:16]}…, generation {outcome.policy.generation})"
+    if activate_too:
+        note = _kernel_note(outcome, life.loaded)
+        _say(f"deployed and activated {what}" + (f" ({note})" if note else ""))
+        return
+    _say(f"deployed {what}; activate it with `ipe-bpf policy activate {outcome.policy.name_text}`")
     if not life.loaded:
         _say(f"note: {NOT_LOADED}")
 

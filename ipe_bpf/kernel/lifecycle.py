@@ -180,8 +180,10 @@ class Lifecycle:
     # ------------------------------------------------------------------- operations
 
     def deploy(self, blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
-               source: str | None = None, allow_unevaluable: bool = False) -> Outcome:
-        """Store a new policy (never activates it).  ``source`` names the blob in errors."""
+               source: str | None = None, allow_unevaluable: bool = False,
+               activate: bool = False) -> Outcome:
+        """Store a new policy; with ``activate``, also make it the active one, in one commit
+        (both or neither).  ``source`` names the blob in errors."""
         from .submission import open_submission
 
         sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
@@ -194,9 +196,16 @@ class Lifecycle:
             _check_rollback(state, sub)
             stored = self._new_record(state, sub)
             records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
-            new_state = state.with_deployed(stored)
-            outcome = self._commit(state, new_state, records, stored, applied=False,
-                                   blobs={stored.blob_name: sub.blob}, caches=_tables_cache(stored, sub))
+            new_state, applied, old = state.with_deployed(stored), False, state.active_policy()
+            if activate:
+                _check_not_older(old, stored)
+                records.append(Record(AUDIT_IPE_CONFIG_CHANGE,
+                                      config_change(_ref(old) if old else None, _ref(stored), self.identity)))
+                new_state = replace(new_state, active=stored.name)
+                applied = self._install(sub.compiled.tables, stored.generation)
+            outcome = self._commit(state, new_state, records, stored, applied=applied,
+                                   blobs={stored.blob_name: sub.blob}, caches=_tables_cache(stored, sub),
+                                   undo=lambda: self._restore(old))
             return replace(outcome, warnings=(*sub.warnings, *accepted, *outcome.warnings))
 
     def activate(self, name: bytes) -> Outcome:
@@ -209,10 +218,7 @@ class Lifecycle:
             if state.active == name:
                 return Outcome(PolicyInfo.of(policy, state), changed=False, applied=False)
             old = state.active_policy()
-            if old is not None and _version_key(old.version) > _version_key(policy.version):
-                raise LifecycleError("EINVAL", f"the active policy {_quote(old.name)} has version "
-                                     f"{version_text(old.version)}, greater than "
-                                     f"{version_text(policy.version)} of {_quote(name)}")
+            _check_not_older(old, policy)
             records = [Record(AUDIT_IPE_CONFIG_CHANGE,
                               config_change(_ref(old) if old else None, _ref(policy), self.identity))]
             applied = self._install(self._stored_tables(policy), policy.generation)
@@ -429,6 +435,14 @@ class Lifecycle:
                 _call_target(self.target.deactivate)
         except IpeBpfError:
             pass  # the original error is the one to report
+
+
+def _check_not_older(active: StoredPolicy | None, policy: StoredPolicy) -> None:
+    """Activation never goes back to a lower version than the active policy's (EINVAL)."""
+    if active is not None and _version_key(active.version) > _version_key(policy.version):
+        raise LifecycleError("EINVAL", f"the active policy {_quote(active.name)} has version "
+                             f"{version_text(active.version)}, greater than "
+                             f"{version_text(policy.version)} of {_quote(policy.name)}")
 
 
 def _tables_cache(stored: StoredPolicy, sub: Submission) -> dict[str, bytes]:

@@ -11,8 +11,9 @@ means every default.  Every error names the file and line (``ipe-bpf.conf:4: EIN
     journal = yes              # send each record to journald (native protocol)
     kernel_audit = auto        # auto: to the kernel audit subsystem while auditd is
                                #   registered; yes: always; no: never
-    ring_buffer_size = 1M      # the BPF ring buffer (a power of two, at least a page; one
-                               #   record takes 608 bytes); takes effect at the next load
+    ring_buffer_size = 4M      # the BPF ring buffer (a power of two, at least a page; one
+                               #   record takes 608 bytes: 4M holds about 6900); takes
+                               #   effect at the next load
     boot_failure = open        # what the boot unit does when it cannot load: open (boot on,
                                #   unenforced), emergency (emergency.target: console only),
                                #   poweroff; `ipe-bpf service install` applies it
@@ -58,7 +59,7 @@ class Config:
     log_fsync: str = "batch"
     journal: bool = True
     kernel_audit: str = "auto"
-    ring_buffer_size: int = 1 << 20
+    ring_buffer_size: int = 4 << 20
     boot_failure: str = "open"
     seal: bool = False
     run_dir: Path = field(default=DEFAULT_RUN_DIR, metadata={"file": False})

@@ -161,6 +161,19 @@ def test_activate_loaded_installs(env: Path, signer: Signer, monkeypatch: pytest
     assert target.policy_name == b"next"
 
 
+def test_deploy_activate_in_one_command(env: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = FakeTarget()
+    use_target(monkeypatch, target)
+    result = run(env, "deploy", "--activate", str(signed_file(env, signer, "prod", "1.2.0")))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith('deployed and activated policy "prod" 1.2.0 (sha256:')
+    assert result.stdout.rstrip().endswith("(enforced now)") and target.policy_name == b"prod"
+    assert json.loads(run(env, "list", "--json").stdout)["active"] == "prod"
+    line = one_line_error(run(env, "deploy", "--activate", str(signed_file(env, signer, "old", "1.0.0"))))
+    assert line.startswith('deploy: EINVAL: the active policy "prod" has version 1.2.0')
+    assert [p["name"] for p in json.loads(run(env, "list", "--json").stdout)["policies"]] == ["prod"]
+
+
 def test_activate_errors(env: Path, signer: Signer) -> None:
     assert one_line_error(run(env, "activate", "ghost")) == 'activate: ENOENT: policy "ghost" is not deployed'
     run(env, "deploy", str(signed_file(env, signer, "prod", "2.0.0")))

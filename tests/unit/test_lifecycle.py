@@ -225,6 +225,65 @@ def test_activate_lower_version_than_active_is_einval(life: Lifecycle, signer: S
     assert target.policy_name == b"next"
 
 
+def test_deploy_activate_is_one_change_with_both_records(life: Lifecycle, signer: Signer, trust, target: FakeTarget) -> None:
+    life.deploy(signer.sign(policy_text("prod", "1.0.0")), trust)
+    life.activate(b"prod")
+    calls = len(target.calls)
+    outcome = life.deploy(signer.sign(policy_text("next", "1.1.0")), trust, activate=True)
+    assert outcome.changed and outcome.applied and outcome.policy is not None and outcome.policy.active
+    assert target.calls[calls:] == [f"install {outcome.policy.generation}"] and target.policy_name == b"next"
+    assert [r.split(" ", 1)[0] for r in outcome.records] == ["type=1422", "type=1421"]
+    assert 'old_active_pol_name="prod" old_active_pol_version=1.0.0' in outcome.records[1]
+    assert life.list().active.name == b"next"  # type: ignore[union-attr]
+    later = FakeTarget()  # what `load` installs at the next boot is what deploy installed now
+    assert life_at(life.store.root).apply_active(later) is not None
+    assert later.installs[0] == target.installs[-1]
+
+
+def test_deploy_activate_lower_version_than_active_deploys_nothing(life: Lifecycle, signer: Signer, trust,
+                                                                   target: FakeTarget) -> None:
+    life.deploy(signer.sign(policy_text("prod", "2.0.0")), trust)
+    life.activate(b"prod")
+    before, calls = store_snapshot(life.store.root), list(target.calls)
+    with pytest.raises(LifecycleError) as exc:
+        life.deploy(signer.sign(policy_text("old", "1.0.0")), trust, activate=True)
+    assert errno_of(exc) == "EINVAL" and "greater than 1.0.0" in str(exc.value)
+    assert store_snapshot(life.store.root) == before and target.calls == calls
+
+
+def test_deploy_activate_kernel_refusal_deploys_nothing(life: Lifecycle, signer: Signer, trust, target: FakeTarget) -> None:
+    before = store_snapshot(life.store.root)
+    target.fail_with = OSError(28, "No space left on device")
+    with pytest.raises(KernelError) as exc:
+        life.deploy(signer.sign(policy_text("prod", "1.0.0")), trust, activate=True)
+    assert errno_of(exc) == "ENOSPC"
+    assert store_snapshot(life.store.root) == before and life.list().policies == ()
+
+
+def test_deploy_activate_failing_commit_puts_the_old_policy_back(life: Lifecycle, signer: Signer, trust,
+                                                                 target: FakeTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    life.deploy(signer.sign(policy_text("prod", "1.0.0")), trust)
+    life.activate(b"prod")
+    prod_generation = target.generation
+
+    def broken_commit(*args: object, **kwargs: object) -> None:
+        raise LifecycleError("ENOSPC", "disk full")
+
+    monkeypatch.setattr(life.store, "commit", broken_commit)
+    with pytest.raises(LifecycleError):
+        life.deploy(signer.sign(policy_text("next", "1.1.0")), trust, activate=True)
+    assert target.policy_name == b"prod" and target.generation == prod_generation
+
+
+def test_deploy_activate_unloaded_is_recorded_and_applied_at_load(tmp_path: Path, signer: Signer, trust) -> None:
+    offline = life_at(tmp_path)
+    outcome = offline.deploy(signer.sign(policy_text("prod")), trust, activate=True)
+    assert outcome.changed and not outcome.applied and outcome.policy is not None and outcome.policy.active
+    target = FakeTarget()
+    installed = life_at(tmp_path).apply_active(target)
+    assert installed is not None and installed.name == b"prod" and target.policy_name == b"prod"
+
+
 def test_version_order_is_numeric_not_textual(life: Lifecycle, signer: Signer, trust) -> None:
     life.deploy(signer.sign(policy_text("a", "0.10.0")), trust)
     life.deploy(signer.sign(policy_text("b", "0.9.65535")), trust)
