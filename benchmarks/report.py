@@ -137,6 +137,9 @@ def _facts(data: dict) -> list[str]:
         lines.append(f"- CLI, 100k rules: `ipe-bpf policy deploy` {cli['deploy_100k_s']} s + `policy activate` "
                      f"{cli['activate_100k_s']} s of guest time{cpu}; map memory then {_mib(sum(mem.values()))}; "
                      f"{_start(cli)}")
+        if "deploy_activate_100k_s" in cli:
+            lines.append(f"- CLI, a switch to another 100k-rule policy in one command (`policy deploy --activate`): "
+                         f"{cli['deploy_activate_100k_s']} s of guest time (CPU {cli['deploy_activate_100k_cpu_s']} s)")
     for row in data.get("fapolicyd_start", []):
         lines.append(f"- fapolicyd with {_size(row['rules'])} trust entries: ready after {row['seconds']} s")
     host = data.get("host_compile")

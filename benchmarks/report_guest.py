@@ -104,9 +104,17 @@ def cli_figures(report: Report, digest: str) -> None:
     deploy, deploy_cpu = timed_cpu(["ipe-bpf", "policy", "deploy", "--unsigned", str(path)])
     activate, activate_cpu = timed_cpu(["ipe-bpf", "policy", "activate", "bench"])
     after = memory.pinned_memory()
+    switch_text = policy_text(100_000, digest, random.Random(6)).replace(
+        "policy_name=bench policy_version=0.0.1", "policy_name=bench_next policy_version=1.0.1")
+    switch_path = WORK / "bench-100k-next.pol"
+    switch_path.write_text(switch_text)
+    switch_path.read_bytes()
+    both, both_cpu = timed_cpu(["ipe-bpf", "policy", "deploy", "--activate", "--unsigned", str(switch_path)])
     report.set("cli", {
         "deploy_100k_s": round(deploy, 2), "activate_100k_s": round(activate, 2),
         "deploy_100k_cpu_s": round(deploy_cpu, 2), "activate_100k_cpu_s": round(activate_cpu, 2),
+        # a switch from the active 100k policy to another one in one command
+        "deploy_activate_100k_s": round(both, 2), "deploy_activate_100k_cpu_s": round(both_cpu, 2),
         **cli_start(),
         "memory_before": {m.name: m.memlock for m in before},
         "memory_100k": {m.name: m.memlock for m in after},
