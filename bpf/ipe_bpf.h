@@ -193,7 +193,8 @@ struct ipe_bdev_state {
 struct ipe_inode_state {
 	__u8 fsv_sig_valid;	/* LSM_INT_FSVERITY_BUILTINSIG_VALID with a signature */
 	__u8 fsv_observed;
-	__u8 pad[6];
+	__u8 fsv_set_up;	/* its verity info was there at an open (kfunc kernels: not asked again) */
+	__u8 pad[5];
 };
 
 /* ------------------------------------------------------------------------------------

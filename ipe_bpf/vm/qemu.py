@@ -44,11 +44,18 @@ class BootSpec:
             return f"{common} root=/dev/nvme0n1 rootfstype=ext4 rw init={self.init}"
         return f"{common} rdinit={self.init}"
 
+    def accel_option(self) -> str:
+        # TCG runs every vCPU in one host thread (round robin): with one thread per vCPU (QEMU
+        # 7.2's default) a vCPU could still run code another had patched, and the guest died
+        # with "Oops: int3" in a static key or a BPF trampoline right after text_poke_bp()
+        # had finished (a boot of the test VM, 6.12 and 7.x, about one in a hundred).
+        return f"{self.accel},thread=single" if self.accel == "tcg" else self.accel
+
     def argv(self) -> list[str]:
         argv = [
             QEMU,
             "-machine", "q35",
-            "-accel", self.accel,
+            "-accel", self.accel_option(),
             "-cpu", "max",
             "-smp", str(self.cpus),
             "-m", str(self.memory_mib),

@@ -26,7 +26,7 @@ def _opt(argv: list[str], name: str) -> list[str]:
 def test_disk_boot() -> None:
     argv = _spec().argv()
     assert argv[0] == "qemu-system-x86_64"
-    assert _opt(argv, "-machine") == ["q35"] and _opt(argv, "-accel") == ["tcg"]
+    assert _opt(argv, "-machine") == ["q35"] and _opt(argv, "-accel") == ["tcg,thread=single"]  # vCPUs in one thread: no cross-modifying-code races
     assert _opt(argv, "-cpu") == ["max"] and _opt(argv, "-smp") == ["2"] and _opt(argv, "-m") == ["2048"]
     assert "-no-reboot" in argv and _opt(argv, "-nic") == ["none"]
     assert _opt(argv, "-kernel") == ["/c/vmlinuz"]
