@@ -196,11 +196,11 @@ class Lifecycle:
             _check_rollback(state, sub)
             stored = self._new_record(state, sub)
             records = [Record(AUDIT_IPE_POLICY_LOAD, policy_load(_ref(stored), self.identity))]
-            new_state, applied, old = state.with_deployed(stored), False, state.active_policy()
+            new_state, applied = state.with_deployed(stored), False
+            old = state.active_policy()
             if activate:
                 _check_not_older(old, stored)
-                records.append(Record(AUDIT_IPE_CONFIG_CHANGE,
-                                      config_change(_ref(old) if old else None, _ref(stored), self.identity)))
+                records.append(self._activation_record(old, stored))
                 new_state = replace(new_state, active=stored.name)
                 applied = self._install(sub.compiled.tables, stored.generation)
             outcome = self._commit(state, new_state, records, stored, applied=applied,
@@ -219,8 +219,7 @@ class Lifecycle:
                 return Outcome(PolicyInfo.of(policy, state), changed=False, applied=False)
             old = state.active_policy()
             _check_not_older(old, policy)
-            records = [Record(AUDIT_IPE_CONFIG_CHANGE,
-                              config_change(_ref(old) if old else None, _ref(policy), self.identity))]
+            records = [self._activation_record(old, policy)]
             applied = self._install(self._stored_tables(policy), policy.generation)
             return self._commit(state, replace(state, active=name), records, policy,
                                 applied=applied, undo=lambda: self._restore(old))
@@ -251,8 +250,7 @@ class Lifecycle:
             applied = False
             was_active = state.active == name
             if was_active:
-                records.append(Record(AUDIT_IPE_CONFIG_CHANGE,
-                                      config_change(_ref(old), _ref(stored), self.identity)))
+                records.append(self._activation_record(old, stored))
                 applied = self._install(sub.compiled.tables, stored.generation)
             outcome = self._commit(state, state.with_deployed(stored), records, stored,
                                    applied=applied, blobs={stored.blob_name: sub.blob},
@@ -381,6 +379,10 @@ class Lifecycle:
         from ..policy.parser import parse_policy
 
         return tuple(map(str, parse_policy(_stored_content(policy, self.store.blob(policy))).rules))
+
+    def _activation_record(self, old: StoredPolicy | None, new: StoredPolicy) -> Record:
+        """The 1421 record of ``new`` becoming the active policy in place of ``old``."""
+        return Record(AUDIT_IPE_CONFIG_CHANGE, config_change(_ref(old) if old else None, _ref(new), self.identity))
 
     def _install(self, tables: Tables, generation: int) -> bool:
         return self._push(lambda t: t.install(tables, generation))

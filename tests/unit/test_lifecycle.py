@@ -260,21 +260,6 @@ def test_deploy_activate_kernel_refusal_deploys_nothing(life: Lifecycle, signer:
     assert store_snapshot(life.store.root) == before and life.list().policies == ()
 
 
-def test_deploy_activate_failing_commit_puts_the_old_policy_back(life: Lifecycle, signer: Signer, trust,
-                                                                 target: FakeTarget, monkeypatch: pytest.MonkeyPatch) -> None:
-    life.deploy(signer.sign(policy_text("prod", "1.0.0")), trust)
-    life.activate(b"prod")
-    prod_generation = target.generation
-
-    def broken_commit(*args: object, **kwargs: object) -> None:
-        raise LifecycleError("ENOSPC", "disk full")
-
-    monkeypatch.setattr(life.store, "commit", broken_commit)
-    with pytest.raises(LifecycleError):
-        life.deploy(signer.sign(policy_text("next", "1.1.0")), trust, activate=True)
-    assert target.policy_name == b"prod" and target.generation == prod_generation
-
-
 def test_deploy_activate_unloaded_is_recorded_and_applied_at_load(tmp_path: Path, signer: Signer, trust) -> None:
     offline = life_at(tmp_path)
     outcome = offline.deploy(signer.sign(policy_text("prod")), trust, activate=True)
@@ -493,10 +478,13 @@ def test_failing_set_enforce_leaves_store_unchanged(life: Lifecycle, target: Fak
     assert life.list().enforce is True and audit_types(life) == []
 
 
+@pytest.mark.parametrize("in_one_step", [False, True], ids=["activate", "deploy-activate"])
 def test_failing_store_commit_rolls_the_kernel_back(life: Lifecycle, signer: Signer, trust, target: FakeTarget,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch, in_one_step: bool) -> None:
     life.deploy(signer.sign(policy_text("prod", "1.0.0")), trust)
-    life.deploy(signer.sign(policy_text("next", "1.1.0")), trust)
+    following = signer.sign(policy_text("next", "1.1.0"))
+    if not in_one_step:
+        life.deploy(following, trust)
     life.activate(b"prod")
     prod_generation = target.generation
 
@@ -505,7 +493,10 @@ def test_failing_store_commit_rolls_the_kernel_back(life: Lifecycle, signer: Sig
 
     monkeypatch.setattr(life.store, "commit", broken_commit)
     with pytest.raises(LifecycleError):
-        life.activate(b"next")
+        if in_one_step:
+            life.deploy(following, trust, activate=True)
+        else:
+            life.activate(b"next")
     assert target.policy_name == b"prod" and target.generation == prod_generation
     assert [c.split()[0] for c in target.calls[-2:]] == ["install", "install"]
 
