@@ -28,7 +28,11 @@ class BootSpec:
     memory_mib: int = 2048
     cpus: int = 2
     icount: bool = False
-    accel: str = "tcg"
+    # TCG with every vCPU in one host thread (round robin).  With a thread per vCPU (QEMU 7.2's
+    # default) a vCPU sometimes still ran an int3 that text_poke_bp() had already taken out, and
+    # the guest died with "Oops: int3" (a static key at 6.12's boot; an earlier 7.x Oops in a BPF
+    # trampoline looked the same).
+    accel: str = "tcg,thread=single"
     firmware: tuple[Path, Path] | None = None  # UEFI (code, per-run variable store); None: SeaBIOS
     kernel_args: tuple[str, ...] = ()
     init: str = INIT_PATH  # PID 1 (systemd for `--systemd` boots)
@@ -44,18 +48,11 @@ class BootSpec:
             return f"{common} root=/dev/nvme0n1 rootfstype=ext4 rw init={self.init}"
         return f"{common} rdinit={self.init}"
 
-    def accel_option(self) -> str:
-        # TCG runs every vCPU in one host thread (round robin): with one thread per vCPU (QEMU
-        # 7.2's default) a vCPU could still run code another had patched, and the guest died
-        # with "Oops: int3" in a static key or a BPF trampoline right after text_poke_bp()
-        # had finished (a boot of the test VM, 6.12 and 7.x, about one in a hundred).
-        return f"{self.accel},thread=single" if self.accel == "tcg" else self.accel
-
     def argv(self) -> list[str]:
         argv = [
             QEMU,
             "-machine", "q35",
-            "-accel", self.accel_option(),
+            "-accel", self.accel,
             "-cpu", "max",
             "-smp", str(self.cpus),
             "-m", str(self.memory_mib),

@@ -343,9 +343,8 @@ def run_vm(
                 Disk("results", run_dir / "results.img"),
             ),
             memory_mib=config.initramfs_memory_mib if request.initramfs else config.memory_mib,
-            # -icount runs every vCPU in one host thread anyway, so one CPU loses no speed there; with
-            # two, 6.1 never brings the second up, and 6.12 twice died in SLUB's cmpxchg16b fast
-            # path (double fault, garbage EFLAGS) during the benchmark, never with one.
+            # under -icount, two CPUs: 6.1 never brings the second up, and 6.12 twice died in SLUB's
+            # cmpxchg16b fast path (double fault, garbage EFLAGS) during the benchmark, never one.
             cpus=1 if request.icount else config.cpus,
             icount=request.icount,
             snapshot=request.state is None,
