@@ -10,7 +10,7 @@ import contextlib
 import errno
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from ..kernel.lifecycle import Lifecycle, Listing, Outcome, PolicyTarget
+    from ..kernel.submission import Compiled
 from .common import console, err_console, fail, print_json, root_hint
 
 DEFAULT_TRUST = Path("/etc/ipe-bpf/")
@@ -35,6 +36,10 @@ UnevaluableOption = Annotated[bool, typer.Option(
     help="Accept a policy using properties this kernel cannot evaluate (see `ipe-bpf doctor`): "
          "they are FALSE for every file here; a warning names the rules that changes.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+CompiledOption = Annotated[Optional[Path], typer.Option(
+    "--compiled", metavar="FILE",
+    help="This policy compiled on a build host (`ipe-bpf policy compile`, signed like the policy): "
+         "its tables are installed, nothing is parsed or compiled here.")]
 
 
 @contextlib.contextmanager
@@ -87,6 +92,14 @@ def _read(command: str, path: Path) -> bytes:
         fail(f"{command}: {err.errno_name}: {path}: {err.message}")
 
 
+def _compiled(command: str, path: Path | None) -> "Compiled | None":
+    if path is None:
+        return None
+    from ..kernel.submission import Compiled
+
+    return Compiled(_read(command, path), str(path))
+
+
 def _name(name: str) -> bytes:
     from ..kernel.lifecycle import policy_name
 
@@ -136,13 +149,14 @@ def deploy(
     allow_unevaluable: UnevaluableOption = False,
     activate_too: Annotated[bool, typer.Option(
         "--activate", help="Also make it the active policy, in the same change (both or neither).")] = False,
+    compiled: CompiledOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Deploy a signed policy (kernel IPE's new_policy). It is not activated unless --activate."""
-    blob = _read("deploy", file)
+    blob, tables = _read("deploy", file), _compiled("deploy", compiled)
     with open_lifecycle("deploy", attempt="policy deploy") as life:
         outcome = life.deploy(blob, trust, allow_unsigned=unsigned, source=str(file),
-                              allow_unevaluable=allow_unevaluable, activate=activate_too)
+                              allow_unevaluable=allow_unevaluable, activate=activate_too, compiled=tables)
     _warn_unsigned(unsigned, outcome)
     print_warnings(outcome)
     if as_json:
@@ -184,13 +198,14 @@ def update(
     trust: TrustOption = DEFAULT_TRUST,
     unsigned: UnsignedOption = False,
     allow_unevaluable: UnevaluableOption = False,
+    compiled: CompiledOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Replace a deployed policy with a higher version of itself (active stays active)."""
-    blob = _read("update", file)
+    blob, tables = _read("update", file), _compiled("update", compiled)
     with open_lifecycle("update", attempt="policy update") as life:
-        outcome = life.update(_name(name), blob, trust, allow_unsigned=unsigned,
-                              source=str(file), allow_unevaluable=allow_unevaluable)
+        outcome = life.update(_name(name), blob, trust, allow_unsigned=unsigned, source=str(file),
+                              allow_unevaluable=allow_unevaluable, compiled=tables)
     _warn_unsigned(unsigned, outcome)
     print_warnings(outcome)
     if as_json:

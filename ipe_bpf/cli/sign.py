@@ -1,7 +1,8 @@
-"""`ipe-bpf policy sign` and `ipe-bpf policy verify`: PKCS#7 envelopes for kernel IPE."""
+"""`ipe-bpf policy sign`, `verify` and `compile`: PKCS#7 envelopes for kernel IPE, and compiled
+policies a build host makes for its targets."""
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
@@ -46,14 +47,7 @@ def sign(
             policy = _parse(content)
     with reported_errors():
         signing.check_digest(digest)
-    key_pem, cert_pem = read_bytes(key), read_bytes(cert)
-    with reported_errors(str(key)):
-        private_key = signing.load_private_key(key_pem)
-    with reported_errors(str(cert)):
-        certificate = signing.load_certificate(cert_pem, "signing certificate")
-    with reported_errors(str(key)):  # the one remaining error: the key is not the certificate's
-        blob = signing.sign_with(content, private_key, certificate, digest=digest)
-    signer = certificate.subject.rfc4514_string()
+    blob, signer = _signed(content, key, cert, digest)
     with reported_errors(str(output)):
         output.write_bytes(blob)
     if as_json:
@@ -63,6 +57,62 @@ def sign(
     what = f" {escape(text(policy.name))} {policy.version_text}" if policy else ""
     console.print(f"[green]signed[/]{what} → {escape(str(output))} ({len(blob)} bytes, "
                   f"{digest}, signer {escape(signer)})", soft_wrap=True)
+
+
+def _signed(content: bytes, key: Path, cert: Path, digest: str) -> tuple[bytes, str]:
+    """``content`` in an attached PKCS#7 envelope signed with ``key``, and the signer's subject."""
+    from ..policy import signing
+
+    key_pem, cert_pem = read_bytes(key), read_bytes(cert)
+    with reported_errors(str(key)):
+        private_key = signing.load_private_key(key_pem)
+    with reported_errors(str(cert)):
+        certificate = signing.load_certificate(cert_pem, "signing certificate")
+    with reported_errors(str(key)):  # the one remaining error: the key is not the certificate's
+        blob = signing.sign_with(content, private_key, certificate, digest=digest)
+    return blob, certificate.subject.rfc4514_string()
+
+
+def compile_command(
+    policy_file: Annotated[Path, typer.Argument(metavar="POLICY", help=(
+        "The policy: text, or a signed .p7s (its text is compiled; the target checks its signature)."))],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the compiled policy.")],
+    key: Annotated[Optional[Path], typer.Option("--key", help="Sign it with this private key (as `policy sign`).")] = None,
+    cert: Annotated[Optional[Path], typer.Option("--cert", help="The key's certificate.")] = None,
+    digest: Annotated[str, typer.Option("--digest", help="sha256, sha384 or sha512.")] = "sha256",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compile a policy into its kernel tables on a build host, for `policy deploy --compiled`:
+    the target then verifies and installs them, parsing and compiling nothing.  Targets that need
+    signed policies need it signed (--key and --cert) by a signer they trust."""
+    from rich.markup import escape
+
+    from ..policy import signing, tables_file
+    from ..policy.model import text
+
+    if (key is None) != (cert is None):
+        fail("compile: EINVAL: --key and --cert go together (or leave both out for an unsigned compiled policy)")
+    content = signing.policy_text(read_bytes(policy_file))
+    with reported_errors(str(policy_file)):
+        data, tables, rules = tables_file.compile_text(content)
+    signer = None
+    if key is not None and cert is not None:
+        with reported_errors():
+            signing.check_digest(digest)
+        data, signer = _signed(data, key, cert, digest)
+    with reported_errors(str(output)):
+        output.write_bytes(data)
+    if as_json:
+        print_json({"output": str(output), "bytes": len(data), "signer": signer,
+                    "policy": {"name": text(tables.name), "version": ".".join(map(str, tables.version))},
+                    "rules": rules, "digest_entries": tables.digest_count, "rule_entries": tables.rule_count})
+        return
+    version = ".".join(map(str, tables.version))
+    console.print(f"[green]compiled[/] {escape(text(tables.name))} {version} "
+                  f"({rules} rules: {tables.digest_count} digest and {tables.rule_count} rule "
+                  f"entries) → {escape(str(output))} ({len(data)} bytes, "
+                  + (f"signed by {escape(signer)})" if signer else "[bold]unsigned[/]: for --unsigned targets only)"),
+                  soft_wrap=True)
 
 
 def _verify_failed(err: IpeBpfError, file: Path, as_json: bool) -> NoReturn:
@@ -108,6 +158,7 @@ def verify(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `sign` and `verify` to the `policy` sub-app."""
+    """Add `sign`, `verify` and `compile` to the `policy` sub-app."""
     app.command("sign")(sign)
     app.command("verify")(verify)
+    app.command("compile")(compile_command)

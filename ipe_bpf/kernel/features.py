@@ -240,10 +240,10 @@ def policy_properties(policy: Policy) -> frozenset[str]:
     return property_keys(policy.rules)
 
 
-def unevaluable(policy: Policy, found: KernelFeatures) -> tuple[PropertySupport, ...]:
-    """The properties the policy uses that this kernel cannot evaluate."""
+def unevaluable(properties: frozenset[str], found: KernelFeatures) -> tuple[PropertySupport, ...]:
+    """Those of a policy's `properties` (policy_properties) this kernel cannot evaluate."""
     support = found.properties()
-    return tuple(support[p] for p in sorted(policy_properties(policy)) if not support[p].supported)
+    return tuple(support[p] for p in sorted(properties) if not support[p].supported)
 
 
 def _effect(rule: Rule, prop: str) -> str:

@@ -48,12 +48,12 @@ from ..audit.policy_records import (
 from ..errors import IpeBpfError, KernelError, LifecycleError
 from ..policy.model import text
 from .results import Listing, Outcome, PolicyInfo
-from .store import PolicyStore, StoredPolicy, StoreState, sha256_hex, version_text
+from .store import PolicyStore, StoredPolicy, StoreState, version_text
 from .features import KernelFeatures, unevaluable, unevaluable_effects
 
 if TYPE_CHECKING:  # signatures, parsing and compiling are imported by what uses them: `status` needs none
     from ..policy.compiler import Tables
-    from .submission import Submission, Trust
+    from .submission import Compiled, Submission, Trust
 
 __all__ = ["Lifecycle", "Listing", "Outcome", "PolicyInfo", "PolicyTarget", "policy_name"]
 
@@ -94,15 +94,15 @@ def _stored_content(policy: StoredPolicy, blob: bytes) -> bytes:
 
 def _check_rollback(state: StoreState, sub: Submission) -> None:
     """Beyond IPE: never go below the highest version ever seen, nor change a version's text."""
-    known = state.highest.get(sub.policy.name)
+    known = state.highest.get(sub.name)
     if known is None:
         return
-    name, version = _quote(sub.policy.name), sub.policy.version_text
-    if _version_key(sub.policy.version) < _version_key(known.version):
+    name, version = _quote(sub.name), sub.version_text
+    if _version_key(sub.version) < _version_key(known.version):
         raise LifecycleError("ESTALE", f"policy {name} version {version} is older than "
                              f"{version_text(known.version)}, the highest ever deployed "
                              f"(rollback protection)")
-    if sub.policy.version == known.version and sha256_hex(sub.content) != known.content_digest:
+    if sub.version == known.version and sub.content_digest != known.content_digest:
         raise LifecycleError("ESTALE", f"policy {name} version {version} was deployed before "
                              f"with different content (raise the version)")
 
@@ -181,17 +181,18 @@ class Lifecycle:
 
     def deploy(self, blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
                source: str | None = None, allow_unevaluable: bool = False,
-               activate: bool = False) -> Outcome:
+               activate: bool = False, compiled: Compiled | None = None) -> Outcome:
         """Store a new policy; with ``activate``, also make it the active one, in one commit
-        (both or neither).  ``source`` names the blob in errors."""
+        (both or neither).  ``source`` names the blob in errors; ``compiled``, the policy
+        compiled on a build host, spares parsing and compiling it here (submission.py)."""
         from .submission import open_submission
 
-        sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
+        sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source, compiled=compiled)
         accepted = self._check_evaluable(sub, allow_unevaluable)
         with self.store.locked():
             state = self.store.load()
-            if state.find(sub.policy.name) is not None:
-                raise LifecycleError("EEXIST", f"policy {_quote(sub.policy.name)} is already "
+            if state.find(sub.name) is not None:
+                raise LifecycleError("EEXIST", f"policy {_quote(sub.name)} is already "
                                      f"deployed (delete it or use update)")
             _check_rollback(state, sub)
             stored = self._new_record(state, sub)
@@ -202,7 +203,7 @@ class Lifecycle:
                 _check_not_older(old, stored)
                 records.append(self._activation_record(old, stored))
                 new_state = replace(new_state, active=stored.name)
-                applied = self._install(sub.compiled.tables, stored.generation)
+                applied = self._install(sub.tables, stored.generation)
             outcome = self._commit(state, new_state, records, stored, applied=applied,
                                    blobs={stored.blob_name: sub.blob}, caches=_tables_cache(stored, sub),
                                    undo=lambda: self._restore(old))
@@ -226,7 +227,7 @@ class Lifecycle:
 
     def update(self, name: bytes, blob: bytes, trust: Trust, *,
                allow_unsigned: bool = False, source: str | None = None,
-               allow_unevaluable: bool = False) -> Outcome:
+               allow_unevaluable: bool = False, compiled: Compiled | None = None) -> Outcome:
         """Replace deployed policy ``name`` with a strictly newer version of itself."""
         with self.store.locked():
             state = self.store.load()
@@ -235,13 +236,13 @@ class Lifecycle:
                 raise LifecycleError("ENOENT", f"policy {_quote(name)} is not deployed")
             from .submission import open_submission
 
-            sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source)
+            sub = open_submission(blob, trust, allow_unsigned=allow_unsigned, source=source, compiled=compiled)
             accepted = self._check_evaluable(sub, allow_unevaluable)
-            if sub.policy.name != name:
-                raise LifecycleError("EINVAL", f"the new policy is named {_quote(sub.policy.name)},"
+            if sub.name != name:
+                raise LifecycleError("EINVAL", f"the new policy is named {_quote(sub.name)},"
                                      f" not {_quote(name)}")
-            if _version_key(sub.policy.version) <= _version_key(old.version):
-                raise LifecycleError("ESTALE", f"version {sub.policy.version_text} is not greater "
+            if _version_key(sub.version) <= _version_key(old.version):
+                raise LifecycleError("ESTALE", f"version {sub.version_text} is not greater "
                                      f"than {version_text(old.version)}, the deployed version of "
                                      f"{_quote(name)}")
             _check_rollback(state, sub)
@@ -251,7 +252,7 @@ class Lifecycle:
             was_active = state.active == name
             if was_active:
                 records.append(self._activation_record(old, stored))
-                applied = self._install(sub.compiled.tables, stored.generation)
+                applied = self._install(sub.tables, stored.generation)
             outcome = self._commit(state, state.with_deployed(stored), records, stored,
                                    applied=applied, blobs={stored.blob_name: sub.blob},
                                    caches=_tables_cache(stored, sub),
@@ -333,11 +334,11 @@ class Lifecycle:
         file here), unless allowed: it must never be evaluated differently without the admin
         saying so.  Allowed: a warning per property, naming the rules it changes."""
         found = self._kernel() if self._kernel is not None else None
-        missing = unevaluable(sub.policy, found) if found is not None else ()
+        missing = unevaluable(sub.properties, found) if found is not None else ()
         release = os.uname().release
         if missing and not allow:
             what = "; ".join(f"{p.property}: {p.how}" for p in missing)
-            raise LifecycleError("EOPNOTSUPP", f"policy {_quote(sub.policy.name)} uses "
+            raise LifecycleError("EOPNOTSUPP", f"policy {_quote(sub.name)} uses "
                                  f"{', '.join(p.property for p in missing)}, which this kernel "
                                  f"({release}) cannot evaluate ({what}): it would evaluate as FALSE "
                                  f"for every file, and rules testing it would decide differently "
@@ -346,12 +347,11 @@ class Lifecycle:
                      f"{p.how}); rules it changes: {unevaluable_effects(sub.policy, p)}" for p in missing)
 
     def _new_record(self, state: StoreState, sub: Submission) -> StoredPolicy:
-        digest = sha256_hex(sub.blob)
         return StoredPolicy(
-            name=sub.policy.name,
-            version=sub.policy.version,
-            digest=digest,
-            content_digest=digest if sub.content is sub.blob else sha256_hex(sub.content),
+            name=sub.name,
+            version=sub.version,
+            digest=sub.digest,
+            content_digest=sub.content_digest,
             generation=state.next_generation,
             signed=sub.signed,
             signer=sub.signer,
@@ -451,7 +451,8 @@ def _tables_cache(stored: StoredPolicy, sub: Submission) -> dict[str, bytes]:
     """The submission's tables, kept so that activate compiles nothing (a cache: no fsync)."""
     from ..policy import tables_file
 
-    return {stored.tables_name: tables_file.write(sub.compiled.tables, stored.content_digest)}
+    kept = sub.tables_file or tables_file.write(sub.tables, stored.content_digest)
+    return {stored.tables_name: kept}
 
 
 def _call_target(call: Callable[[], None]) -> None:

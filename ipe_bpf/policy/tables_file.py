@@ -7,6 +7,11 @@ sha256) and the ABI it was packed for (a digest of the header's structs and cons
 `read` returns None for any file that does not match both, whose arrays do not match their
 CRC-32, or that is malformed, so the caller compiles the text instead.  Layout: a magic line, one JSON line, then the four packed
 arrays back to back (digest keys, digest ids, rule keys, rule values).
+
+The same file, made by `ipe-bpf policy compile` on a build host and signed there, is a
+*compiled policy*: `load_compiled` reads it for `policy deploy --compiled`, which then needs no
+parsing or compiling on the target (docs/design.md, section 5).  It also lists the property keys the
+policy tests, so that the target can refuse what its kernel cannot evaluate without the text.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from typing import NamedTuple
 
+from ..errors import PolicyError
 from .abi import Abi
 from .compiler import Defaults, Tables
 
-__all__ = ["abi_fingerprint", "read", "write"]
+__all__ = ["Compiled", "abi_fingerprint", "compile_text", "load_compiled", "read", "write"]
 
 _MAGIC = b"ipe-bpf tables 1\n"
 _STRUCTS = ("ipe_digest_key", "ipe_rule_key", "ipe_rule_value", "ipe_policy_defaults")
@@ -40,8 +47,9 @@ def abi_fingerprint(abi: Abi) -> str:
     return hashlib.sha256(described.encode()).hexdigest()
 
 
-def write(tables: Tables, content_digest: str) -> bytes:
-    """The file for `tables`, compiled from the policy text whose sha256 hex is `content_digest`."""
+def write(tables: Tables, content_digest: str, *, properties: frozenset[str] | None = None) -> bytes:
+    """The file for `tables`, compiled from the policy text whose sha256 hex is `content_digest`
+    (with `properties`, the property keys its rules test: a compiled policy)."""
     d = tables.defaults
     payload = (tables.digest_keys, tables.digest_values, tables.rule_keys, tables.rule_values)
     meta = {
@@ -53,17 +61,19 @@ def write(tables: Tables, content_digest: str) -> bytes:
         "crc32": _crc32(payload),
         "defaults": [list(d.op_default), d.global_default, d.shapes, d.bool_mask],
     }
+    if properties is not None:
+        meta["properties"] = sorted(properties)
     return b"".join((_MAGIC, json.dumps(meta).encode(), b"\n", *payload))
 
 
 def read(data: bytes, content_digest: str, abi: Abi) -> Tables | None:
     """The tables in `data` if they were compiled from `content_digest` for `abi`, else None."""
-    if not data.startswith(_MAGIC):
+    found = _meta(data)
+    if found is None:
         return None
-    end = data.find(b"\n", len(_MAGIC))
+    meta, end = found
     try:
-        meta = json.loads(data[len(_MAGIC) : end])
-        if meta["content"] != content_digest or meta["abi"] != abi_fingerprint(abi) or end < 0:
+        if meta["content"] != content_digest or meta["abi"] != abi_fingerprint(abi):
             return None
         sizes = [int(n) for n in meta["sizes"]]
         op_default, global_default, shapes, bool_mask = meta["defaults"]
@@ -91,3 +101,56 @@ def _whole_entries(tables: Tables) -> bool:
             and len(tables.digest_values) == digests * tables.abi.digest_id_size
             and len(tables.rule_keys) == rules * h.struct("ipe_rule_key").size
             and len(tables.rule_values) == rules * h.struct("ipe_rule_value").size)
+
+
+def compile_text(content: bytes) -> tuple[bytes, Tables, int]:
+    """`ipe-bpf policy compile`: the compiled policy of a policy text (unsigned), its tables and
+    its rule count.  Parse errors as `parse_policy` raises them."""
+    from .compiler import compile_policy
+    from .model import property_keys
+    from .parser import parse_policy
+
+    policy = parse_policy(content)
+    tables = compile_policy(policy).tables
+    data = write(tables, hashlib.sha256(content).hexdigest(), properties=property_keys(policy.rules))
+    return data, tables, len(policy.rules)
+
+
+class Compiled(NamedTuple):
+    """A compiled policy read for deploy: its tables (None if packed for another ABI) and the
+    property keys its rules test."""
+
+    tables: Tables | None
+    properties: frozenset[str]
+
+
+def load_compiled(data: bytes, content_digest: str, abi: Abi) -> Compiled:
+    """The compiled policy in `data` (`ipe-bpf policy compile`), made from the policy text whose
+    sha256 hex is `content_digest`.  EBADMSG if it is no compiled policy or is damaged, EINVAL if
+    it was compiled from another text; packed for another ABI: `tables` is None."""
+    found = _meta(data)
+    meta = found[0] if found is not None else {}
+    if not isinstance(meta.get("properties"), list):
+        raise PolicyError("EBADMSG", "not a compiled policy (make one with `ipe-bpf policy compile`)")
+    if meta.get("content") != content_digest:
+        raise PolicyError("EINVAL", f"compiled from another policy text (sha256 {str(meta.get('content'))[:16]}…, "
+                                    f"not {content_digest[:16]}…): compile this policy")
+    properties = frozenset(str(p) for p in meta["properties"])
+    if meta.get("abi") != abi_fingerprint(abi):
+        return Compiled(None, properties)
+    tables = read(data, content_digest, abi)
+    if tables is None:
+        raise PolicyError("EBADMSG", "the compiled policy is damaged (its tables do not match their CRC-32 or sizes)")
+    return Compiled(tables, properties)
+
+
+def _meta(data: bytes) -> tuple[dict, int] | None:
+    """The JSON line of a tables file and where it ends, or None if `data` is no tables file."""
+    if not data.startswith(_MAGIC):
+        return None
+    end = data.find(b"\n", len(_MAGIC))
+    try:
+        meta = json.loads(data[len(_MAGIC) : end])
+    except ValueError:
+        return None
+    return (meta, end) if end > 0 and isinstance(meta, dict) else None

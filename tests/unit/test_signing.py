@@ -134,6 +134,24 @@ def test_we_verify_openssl_digest_choices(pki: Pki, md: str, policy_file: Path) 
     assert verify_policy(blob, _trust(pki, pki.rsa)).digest == md
 
 
+@pytest.mark.parametrize("attrs", [("-noattr",), ()])
+def test_the_content_is_hashed_once_and_the_hash_is_kept(pki: Pki, policy_file: Path, attrs: tuple[str, ...],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signature is checked over our own hash of the content (0.3 s for 11 MB in the VM, paid
+    once), which deploy then uses as the policy's content digest."""
+    import hashlib
+
+    from ipe_bpf.policy import signing
+
+    blob = openssl_sign(pki.p256, policy_file, *attrs, tool="cms")
+    hashed: list[str] = []
+    real = hashlib.new
+    monkeypatch.setattr(signing.hashlib, "new", lambda name, data=b"": hashed.append(name) or real(name, data))
+    verified = verify_policy(blob, _trust(pki, pki.p256))
+    assert hashed == ["sha256"]
+    assert verified.content_hashes == {"sha256": hashlib.sha256(POLICY).digest()}
+
+
 @pytest.mark.parametrize("name", SIGNERS)
 def test_we_verify_signatures_with_signed_attributes(pki: Pki, name: str, policy_file: Path) -> None:
     ident = pki.signers()[name]

@@ -136,7 +136,7 @@ def test_the_wheels_go_into_the_image_and_stay_there_as_a_wheelhouse(tmp_path: P
     assert f"sync-in {tmp_path / 'wheels'} {WHEELHOUSE}" in hooks
     install = next(h for h in hooks if "pip install" in h)
     assert install.startswith('chroot "$1" python3 -m pip install --no-index --find-links ' + WHEELHOUSE)
-    assert "'typer>=0.9'" in install and "'pytest>=7'" in install  # quoted: > is a redirection
+    assert "'typer>=0.9,<0.29'" in install and "'pytest>=7'" in install  # quoted: > is a redirection
     assert hooks.index(install) > hooks.index(f"sync-in {tmp_path / 'wheels'} {WHEELHOUSE}")
 
 
