@@ -140,6 +140,11 @@ def _facts(data: dict) -> list[str]:
         if "deploy_activate_100k_s" in cli:
             lines.append(f"- CLI, a switch to another 100k-rule policy in one command (`policy deploy --activate`): "
                          f"{cli['deploy_activate_100k_s']} s of guest time (CPU {cli['deploy_activate_100k_cpu_s']} s)")
+        if "deploy_activate_100k_compiled_unsigned_s" in cli:
+            lines.append("- CLI, the same switch with the policy compiled on a build host (`policy compile`, then "
+                         "`policy deploy --activate --compiled`): " + "; ".join(
+                             f"{kind} {cli[f'deploy_activate_100k_compiled_{kind}_s']} s of guest time "
+                             f"(CPU {cli[f'deploy_activate_100k_compiled_{kind}_cpu_s']} s)" for kind in ("unsigned", "signed")))
     for row in data.get("fapolicyd_start", []):
         lines.append(f"- fapolicyd with {_size(row['rules'])} trust entries: ready after {row['seconds']} s")
     host = data.get("host_compile")

@@ -110,15 +110,50 @@ def cli_figures(report: Report, digest: str) -> None:
     switch_path.write_text(switch_text)
     switch_path.read_bytes()
     both, both_cpu = timed_cpu(["ipe-bpf", "policy", "deploy", "--activate", "--unsigned", str(switch_path)])
+    compiled = compiled_switches(digest)
     report.set("cli", {
         "deploy_100k_s": round(deploy, 2), "activate_100k_s": round(activate, 2),
         "deploy_100k_cpu_s": round(deploy_cpu, 2), "activate_100k_cpu_s": round(activate_cpu, 2),
         # a switch from the active 100k policy to another one in one command
         "deploy_activate_100k_s": round(both, 2), "deploy_activate_100k_cpu_s": round(both_cpu, 2),
+        **compiled,
         **cli_start(),
         "memory_before": {m.name: m.memlock for m in before},
         "memory_100k": {m.name: m.memlock for m in after},
     })
+
+
+def compiled_switches(digest: str) -> dict[str, float]:
+    """`policy deploy --activate --compiled`: switches to other 100k-rule policies compiled
+    beforehand (`policy compile`, what a build host does; not timed), unsigned (as the text figures
+    above), then signed (policy and compiled policy, one throwaway ECDSA P-256 signer)."""
+    keys = WORK / "bench-keys"
+    keys.mkdir(exist_ok=True)
+    key, cert = keys / "signer.key", keys / "signer.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=ipe-bpf bench", "-days", "2"],
+                   check=True, capture_output=True)
+    figures: dict[str, float] = {}
+    for n, (kind, signed) in enumerate((("unsigned", False), ("signed", True))):
+        text = policy_text(100_000, digest, random.Random(7 + n)).replace(
+            "policy_name=bench policy_version=0.0.1", f"policy_name=bench_{kind} policy_version=1.0.{2 + n}")
+        path = WORK / f"bench-100k-{kind}.pol"
+        path.write_text(text)
+        signing = ["--key", str(key), "--cert", str(cert)] if signed else []
+        subprocess.run(["ipe-bpf", "policy", "compile", str(path), "-o", f"{path}.ipec", *signing],
+                       check=True, stdout=subprocess.DEVNULL)
+        blob = path
+        if signed:
+            blob = path.with_suffix(".p7s")
+            subprocess.run(["ipe-bpf", "policy", "sign", str(path), "-o", str(blob), *signing],
+                           check=True, stdout=subprocess.DEVNULL)
+        Path(f"{path}.ipec").read_bytes(), blob.read_bytes()  # in the page cache, as the text figures
+        trust = ["--trust", str(cert)] if signed else ["--unsigned"]
+        elapsed, cpu = timed_cpu(["ipe-bpf", "policy", "deploy", "--activate", *trust, str(blob),
+                                  "--compiled", f"{path}.ipec"])
+        figures[f"deploy_activate_100k_compiled_{kind}_s"] = round(elapsed, 2)
+        figures[f"deploy_activate_100k_compiled_{kind}_cpu_s"] = round(cpu, 2)
+    return figures
 
 
 def measure(helper: Path, targets: dict[str, Path], cases: tuple[tuple[str, str], ...],

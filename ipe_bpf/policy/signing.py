@@ -3,8 +3,8 @@
 Kernel IPE takes a policy as an *attached* PKCS#7 SignedData in DER, the shape of
 ``openssl smime -sign -binary -nodetach -noattr -nosmimecap -outform der``.  `sign_policy`
 makes exactly that with cryptography (for RSA keys the bytes equal openssl's);
-`verify_policy` checks one in-process, with the envelope decoded by :mod:`ipe_bpf.policy.cms`
-(pyasn1's RFC 5652 definitions) and the signature checked with the signer's public key.
+`verify_policy` checks one in-process, with the envelope read by :mod:`ipe_bpf.policy.cms`
+and the signature checked with the signer's public key.
 
 Verification, in the kernel's order and with its errno names:
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import datetime as dt
 import random
 from pathlib import Path
@@ -139,8 +140,6 @@ def test_the_content_is_hashed_once_and_the_hash_is_kept(pki: Pki, policy_file: 
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The signature is checked over our own hash of the content (0.3 s for 11 MB in the VM, paid
     once), which deploy then uses as the policy's content digest."""
-    import hashlib
-
     from ipe_bpf.policy import signing
 
     blob = openssl_sign(pki.p256, policy_file, *attrs, tool="cms")
@@ -425,13 +424,37 @@ def test_verify_default_now_is_the_current_time(pki: Pki) -> None:
     _rejects(_sign(pki.expired), load_trust(pki.ca.cert_path), "EKEYREJECTED")
 
 
-def test_cms_constants_are_rfc5652s() -> None:
-    """cms.py spells the OIDs out (pyasn1_modules is imported only to decode): the same values."""
-    from pyasn1.codec.der import encoder
-    from pyasn1_modules import rfc5652
-
+@pytest.mark.parametrize(("der", "dotted"), [
+    ("06092a864886f70d010702", "1.2.840.113549.1.7.2"),  # signedData: cms.SIGNED_DATA_OID_DER
+    ("0603883703", "2.999.3"),  # X.690's example: a first arc of 2 with a second above 39
+    ("06096086480165030402 01".replace(" ", ""), "2.16.840.1.101.3.4.2.1"),  # sha256
+    ("0603550403", "2.5.4.3"),  # commonName
+])
+def test_object_identifiers_are_decoded_as_x690_says(der: str, dotted: str) -> None:
     from ipe_bpf.policy import cms
 
-    assert (cms.OID_DATA, cms.OID_SIGNED_DATA, cms.OID_CONTENT_TYPE, cms.OID_MESSAGE_DIGEST) == tuple(
-        str(o) for o in (rfc5652.id_data, rfc5652.id_signedData, rfc5652.id_contentType, rfc5652.id_messageDigest))
-    assert cms.SIGNED_DATA_OID_DER == encoder.encode(rfc5652.id_signedData)
+    value = bytes.fromhex(der)[2:]
+    assert cms._oid(value) == dotted
+    for bad in (b"", value[:-1] + bytes([value[-1] | 0x80]), b"\x80" + value):  # empty, unterminated, padded
+        with pytest.raises(SignatureError):
+            cms._oid(bad)
+    assert cms._oid(cms.SIGNED_DATA_OID_DER[2:]) == cms.OID_SIGNED_DATA
+
+
+def test_the_envelope_of_an_openssl_cms_signature_is_read_field_by_field(pki: Pki, policy_file: Path) -> None:
+    """Signed attributes, the signer named by issuer and serial, the embedded certificate: the
+    bytes handed on are the envelope's own, as openssl's own parser sees them."""
+    from ipe_bpf.policy import cms
+
+    blob = openssl_sign(pki.p256, policy_file, tool="cms")
+    signed = cms.parse_signed_data(blob)
+    assert (signed.content_type, signed.content) == (cms.OID_DATA, POLICY)
+    assert signed.certificates == (pki.p256.cert.public_bytes(serialization.Encoding.DER),)
+    (signer,) = signed.signers
+    assert signer.issuer_der == pki.p256.cert.issuer.public_bytes()
+    assert signer.serial == pki.p256.cert.serial_number
+    assert (signer.digest_oid, signer.signature_oid) == ("2.16.840.1.101.3.4.2.1", "1.2.840.10045.4.3.2")
+    assert signer.content_types() == [cms.OID_DATA]
+    assert signer.message_digest() == hashlib.sha256(POLICY).digest()
+    assert signer.signed_attrs_der is not None and signer.signed_attrs_der[0] == 0x31
+    assert blob.find(signer.signed_attrs_der[1:]) > 0 and blob.endswith(signer.signature)
