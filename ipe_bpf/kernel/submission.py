@@ -21,7 +21,6 @@ from ..policy import cms
 from ..policy.compiler import Tables, compile_policy, default_abi
 from ..policy.lint import nul_truncation
 from ..policy.model import Policy
-from ..policy.parser import parse_policy
 
 if TYPE_CHECKING:  # cryptography is imported only for a signed blob (0.25 s of an unsigned deploy in the VM)
     from cryptography import x509
@@ -65,6 +64,8 @@ class Submission:
     @cached_property
     def policy(self) -> Policy:
         """The parsed text (parsed now if it came compiled: only a warning's detail needs it)."""
+        from ..policy.parser import parse_policy  # not imported for a compiled policy
+
         return self.parsed if self.parsed is not None else parse_policy(self.content)
 
 
@@ -124,6 +125,7 @@ def open_submission(blob: bytes, trust: Trust, *, allow_unsigned: bool = False,
 
 def _parsed(blob: bytes, content: bytes, signer: str | None, warnings: tuple[str, ...],
             digests: tuple[str, str]) -> Submission:
+    from ..policy.parser import parse_policy
     from .features import policy_properties
 
     policy = parse_policy(content)

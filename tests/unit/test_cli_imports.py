@@ -30,7 +30,7 @@ def loaded_after(statement: str) -> list[str]:
     """The modules a fresh interpreter holds after running `statement`."""
     code = f"{statement}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+    return json.loads(done.stdout.splitlines()[-1])  # the last line: what the statement printed comes first
 
 
 def heavy(modules: list[str]) -> list[str]:
@@ -56,3 +56,20 @@ def test_an_unsigned_policy_is_opened_without_cryptography() -> None:
                            "open_submission(b'policy_name=p policy_version=1.0.0\\nDEFAULT action=ALLOW\\n', (),"
                            " allow_unsigned=True)")
     assert "ipe_bpf.policy.compiler" in modules and [m for m in modules if m.startswith("cryptography")] == []
+
+
+def test_deploying_an_unsigned_compiled_policy_loads_no_parser_compiler_rich_or_cryptography(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`policy deploy --unsigned --compiled` (the 100k-rule switch of docs/performance.md) pays for
+    hashing and installing, not for modules it does not use."""
+    from ipe_bpf.policy import tables_file
+
+    text = b"policy_name=p policy_version=1.0.0\nDEFAULT action=ALLOW\nop=EXECUTE boot_verified=TRUE action=DENY\n"
+    (tmp_path / "p.pol").write_bytes(text)
+    (tmp_path / "p.ipec").write_bytes(tables_file.compile_text(text)[0])
+    argv = ["policy", "deploy", "--unsigned", str(tmp_path / "p.pol"), "--compiled", str(tmp_path / "p.ipec")]
+    modules = loaded_after(
+        f"import os, sys\nos.environ['IPE_BPF_STATE_DIR'] = {str(tmp_path / 'state')!r}\n"
+        f"sys.argv = ['ipe-bpf', *{argv!r}]\nimport ipe_bpf.cli\ntry:\n    ipe_bpf.cli.main()\n"
+        "except SystemExit as e:\n    assert not e.code, e.code")
+    assert "ipe_bpf.kernel.submission" in modules and (tmp_path / "state").is_dir()  # it did deploy
+    assert [m for m in modules if m in ("ipe_bpf.policy.parser", "rich", "cryptography")] == []

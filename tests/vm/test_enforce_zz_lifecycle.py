@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -15,14 +16,44 @@ from .kernel_fixtures import Kernel, expected_hooks, get_kernel, ipe, kernel, po
 EACCES = 13
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["python3", "-m", "ipe_bpf", *args], capture_output=True, text=True)
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["python3", "-m", "ipe_bpf", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def test_loading_twice_is_refused_without_touching_the_loaded_program(kernel: Kernel) -> None:
     r = _cli("load")
     assert r.returncode == 1 and r.stderr.startswith("EEXIST:") and len(r.stderr.strip().splitlines()) == 1
     assert pins.is_loaded()
+
+
+def test_a_policy_compiled_and_signed_elsewhere_is_enforced_as_compiled(ipe: Kernel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`policy compile` (a build host's job) then `policy deploy --compiled --activate` through the
+    CLI: the kernel enforces the compiled tables; tables of another text change nothing."""
+    key, cert = tmp_path / "signer.key", tmp_path / "signer.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=build host", "-days", "2"],
+                   check=True, capture_output=True)
+    signing = ["--key", str(key), "--cert", str(cert)]
+    made = {}
+    for name, rule in (("deny_bad", f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"),
+                       ("deny_good", f"op=EXECUTE fsverity_digest={ipe.good_digest} action=DENY")):
+        text = tmp_path / f"{name}.pol"
+        text.write_text(policy(rule, name="zzcompiled"))
+        for args in (["compile", str(text), "-o", f"{text}.ipec"], ["sign", str(text), "-o", f"{text}.p7s"]):
+            r = _cli("policy", *args, *signing)
+            assert r.returncode == 0, r.stderr
+        made[name] = (f"{text}.p7s", f"{text}.ipec")
+    store = {"IPE_BPF_STATE_DIR": str(tmp_path / "store")}  # the suite's own store stays as it is
+    (blob, compiled), (_, other) = made["deny_bad"], made["deny_good"]
+    r = _cli("policy", "deploy", blob, "--trust", str(cert), "--compiled", other, "--activate", env=store)
+    assert r.returncode == 1 and r.stderr.startswith(f"deploy: {other}: EINVAL: compiled from another policy text")
+    assert ipe.exec_status(ipe.good) == 0 and ipe.exec_status(ipe.bad) == 0  # no policy installed
+    r = _cli("policy", "deploy", blob, "--trust", str(cert), "--compiled", compiled, "--activate", env=store)
+    assert r.returncode == 0, r.stderr
+    assert 'deployed and activated policy "zzcompiled" 0.0.1' in r.stdout and "enforced now" in r.stdout
+    assert ipe.exec_status(ipe.bad) == EACCES
+    assert ipe.exec_status(ipe.good) == 0
 
 
 def test_unload_restores_and_second_unload_is_an_error(ipe: Kernel) -> None:
