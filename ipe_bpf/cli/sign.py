@@ -131,27 +131,36 @@ def verify(
                                                           "a PEM bundle or a directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Verify a signed policy in-process and show who signed it and what it is."""
+    """Verify a signed policy (or compiled policy) in-process and show who signed it and what it is."""
     from rich.markup import escape
 
-    from ..policy import signing
+    from ..policy import signing, tables_file
     from ..policy.model import text
 
     blob = read_bytes(file)
     try:
         trusted = signing.load_trust(trust)
         verified = signing.verify_policy(blob, trusted)
-        policy = _parse(verified.content)
+        compiled = tables_file.compiled_identity(verified.content)
+        if compiled is None:
+            policy = _parse(verified.content)
+            described = {"name": text(policy.name), "version": policy.version_text}
+        else:
+            described = {"name": text(compiled[0]), "version": ".".join(map(str, compiled[1])),
+                         "compiled_from": f"sha256:{compiled[2]}"}
     except IpeBpfError as err:
         _verify_failed(err, file, as_json)
     signer = verified.signer
     if as_json:
         print_json({"verified": True, "errno": None, "line": None, "message": "verified",
                     "signer": verified.signer_subject, "issuer": signer.issuer.rfc4514_string(),
-                    "digest": verified.digest, "policy": _policy_json(policy)})
+                    "digest": verified.digest, "policy": described})
         return
+    what = f"{described['name']} {described['version']}"
+    if compiled is not None:
+        what += f" (compiled policy of the text {described['compiled_from']})"
     rows = [("signer", verified.signer_subject), ("issuer", signer.issuer.rfc4514_string()),
-            ("digest", verified.digest), ("policy", f"{text(policy.name)} {policy.version_text}")]
+            ("digest", verified.digest), ("policy", what)]
     console.print(f"[green]verified[/]: {escape(str(file))}", soft_wrap=True)
     for label, value in rows:
         console.print(f"  {label:<7} {escape(value)}", soft_wrap=True)

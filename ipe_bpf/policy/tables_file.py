@@ -25,7 +25,7 @@ from ..errors import PolicyError
 from .abi import Abi
 from .compiler import Defaults, Tables
 
-__all__ = ["Compiled", "abi_fingerprint", "compile_text", "load_compiled", "read", "write"]
+__all__ = ["Compiled", "abi_fingerprint", "compile_text", "compiled_identity", "load_compiled", "read", "write"]
 
 _MAGIC = b"ipe-bpf tables 1\n"
 _STRUCTS = ("ipe_digest_key", "ipe_rule_key", "ipe_rule_value", "ipe_policy_defaults")
@@ -142,6 +142,16 @@ def load_compiled(data: bytes, content_digest: str, abi: Abi) -> Compiled:
     if tables is None:
         raise PolicyError("EBADMSG", "the compiled policy is damaged (its tables do not match their CRC-32 or sizes)")
     return Compiled(tables, properties)
+
+
+def compiled_identity(data: bytes) -> tuple[bytes, tuple[int, ...], str] | None:
+    """(policy name, version, sha256 hex of its text) of a compiled policy, None for other bytes."""
+    found = _meta(data)
+    meta = found[0] if found is not None else {}
+    try:
+        return bytes.fromhex(meta["name"]), tuple(int(v) for v in meta["version"]), str(meta["content"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _meta(data: bytes) -> tuple[dict, int] | None:

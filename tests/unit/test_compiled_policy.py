@@ -4,6 +4,7 @@ tables are installed without parsing or compiling, and only on the trust the pol
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -208,3 +209,12 @@ def test_cli_compile_then_deploy(tmp_path: Path, signer: Signer, monkeypatch: py
     half = runner.invoke(app, ["policy", "compile", str(policy), "-o", str(tmp_path / "x"), "--key", str(key)])
     assert half.exit_code == 1 and "compile: EINVAL: --key and --cert go together" in half.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_verify_names_what_a_compiled_policy_was_compiled_from(tmp_path: Path, signer: Signer) -> None:
+    cert = signer.write_cert(tmp_path / "trust")
+    (tmp_path / "app.ipec").write_bytes(compiled(text(), signer).blob)
+    done = CliRunner().invoke(app, ["policy", "verify", str(tmp_path / "app.ipec"), "--trust", str(cert), "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["policy"] == {
+        "name": "app", "version": "1.0.0", "compiled_from": f"sha256:{hashlib.sha256(text()).hexdigest()}"}
