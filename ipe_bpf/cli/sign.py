@@ -87,6 +87,7 @@ def compile_command(
     signed policies need it signed (--key and --cert) by a signer they trust."""
     from rich.markup import escape
 
+    from ..kernel.store import version_text
     from ..policy import signing, tables_file
     from ..policy.model import text
 
@@ -104,11 +105,10 @@ def compile_command(
         output.write_bytes(data)
     if as_json:
         print_json({"output": str(output), "bytes": len(data), "signer": signer,
-                    "policy": {"name": text(tables.name), "version": ".".join(map(str, tables.version))},
+                    "policy": {"name": text(tables.name), "version": version_text(tables.version)},
                     "rules": rules, "digest_entries": tables.digest_count, "rule_entries": tables.rule_count})
         return
-    version = ".".join(map(str, tables.version))
-    console.print(f"[green]compiled[/] {escape(text(tables.name))} {version} "
+    console.print(f"[green]compiled[/] {escape(text(tables.name))} {version_text(tables.version)} "
                   f"({rules} rules: {tables.digest_count} digest and {tables.rule_count} rule "
                   f"entries) → {escape(str(output))} ({len(data)} bytes, "
                   + (f"signed by {escape(signer)})" if signer else "[bold]unsigned[/]: for --unsigned targets only)"),
@@ -134,6 +134,7 @@ def verify(
     """Verify a signed policy (or compiled policy) in-process and show who signed it and what it is."""
     from rich.markup import escape
 
+    from ..kernel.store import version_text
     from ..policy import signing, tables_file
     from ..policy.model import text
 
@@ -146,7 +147,7 @@ def verify(
             policy = _parse(verified.content)
             described = {"name": text(policy.name), "version": policy.version_text}
         else:
-            described = {"name": text(compiled[0]), "version": ".".join(map(str, compiled[1])),
+            described = {"name": text(compiled[0]), "version": version_text(compiled[1]),
                          "compiled_from": f"sha256:{compiled[2]}"}
     except IpeBpfError as err:
         _verify_failed(err, file, as_json)

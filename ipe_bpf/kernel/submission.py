@@ -59,7 +59,9 @@ class Submission:
 
     @property
     def version_text(self) -> str:
-        return ".".join(map(str, self.version))
+        from .store import version_text
+
+        return version_text(self.version)
 
     @cached_property
     def policy(self) -> Policy:

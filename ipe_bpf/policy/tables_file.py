@@ -149,7 +149,8 @@ def compiled_identity(data: bytes) -> tuple[bytes, tuple[int, ...], str] | None:
     found = _meta(data)
     meta = found[0] if found is not None else {}
     try:
-        return bytes.fromhex(meta["name"]), tuple(int(v) for v in meta["version"]), str(meta["content"])
+        name, version = bytes.fromhex(meta["name"]), tuple(int(v) for v in meta["version"])
+        return (name, version, str(meta["content"])) if len(version) == 3 else None
     except (KeyError, TypeError, ValueError):
         return None
 

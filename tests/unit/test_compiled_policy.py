@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from typer.testing import CliRunner
 
 from ipe_bpf.audit.policy_records import AuditIdentity
@@ -21,8 +20,9 @@ from ipe_bpf.kernel.submission import Compiled
 from ipe_bpf.policy import parser, tables_file
 from ipe_bpf.policy.compiler import compile_policy
 
-from .lifecycle_fixtures import FakeTarget, Signer, make_signer
+from .lifecycle_fixtures import FakeTarget, Signer
 from .test_kernel_loader import HOOKS, _features
+from .test_lifecycle import signer, stranger, trust  # noqa: F401  (fixtures)
 
 DIGESTS = [hashlib.sha256(bytes([i])).hexdigest() for i in range(30)]
 
@@ -36,21 +36,6 @@ def text(version: str = "1.0.0", extra: str = "") -> bytes:
 def compiled(content: bytes, signer: Signer | None = None) -> Compiled:
     data, _, _ = tables_file.compile_text(content)
     return Compiled(signer.sign(data) if signer else data, "app.ipec")
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return make_signer("ipe-bpf build host")
-
-
-@pytest.fixture(scope="module")
-def stranger() -> Signer:
-    return make_signer("nobody trusts me")
-
-
-@pytest.fixture()
-def trust(signer: Signer) -> list[x509.Certificate]:
-    return [signer.cert]
 
 
 @pytest.fixture()
