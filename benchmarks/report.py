@@ -118,12 +118,17 @@ def render_markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _repeat(env: dict) -> str:
+    extra = {op: k for op, k in env.get("repeat", {}).items() if k > 1}
+    return "".join(f", {k} {op} blocks per state and round" for op, k in extra.items())
+
+
 def _facts(data: dict) -> list[str]:
     lines = []
     env = data.get("env")
     if env:
         lines.append(f"- guest kernel {env['kernel']}, loader {env['loader']}, {env['rounds']} rounds, "
-                     f"blocks of {env['counts']}; loading and attaching the program took {env['load_s']} s of guest time")
+                     f"blocks of {env['counts']}{_repeat(env)}; loading and attaching the program took {env['load_s']} s of guest time")
     for row in data.get("install", []):
         mem = row.get("memory", {})
         lines.append(f"- {_size(row['rules'])} rules, ipe-bpf: compile {row['compile_s']} s + install "

@@ -160,13 +160,15 @@ def compiled_switches(digest: str) -> dict[str, float]:
 
 
 def measure(helper: Path, targets: dict[str, Path], cases: tuple[tuple[str, str], ...],
-            counts: dict[str, int]) -> dict[tuple[str, str], float]:
-    return {(op, t): block(helper, op, targets[t], counts[op]) for op, t in cases}
+            counts: dict[str, int], repeat: dict[str, int]) -> dict[tuple[str, str], list[float]]:
+    """ns per operation of each case's blocks: repeat[op] blocks of it (default one)."""
+    return {(op, t): [block(helper, op, targets[t], counts[op]) for _ in range(repeat.get(op, 1))]
+            for op, t in cases}
 
 
 def run_size(report: Report, n: int, ctx: dict, att: Attachment, rng: random.Random, args: argparse.Namespace,
              kernel_ipe_on: bool) -> None:
-    helper, targets, digest, counts = ctx["helper"], ctx["targets"], ctx["digest"], ctx["counts"]
+    helper, targets, digest, counts, repeat = ctx["helper"], ctx["targets"], ctx["digest"], ctx["counts"], ctx["repeat"]
     t0 = time.monotonic()
     compiled = compile_policy(model_policy(n, digest, rng))
     t1 = time.monotonic()
@@ -195,12 +197,12 @@ def run_size(report: Report, n: int, ctx: dict, att: Attachment, rng: random.Ran
     order = states + states[::-1]
     for state in states:  # warm-up, not recorded: page cache, dentries, the cached decisions
         enter(state)
-        measure(helper, targets, CASES, counts)
+        measure(helper, targets, CASES, counts, repeat)
     for _ in range(args.rounds):
         for state in order:
             enter(state)
-            for case, ns in measure(helper, targets, CASES, counts).items():
-                samples[state][case].append(ns)
+            for case, ns in measure(helper, targets, CASES, counts, repeat).items():
+                samples[state][case].extend(ns)
     enter("base")
     if not args.no_fapolicyd:
         samples["fapolicyd"] = fapolicyd_samples(report, n, ctx, rng, args)
@@ -226,11 +228,11 @@ def fapolicyd_samples(report: Report, n: int, ctx: dict, rng: random.Random,
     out: dict[tuple[str, str], list[float]] = {c: [] for c in FAPOLICYD_CASES}
     try:
         daemon.start()
-        measure(helper, targets, FAPOLICYD_CASES, ctx["counts"])  # warm-up (its caches), not recorded
+        measure(helper, targets, FAPOLICYD_CASES, ctx["counts"], ctx["repeat"])  # warm-up (its caches), not recorded
         report.add("fapolicyd_start", {"rules": n, "seconds": round(daemon.start_seconds, 2)})
         for _ in range(args.rounds * 2):
-            for case, ns in measure(helper, targets, FAPOLICYD_CASES, ctx["counts"]).items():
-                out[case].append(ns)
+            for case, ns in measure(helper, targets, FAPOLICYD_CASES, ctx["counts"], ctx["repeat"]).items():
+                out[case].extend(ns)
     except (RuntimeError, subprocess.CalledProcessError) as err:
         report.add("notes", f"fapolicyd at {n} entries: {err}")
     finally:
@@ -260,7 +262,8 @@ def setup(args: argparse.Namespace) -> dict:
     untrusted.write_bytes(helper.read_bytes())
     untrusted.chmod(0o755)
     return {"helper": helper, "targets": {"fsverity": verity, "plain": plain}, "digest": digest,
-            "untrusted": untrusted, "counts": {"exec": args.execs, "mmap": args.mmaps, "open": args.opens}}
+            "untrusted": untrusted, "counts": {"exec": args.execs, "mmap": args.mmaps, "open": args.opens},
+            "repeat": {"exec": args.exec_blocks}}
 
 
 def main() -> None:
@@ -269,6 +272,9 @@ def main() -> None:
     ap.add_argument("--big", default="1000000", help="sizes run in a child process ('' for none)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--execs", type=int, default=100)
+    ap.add_argument("--exec-blocks", type=int, default=3,
+                    help="exec blocks per state and round: an exec block varies by ~0.5 %% with the kernel's "
+                         "page allocations, longer blocks do not average that out, more blocks do")
     ap.add_argument("--mmaps", type=int, default=2000)
     ap.add_argument("--opens", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("/results/report.json"))
@@ -308,7 +314,7 @@ def main() -> None:
     loaded = loader.load()
     report.set("env", {"kernel": os.uname().release, "loader": loaded.loader,
                        "load_s": round(time.monotonic() - t0, 2), "rounds": args.rounds,
-                       "counts": ctx["counts"], "time": "guest ns (--icount: 1 ns per instruction)"})
+                       "counts": ctx["counts"], "repeat": ctx["repeat"], "time": "guest ns (--icount: 1 ns per instruction)"})
     cli_figures(report, ctx["digest"])
     att = Attachment()
     for n in (int(s) for s in args.sizes.split(",")):
@@ -320,7 +326,8 @@ def main() -> None:
             os.close(fd)
         loader.unload()
         argv = [sys.executable, __file__, "--child", "--sizes", args.big, "--out", str(args.out),
-                "--rounds", str(args.rounds), "--execs", str(args.execs), "--mmaps", str(args.mmaps),
+                "--rounds", str(args.rounds), "--execs", str(args.execs), "--exec-blocks", str(args.exec_blocks),
+                "--mmaps", str(args.mmaps),
                 "--opens", str(args.opens), *([] if args.big_fapolicyd and not args.no_fapolicyd else ["--no-fapolicyd"])]
         if not args.big_fapolicyd:
             Report(args.out).add("notes", f"sizes {args.big}: no fapolicyd (--big-fapolicyd measures it; its trust "

@@ -1044,12 +1044,9 @@ IPE_HOOK(file_open, struct file *file)
 {
 	struct inode *inode = file->f_inode;
 	struct ipe_inode_state *st;
-	unsigned int flags = 0;
 
-	if (!IPE_FSV_SIG_HOOK || !inode)
-		return 0;
-	IPE_FIELD(flags, inode, struct inode, i_flags);
-	if (!(flags & S_VERITY) || ipe_verity_set_up(inode, file))
+	/* i_flags read directly, not through bpf_probe_read_kernel: this runs on every open */
+	if (!IPE_FSV_SIG_HOOK || !inode || !(inode->i_flags & S_VERITY) || ipe_verity_set_up(inode, file))
 		return 0;
 	st = ipe_inode_storage(ipe_inodes, inode, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (st)
