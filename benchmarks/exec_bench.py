@@ -13,7 +13,8 @@ Reported: per-operation ns (median over blocks) and the ratio attached / detache
 fs-verity target (digest lookups + rule lookups) and a plain one (no digest).  Then one more
 attached block with `kernel.bpf_stats_enabled` on gives the programs' own run time per
 operation ("programs N ns") and the ratio that alone would make: a figure without the
-block-to-block noise of the medians.
+block-to-block noise of the medians.  `--side-by-side 10,1000000` installs two sizes at once (the
+two policy slots) and measures exec with each in the same rounds: the policy size's own effect.
 
 Measured 2026-11-28 (`vm run --icount`, guest time, --rounds 4 --execs 100 --mmaps 1000;
 medians per operation; the policy has no audit for these files, so no ring-buffer cost):
@@ -171,6 +172,61 @@ def program_ns(att: Attachment, helper: Path, kind: str, target: Path, n: int) -
         STATS.write_text("0\n")
 
 
+def install_beside(compiled, generation: int) -> None:
+    """Put `compiled` into the inactive slot, keeping the active policy's tables (install() would
+    drop them): the two policies can then take turns, by the config's active slot alone."""
+    from dataclasses import replace
+
+    from ipe_bpf.kernel import bpfsys
+    with PinnedPolicyMaps() as maps:
+        cfg = maps._config()
+        slot = 1 if cfg.active == 1 else 0
+        digest_keys, rule_keys = compiled.tables.slotted(slot)
+        maps._put_table("ipe_digests", slot, digest_keys, compiled.tables.digest_values)
+        maps._put_table("ipe_rules", slot, rule_keys, compiled.tables.rule_values)
+        key, value = compiled.tables.defaults_entry(slot, generation=generation, epoch=cfg.flips + 1)
+        bpfsys.update(maps._map("ipe_defaults", write=True).fd, key, value)
+        maps._write_config(replace(cfg, flips=cfg.flips + 1))
+
+
+def side_by_side(sizes: list[int], args: argparse.Namespace) -> None:
+    """Exec with policy A and with policy B in the same rounds (base A B B A base, then base B A A B
+    base), both installed at once: whether the policy's size changes the cost, without the drift
+    between a run's phases that separate measurements of each size carry."""
+    from dataclasses import replace
+
+    from report_guest import model_policy  # N digest rules without a 100 MB text at 1M
+    helper, verity, plain, digest = prepare()
+    att = Attachment()
+    rng = random.Random(1)
+    with PinnedPolicyMaps() as maps:
+        maps.install(compile_policy(model_policy(sizes[0], digest, rng)), generation=sizes[0])
+    install_beside(compile_policy(model_policy(sizes[1], digest, rng)), generation=sizes[1])
+    slots = {sizes[0]: 1, sizes[1]: 2}  # config.active: slot + 1
+
+    def enter(state: int) -> None:
+        if not state:
+            att.off()
+            return
+        with PinnedPolicyMaps() as maps:
+            maps._write_config(replace(maps._config(), active=slots[state]))
+        att.on()
+
+    for label, target in (("fsverity", verity), ("plain", plain)):
+        samples: dict[int, list[float]] = {0: [], **{n: [] for n in sizes}}
+        a, b = sizes
+        for r in range(args.rounds):
+            for state in ((0, a, b, b, a, 0) if r % 2 == 0 else (0, b, a, a, b, 0)):
+                enter(state)
+                block(helper, "exec", target, args.execs)  # the first exec after a switch misses the cache
+                samples[state] += [block(helper, "exec", target, args.execs) for _ in range(3)]
+        base = statistics.median(samples[0])
+        ra, rb = (statistics.median(samples[n]) / base for n in sizes)
+        print(f"exec {label:8} {a} rules {ra:.4f}  {b} rules {rb:.4f}  {b} / {a}: {rb / ra:.4f}  "
+              f"({len(samples[0])} blocks per state)", flush=True)
+    att.on()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rules", default="10,100000")
@@ -178,7 +234,12 @@ def main() -> None:
     ap.add_argument("--execs", type=int, default=200)
     ap.add_argument("--mmaps", type=int, default=2000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--side-by-side", metavar="A,B", help="exec only: two policy sizes installed at once, "
+                                                          "measured in the same rounds")
     args = ap.parse_args()
+    if args.side_by_side:
+        side_by_side([int(x) for x in args.side_by_side.split(",")], args)
+        return
 
     helper, verity, plain, digest = prepare()
     att = Attachment()
