@@ -70,3 +70,39 @@ def test_fsverity_signature_as_this_kernel_keeps_it(ipe: Kernel) -> None:
     assert ipe.exec_status(signed) == (EACCES if kept else 0)
     with ipe.maps() as maps:
         assert maps.counters().undecidable == before
+
+
+@pytest.mark.requires("setintegrity_hooks")
+def test_signature_state_of_files_set_up_at_their_first_open_after_the_load(ipe: Kernel) -> None:
+    """fs-verity files enabled earlier, whose inodes were evicted (here: the file system
+    unmounted) and whose verity info is set up again at their first open while ipe-bpf is loaded:
+    the program sees that open (file_open), so no signature report means FALSE, not unknown."""
+    key, cert = _signing_key()
+    disk, mnt = SCRATCH / "reopen.img", SCRATCH / "reopen"
+    sh("truncate", "-s", "16M", disk)
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "verity", disk)
+    mnt.mkdir(exist_ok=True)
+    sh("mount", "-o", "loop", disk, mnt)
+    signed, unsigned = mnt / "signed", mnt / "unsigned"
+    try:
+        for path, extra in ((signed, b"\6"), (unsigned, b"\7")):
+            path.write_bytes(ipe.good.read_bytes() + extra)
+            path.chmod(0o755)
+        sh("fsverity", "sign", signed, SCRATCH / "reopen.sig", "--key", key, "--cert", cert)
+        sh("fsverity", "enable", signed, f"--signature={SCRATCH / 'reopen.sig'}")
+        sh("fsverity", "enable", unsigned)
+        digests = {path: measure(path) for path in (signed, unsigned)}
+        sh("umount", mnt)  # the inodes, their verity info and the program's records of them go
+        sh("mount", "-o", "loop", disk, mnt)
+        with ipe.maps() as maps:
+            before = maps.counters().undecidable
+        for path, signature, other in ((unsigned, "FALSE", signed), (signed, "TRUE", unsigned)):
+            ipe.activate(policy(f"op=EXECUTE fsverity_digest={digests[path]} fsverity_signature={signature} action=ALLOW",
+                                f"op=EXECUTE fsverity_digest={digests[path]} action=DENY",
+                                f"op=EXECUTE fsverity_digest={digests[other]} action=DENY"))
+            assert ipe.exec_status(path) == 0, path  # known: allowed by the first rule
+            assert ipe.exec_status(other) == EACCES, other
+        with ipe.maps() as maps:
+            assert maps.counters().undecidable == before
+    finally:
+        sh("umount", mnt)
