@@ -177,15 +177,9 @@ def install_beside(compiled, generation: int) -> None:
     drop them): the two policies can then take turns, by the config's active slot alone."""
     from dataclasses import replace
 
-    from ipe_bpf.kernel import bpfsys
     with PinnedPolicyMaps() as maps:
         cfg = maps._config()
-        slot = 1 if cfg.active == 1 else 0
-        digest_keys, rule_keys = compiled.tables.slotted(slot)
-        maps._put_table("ipe_digests", slot, digest_keys, compiled.tables.digest_values)
-        maps._put_table("ipe_rules", slot, rule_keys, compiled.tables.rule_values)
-        key, value = compiled.tables.defaults_entry(slot, generation=generation, epoch=cfg.flips + 1)
-        bpfsys.update(maps._map("ipe_defaults", write=True).fd, key, value)
+        maps._fill_slot(1 if cfg.active == 1 else 0, compiled.tables, generation, cfg)
         maps._write_config(replace(cfg, flips=cfg.flips + 1))
 
 

@@ -332,17 +332,22 @@ class PinnedPolicyMaps:
             cfg = self._config()
             active = cfg.active
             new_slot = 1 if active == 1 else 0
-            self._delete_slot(new_slot)  # leftovers of an interrupted install
-            digest_keys, rule_keys = tables.slotted(new_slot)
-            self._put_table("ipe_digests", new_slot, digest_keys, tables.digest_values)
-            self._put_table("ipe_rules", new_slot, rule_keys, tables.rule_values)
-            # the epoch tags the program's cached decisions: unique per install, never reused
-            k, v = tables.defaults_entry(new_slot, generation=generation, epoch=cfg.flips + 1)
-            bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
+            self._fill_slot(new_slot, tables, generation, cfg)
             self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))
             if active:
                 _grace_period()
                 self._delete_slot(active - 1)
+
+    def _fill_slot(self, slot: int, tables: Tables, generation: int, cfg: Config) -> None:
+        """Write `tables` into `slot`, which no program reads, tagged with the epoch the config's
+        next write (flips + 1) brings."""
+        self._delete_slot(slot)  # leftovers of an interrupted install
+        digest_keys, rule_keys = tables.slotted(slot)
+        self._put_table("ipe_digests", slot, digest_keys, tables.digest_values)
+        self._put_table("ipe_rules", slot, rule_keys, tables.rule_values)
+        # the epoch tags the program's cached decisions: unique per install, never reused
+        k, v = tables.defaults_entry(slot, generation=generation, epoch=cfg.flips + 1)
+        bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
 
     # ------------------------------------------------------------ counters
 

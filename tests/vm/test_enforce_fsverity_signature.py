@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from .kernel_fixtures import FSV, SCRATCH, Kernel, get_kernel, ipe, kernel, measure, policy, sh  # noqa: F401
@@ -23,6 +25,30 @@ def _signing_key() -> tuple[str, str]:
             subprocess.run(["keyctl", "padd", "asymmetric", "", "%keyring:.fs-verity"], stdin=f,
                            check=True, capture_output=True)
     return str(key), str(cert)
+
+
+def verity_pair(name: str, good: Path, marks: bytes) -> tuple[Path, Path, Path, Path]:
+    """A scratch ext4 image with fs-verity, loop-mounted, holding a copy of `good` with a built-in
+    signature and one without (told apart by one byte of `marks` each): (image, mount point,
+    signed, unsigned)."""
+    key, cert = _signing_key()
+    disk, mnt, sig = SCRATCH / f"{name}.img", SCRATCH / name, SCRATCH / f"{name}.sig"
+    sh("truncate", "-s", "16M", disk)
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "verity", disk)
+    mnt.mkdir(exist_ok=True)
+    sh("mount", "-o", "loop", disk, mnt)
+    signed, unsigned = mnt / "signed", mnt / "unsigned"
+    try:
+        for path, mark in ((signed, marks[:1]), (unsigned, marks[1:2])):
+            path.write_bytes(good.read_bytes() + mark)
+            path.chmod(0o755)
+        sh("fsverity", "sign", signed, sig, "--key", key, "--cert", cert)
+        sh("fsverity", "enable", signed, f"--signature={sig}")
+        sh("fsverity", "enable", unsigned)
+    except BaseException:
+        sh("umount", mnt, check=False)
+        raise
+    return disk, mnt, signed, unsigned
 
 
 @pytest.mark.requires("setintegrity_hooks")
@@ -77,20 +103,8 @@ def test_signature_state_of_files_set_up_at_their_first_open_after_the_load(ipe:
     """fs-verity files enabled earlier, whose inodes were evicted (here: the file system
     unmounted) and whose verity info is set up again at their first open while ipe-bpf is loaded:
     the program sees that open (file_open), so no signature report means FALSE, not unknown."""
-    key, cert = _signing_key()
-    disk, mnt = SCRATCH / "reopen.img", SCRATCH / "reopen"
-    sh("truncate", "-s", "16M", disk)
-    sh("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "verity", disk)
-    mnt.mkdir(exist_ok=True)
-    sh("mount", "-o", "loop", disk, mnt)
-    signed, unsigned = mnt / "signed", mnt / "unsigned"
+    disk, mnt, signed, unsigned = verity_pair("reopen", ipe.good, b"\6\7")
     try:
-        for path, extra in ((signed, b"\6"), (unsigned, b"\7")):
-            path.write_bytes(ipe.good.read_bytes() + extra)
-            path.chmod(0o755)
-        sh("fsverity", "sign", signed, SCRATCH / "reopen.sig", "--key", key, "--cert", cert)
-        sh("fsverity", "enable", signed, f"--signature={SCRATCH / 'reopen.sig'}")
-        sh("fsverity", "enable", unsigned)
         digests = {path: measure(path) for path in (signed, unsigned)}
         sh("umount", mnt)  # the inodes, their verity info and the program's records of them go
         sh("mount", "-o", "loop", disk, mnt)

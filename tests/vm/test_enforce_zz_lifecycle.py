@@ -111,23 +111,11 @@ def test_signature_checked_before_load_is_known_or_never_taken_as_false(kernel: 
 
     from ipe_bpf.kernel import bpfsys
 
-    from .kernel_fixtures import SCRATCH, sh
-    from .test_enforce_fsverity_signature import _signing_key
+    from .kernel_fixtures import sh
+    from .test_enforce_fsverity_signature import verity_pair
 
     assert not pins.is_loaded()
-    key, cert = _signing_key()
-    disk, mnt = SCRATCH / "early.img", SCRATCH / "early"
-    sh("truncate", "-s", "16M", disk)
-    sh("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "verity", disk)
-    mnt.mkdir(exist_ok=True)
-    sh("mount", "-o", "loop", disk, mnt)
-    signed, unsigned = mnt / "signed", mnt / "unsigned"
-    for path, extra in ((signed, b"\3"), (unsigned, b"\4")):
-        path.write_bytes(kernel.good.read_bytes() + extra)
-        path.chmod(0o755)
-    sh("fsverity", "sign", signed, SCRATCH / "early.sig", "--key", key, "--cert", cert)
-    sh("fsverity", "enable", signed, f"--signature={SCRATCH / 'early.sig'}")
-    sh("fsverity", "enable", unsigned)
+    _, mnt, signed, unsigned = verity_pair("early", kernel.good, b"\3\4")
     held = [open(signed, "rb"), open(unsigned, "rb")]  # in use across the load
     try:
         loader.load()
