@@ -138,8 +138,8 @@ def block(helper: Path, kind: str, target: Path, n: int) -> float:
     # Idle first, so that every block starts quiescent: the previous helper's deferred teardown
     # (RCU callbacks, kworkers) runs here, not in the block.  Without it the blocks right after
     # an attach/detach (which waits) ran ~3-8 % faster than the others, and a median over both
-    # kinds moved the mmap ratio by +-0.03 from run to run.  Guest time under --icount: costs no
-    # wall time.
+    # kinds moved the mmap ratio by +-0.03 from run to run.  Under --icount an idle guest counts
+    # real time: this is outside the timed loop, which never idles (one CPU, the page cache).
     time.sleep(SETTLE_S)
     out = sh(helper, f"bench-{kind}", target, n)
     return int(out.strip()) / n

@@ -90,7 +90,7 @@ def run(
         bool, typer.Option("--initramfs", help="Boot from an initramfs (/ is the kernel's rootfs).")
     ] = False,
     icount: Annotated[
-        bool, typer.Option("--icount", help="Deterministic guest time (-icount shift=0,sleep=off) for benchmarks.")
+        bool, typer.Option("--icount", help="Guest time for benchmarks (-icount shift=0,sleep=on): 1 ns per instruction, idle time as real time.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not stream the guest console.")] = False,
     uefi_db: Annotated[Optional[Path], typer.Option(

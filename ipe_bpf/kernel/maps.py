@@ -16,9 +16,9 @@
 `install(compiled, generation)`: makes the policy's digests and rules tables (hash maps
 sized to the policy), fills them and puts them into the inactive slot of the ipe_digests
 and ipe_rules arrays of maps, writes that slot's defaults carrying `generation`, flips the
-config's `active` byte to that slot in one map write, waits for an RCU grace period
-(membarrier(MEMBARRIER_CMD_GLOBAL), so no BPF program still uses the old slot), and only
-then empties the old slot (the kernel frees its tables).  A half-written policy is never
+config's `active` byte to that slot in one map write, waits for an RCU grace period (the
+kernel's wait after an update of an array of maps, so no BPF program still uses the old
+slot), and only then empties the old slot (the kernel frees its tables).  A half-written policy is never
 visible, and the tables hold what the policy needs: no capacity to choose or to outgrow.
 `generation` is an opaque number the caller chooses per deployed policy (the lifecycle's
 store id); audit events carry it so rule texts can be found later.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -40,26 +39,18 @@ from typing import TYPE_CHECKING
 from ..errors import KernelError
 from ..policy.layout import Header, default_header
 from ..policy.model import Op
-from . import bpfsys, syscalls
+from . import bpfsys
 from .memory import MapMemory, pinned_memory
 from .pins import PIN_ROOT, control_lock, map_path
 
 if TYPE_CHECKING:
     from ..policy.compiler import CompiledPolicy, Tables
 
-_MEMBARRIER_CMD_GLOBAL = 1
 
 # The per-slot tables: hash maps matching the templates in bpf/libbpf_compat.h.
 TABLES = ("ipe_digests", "ipe_rules")
 _BPF_MAP_TYPE_HASH = 1
 _TABLE_FLAGS = 1 | 1 << 7  # BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG
-
-
-def _grace_period() -> None:
-    """Wait until every BPF program that may have seen the old slot has finished."""
-    ret = bpfsys.libc().syscall(syscalls.number("membarrier"), _MEMBARRIER_CMD_GLOBAL, 0, 0)
-    if ret != 0 or os.cpu_count() == 1:
-        time.sleep(0.05)  # membarrier unavailable (nohz_full) or a single CPU: be generous
 
 
 @dataclass(frozen=True)
@@ -256,7 +247,7 @@ class PinnedPolicyMaps:
             if cfg.active == 0:
                 return
             self._write_config(replace(cfg, active=0, flips=cfg.flips + 1))
-            _grace_period()
+            self._wait_for_programs(cfg.active - 1)
             self._delete_slot(cfg.active - 1)
 
     def state(self) -> KernelState:
@@ -319,6 +310,23 @@ class PinnedPolicyMaps:
         finally:
             os.close(fd)
 
+    def _wait_for_programs(self, slot: int) -> None:
+        """Return once no BPF program can still be running with what it read before the config's
+        last write.  The programs run under RCU, and the kernel waits for a grace period
+        (synchronize_rcu) after every update of an array of maps (maybe_wait_bpf_programs): putting
+        `slot`'s rules table into its place again is that wait, on every kernel line and CPU count
+        (membarrier's global barrier is no wait on a single CPU, and refused with nohz_full)."""
+        outer = self._map("ipe_rules", write=True).fd
+        key = struct.pack("=I", slot)
+        raw = bpfsys.lookup(outer, key, 4)  # the inner map's id
+        if raw is None:
+            raise KernelError("ENOENT", f"slot {slot} has no rules table to wait on")
+        fd = bpfsys.map_fd_by_id(struct.unpack("=I", raw)[0])
+        try:
+            bpfsys.update(outer, key, struct.pack("=I", fd))
+        finally:
+            os.close(fd)
+
     def _delete_slot(self, slot: int) -> None:
         """Empty `slot`: its tables go (the kernel frees them once no program holds them)."""
         for name in TABLES:
@@ -335,7 +343,7 @@ class PinnedPolicyMaps:
             self._fill_slot(new_slot, tables, generation, cfg)
             self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))
             if active:
-                _grace_period()
+                self._wait_for_programs(new_slot)
                 self._delete_slot(active - 1)
 
     def _fill_slot(self, slot: int, tables: Tables, generation: int, cfg: Config) -> None:

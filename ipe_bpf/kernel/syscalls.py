@@ -12,11 +12,11 @@ from types import MappingProxyType
 from ..errors import KernelError
 
 SYSCALLS: Mapping[str, Mapping[str, int]] = MappingProxyType({
-    "x86_64": MappingProxyType({"bpf": 321, "membarrier": 324, "statx": 332}),
-    "aarch64": MappingProxyType({"bpf": 280, "membarrier": 283, "statx": 291}),
-    "riscv64": MappingProxyType({"bpf": 280, "membarrier": 283, "statx": 291}),
-    "s390x": MappingProxyType({"bpf": 351, "membarrier": 356, "statx": 379}),
-    "ppc64le": MappingProxyType({"bpf": 361, "membarrier": 365, "statx": 383}),
+    "x86_64": MappingProxyType({"bpf": 321, "statx": 332}),
+    "aarch64": MappingProxyType({"bpf": 280, "statx": 291}),
+    "riscv64": MappingProxyType({"bpf": 280, "statx": 291}),
+    "s390x": MappingProxyType({"bpf": 351, "statx": 379}),
+    "ppc64le": MappingProxyType({"bpf": 361, "statx": 383}),
 })
 
 

@@ -366,12 +366,24 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(bpfsys, "obj_get", obj_get)
     monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(1, fd, *next(sizes[n] for n, f in fds.items() if f == fd), 0, 0, ""))
     monkeypatch.setattr(bpfsys, "lookup", lambda fd, key, size: tables[fd].get(key))
-    monkeypatch.setattr(bpfsys, "update", lambda fd, key, value, flags=0: tables[fd].__setitem__(key, value))
+    outer = {fds["ipe_rules"]: "rules", fds["ipe_digests"]: "digests", fds["ipe_config"]: "config"}
+    events: list[tuple[str, ...]] = []
+
+    def update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+        if fd in outer:
+            events.append(("put", outer[fd], str(key[0]), str(value == tables[fd].get(key))))
+        tables[fd][key] = value
+
+    def delete(fd: int, key: bytes) -> bool:
+        events.append(("delete", outer.get(fd, "?"), str(key[0])))
+        return tables[fd].pop(key, None) is not None
+
+    monkeypatch.setattr(bpfsys, "update", update)
     def update_packed(fd: int, keys: bytes, values: bytes, k: int, v: int) -> None:
         tables[fd].update((keys[i * k : (i + 1) * k], values[i * v : (i + 1) * v]) for i in range(len(keys) // k))
 
     monkeypatch.setattr(bpfsys, "update_packed", update_packed)
-    monkeypatch.setattr(bpfsys, "delete", lambda fd, key: tables[fd].pop(key, None) is not None)
+    monkeypatch.setattr(bpfsys, "delete", delete)
     monkeypatch.setattr(bpfsys, "keys", lambda fd, k: list(tables[fd]))
     made: list[tuple[str, int, int, int]] = []
 
@@ -382,7 +394,7 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setattr(bpfsys, "map_create", map_create)
     monkeypatch.setattr(bpfsys, "possible_cpus", lambda: cpus)
-    monkeypatch.setattr(maps_mod, "_grace_period", lambda: None)
+    monkeypatch.setattr(bpfsys, "map_fd_by_id", lambda map_id, read_only=False: map_id)  # fake ids are fds
     real_close = maps_mod.os.close
     monkeypatch.setattr(maps_mod.os, "close", lambda fd: None if fd in tables else real_close(fd))
     monkeypatch.setattr(maps_mod, "control_lock", lambda: pins.control_lock(tmp_path / "lock"))
@@ -394,8 +406,14 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
         maps.set_enforce(False)
         state = maps.state()
         assert (state.active_slot, state.generation, state.enforcing, state.flips) == (0, 7, False, 1)
+        events.clear()
         maps.install(compiled, 8)
         assert (maps.state().active_slot, maps.state().generation) == (1, 8)
+        # the old slot is emptied only after the flip and a grace period: slot 1's rules table put
+        # in its place a second time, which the kernel follows with synchronize_rcu()
+        assert events == [("delete", "digests", "1"), ("delete", "rules", "1"), ("put", "digests", "1", "False"),
+                          ("put", "rules", "1", "False"), ("put", "config", "0", "False"),
+                          ("put", "rules", "1", "True"), ("delete", "digests", "0"), ("delete", "rules", "0")]
         # each install made a table per map, sized to the policy; the old slot was emptied
         rule_size = (header.struct("ipe_rule_key").size, header.struct("ipe_rule_value").size)
         assert made == [("ipe_digests0", header.struct("ipe_digest_key").size, 4, 1), ("ipe_rules0", *rule_size, 1),

@@ -53,7 +53,7 @@ def test_initramfs_boot_has_no_root_disk() -> None:
 
 
 def test_icount() -> None:
-    assert _opt(_spec(icount=True).argv(), "-icount") == ["shift=0,sleep=off"]
+    assert _opt(_spec(icount=True).argv(), "-icount") == ["shift=0,sleep=on"]
 
 
 def test_uefi_boot_adds_pflash_and_kernel_args() -> None:

@@ -218,4 +218,4 @@ def test_icount_boots_one_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, k
     results = tmp_path / "results"
     outcome = run_vm(RunRequest(("sh", "-c", "exit 0"), _project(tmp_path), results, timeout=0, icount=icount), config)
     argv = next(line for line in (results / "vm-console.log").read_text().splitlines() if line.startswith("ARGV "))
-    assert outcome.reported and f" -smp {cpus} " in argv and (" -icount shift=0,sleep=off" in argv) == icount
+    assert outcome.reported and f" -smp {cpus} " in argv and (" -icount shift=0,sleep=on" in argv) == icount
