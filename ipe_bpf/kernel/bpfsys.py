@@ -265,25 +265,33 @@ def keys(fd: int, key_size: int) -> list[bytes]:
 _BATCH = 16384
 
 
+def _address(data: bytes | bytearray) -> tuple[int, object]:
+    """Where `data`'s bytes are, for the kernel to read, and the object that keeps them there
+    (no copy: a 100k-rule policy's arrays are 10 MB)."""
+    if isinstance(data, bytearray):
+        view = (ctypes.c_char * len(data)).from_buffer(data)
+        return ctypes.addressof(view), view
+    pointer = ctypes.c_char_p(data)
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0, pointer
+
+
 def update_packed(fd: int, keys: bytes, values: bytes, key_size: int, value_size: int) -> None:
     """Write the elements packed back to back in `keys` and `values`: BPF_MAP_UPDATE_BATCH
     where the kernel has it, else one by one."""
     count = len(keys) // key_size
     if len(keys) != count * key_size or len(values) != count * value_size:
         raise ValueError(f"{len(keys)} key bytes and {len(values)} value bytes are not {count} whole elements")
-    kbuf = ctypes.create_string_buffer(keys, len(keys))
-    vbuf = ctypes.create_string_buffer(values, len(values))
+    (kaddr, _k), (vaddr, _v) = _address(keys), _address(values)
     for at in range(0, count, _BATCH):
         n = min(_BATCH, count - at)
-        attr = _BatchAttr(keys=ctypes.addressof(kbuf) + at * key_size, values=ctypes.addressof(vbuf) + at * value_size,
-                          count=n, map_fd=fd)
+        attr = _BatchAttr(keys=kaddr + at * key_size, values=vaddr + at * value_size, count=n, map_fd=fd)
         ret, err = bpf_errno(BPF_MAP_UPDATE_BATCH, attr)
         if ret >= 0:
             continue
         if err not in (errno.EINVAL, 524) or attr.count != 0:  # 524: ENOTSUPP
             raise _fail(f"map batch update ({attr.count} of {n} written)", err)
         for i in range(at, at + n):
-            update(fd, keys[i * key_size : (i + 1) * key_size], values[i * value_size : (i + 1) * value_size])
+            update(fd, bytes(keys[i * key_size : (i + 1) * key_size]), bytes(values[i * value_size : (i + 1) * value_size]))
 
 
 def inner_map_ids(fd: int, slots: int) -> list[int]:

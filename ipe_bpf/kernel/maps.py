@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 # The per-slot tables: hash maps matching the templates in bpf/libbpf_compat.h.
 TABLES = ("ipe_digests", "ipe_rules")
 _BPF_MAP_TYPE_HASH = 1
-_TABLE_FLAGS = 1 | 1 << 7  # BPF_F_NO_PREALLOC | BPF_F_RDONLY_PROG
+_TABLE_FLAGS = 1 << 7  # BPF_F_RDONLY_PROG; preallocated, as the templates in bpf/libbpf_compat.h
 
 
 @dataclass(frozen=True)

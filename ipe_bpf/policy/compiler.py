@@ -334,15 +334,17 @@ class Tables:
         return len(self.rule_values) // self.abi.header.struct("ipe_rule_value").size
 
     def slotted(self, slot: int) -> tuple[bytes, bytes]:
-        """(digest keys, rule keys) with `slot` in every key."""
+        """(digest keys, rule keys) with `slot` in every key (slot 0: the arrays themselves)."""
         if not 0 <= slot < self.abi.slots:
             raise ValueError(f"slot must be in 0..{self.abi.slots - 1}, got {slot}")
+        if slot == 0:
+            return self.digest_keys, self.rule_keys
         out = []
         for keys, name in ((self.digest_keys, "ipe_digest_key"), (self.rule_keys, "ipe_rule_key")):
             layout = self.abi.header.struct(name)
             buf = bytearray(keys)
             buf[layout.field("slot").offset :: layout.size] = bytes([slot]) * (len(keys) // layout.size)
-            out.append(bytes(buf))
+            out.append(buf)
         return out[0], out[1]
 
     def defaults_entry(self, slot: int, *, generation: int = 0, epoch: int = 0) -> tuple[bytes, bytes]:
@@ -352,6 +354,7 @@ class Tables:
 
 
 def _split(data: bytes, size: int) -> list[bytes]:
+    data = bytes(data)
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 

@@ -380,7 +380,7 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setattr(bpfsys, "update", update)
     def update_packed(fd: int, keys: bytes, values: bytes, k: int, v: int) -> None:
-        tables[fd].update((keys[i * k : (i + 1) * k], values[i * v : (i + 1) * v]) for i in range(len(keys) // k))
+        tables[fd].update((bytes(keys[i * k : (i + 1) * k]), bytes(values[i * v : (i + 1) * v])) for i in range(len(keys) // k))
 
     monkeypatch.setattr(bpfsys, "update_packed", update_packed)
     monkeypatch.setattr(bpfsys, "delete", delete)

@@ -4,6 +4,7 @@ parsing; a file that does not fit (other text, other ABI, damaged) is never used
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,44 @@ def test_the_tables_go_with_their_policy(life: Lifecycle) -> None:
     assert tables_path(life).exists()
     life.delete(b"app")
     assert list((life.store.root / "policies").glob("*.tables")) == []
+
+
+def test_columns_that_never_change_are_not_stored_and_every_entry_comes_back() -> None:
+    """sha256 and sha512 fs-verity digests, a dm-verity root hash: each array by byte column,
+    where a column holding one value throughout is that value in the header, not bytes."""
+    sha512 = [hashlib.sha512(i.to_bytes(2, "big")).hexdigest() for i in range(300)]
+    text = ("policy_name=mix policy_version=1.0.0\nDEFAULT action=DENY\n"
+            + "".join(f"op=EXECUTE fsverity_digest=sha256:{hashlib.sha256(i.to_bytes(2, 'big')).hexdigest()} action=ALLOW\n"
+                      for i in range(700))
+            + "".join(f"op=EXECUTE fsverity_digest=sha512:{d} action=ALLOW\n" for d in sha512)
+            + f"op=KMODULE dmverity_roothash=sha256:{DIGESTS[0]} action=ALLOW\n").encode()
+    tables = compile_policy(parse_policy(text)).tables
+    data = tables_file.write(tables, CONTENT)
+    back = tables_file.read(data, CONTENT, default_abi())
+    assert back == tables and back.digest_count == 1001 and back.rule_count == tables.rule_count
+
+
+def test_a_sha256_digest_policy_takes_under_half_its_packed_size() -> None:
+    text = ("policy_name=big policy_version=1.0.0\nDEFAULT action=DENY\n"
+            + "".join(f"op=EXECUTE fsverity_digest=sha256:{hashlib.sha256(i.to_bytes(2, 'big')).hexdigest()} "
+                      f"action=ALLOW\n" for i in range(2000))).encode()
+    tables = compile_policy(parse_policy(text)).tables
+    packed = sum(map(len, (tables.digest_keys, tables.digest_values, tables.rule_keys, tables.rule_values)))
+    # of each rule's 108 packed bytes, the digest's 32 and the ids' and indexes' low bytes vary
+    assert len(tables_file.write(tables, CONTENT)) < 0.42 * packed
+
+
+def test_empty_tables_and_bad_column_headers() -> None:
+    empty = compile_policy(parse_policy(b"policy_name=e policy_version=1.0.0\nDEFAULT action=ALLOW\n")).tables
+    assert tables_file.read(tables_file.write(empty, CONTENT), CONTENT, default_abi()) == empty
+    data = tables_file.write(compile_policy(parse_policy(TEXT)).tables, CONTENT)
+    head, _, payload = data.partition(b"\n")[2].partition(b"\n")
+    meta = json.loads(head)
+    for bad in (256, -1, "x"):
+        broken = json.loads(head)
+        broken["columns"][0][0] = bad
+        assert tables_file.read(data.replace(head, json.dumps(broken).encode()), CONTENT, default_abi()) is None
+    short = json.loads(head)
+    short["columns"][2] = short["columns"][2][:-1]
+    assert tables_file.read(data.replace(head, json.dumps(short).encode()), CONTENT, default_abi()) is None
+    assert meta["counts"] == [40, 81] and payload  # the boot_verified rule doubles each digest rule's entries
