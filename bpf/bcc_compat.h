@@ -43,7 +43,7 @@
 BPF_F_TABLE("array", __u32, struct ipe_config, ipe_config, 1, BPF_F_RDONLY_PROG);
 BPF_F_TABLE("array", __u32, struct ipe_policy_defaults, ipe_defaults, IPE_SLOTS, BPF_F_RDONLY_PROG);
 /* the per-slot tables' templates and the arrays of maps holding them (libbpf_compat.h) */
-BPF_F_TABLE("hash", struct ipe_digest_key, __u32, ipe_digests_table, 1, BPF_F_RDONLY_PROG);
+BPF_F_TABLE("hash", struct ipe_digest_key, struct ipe_digest_value, ipe_digests_table, 1, BPF_F_RDONLY_PROG);
 BPF_ARRAY_OF_MAPS(ipe_digests, "ipe_digests_table", IPE_SLOTS);
 BPF_F_TABLE("hash", struct ipe_rule_key, struct ipe_rule_value, ipe_rules_table, 1,
 	    BPF_F_RDONLY_PROG);

@@ -29,8 +29,6 @@
 #include "bcc_compat.h"
 #endif
 
-#define IPE_NO_RULE 0xffffffffU
-
 #ifdef IPE_CORE
 /* Set by the loader before load from what it probed (frozen: the verifier prunes by them). */
 const volatile struct {
@@ -51,9 +49,18 @@ const volatile struct {
 #define FS_IOC_ENABLE_VERITY 0x40806685	/* _IOW('f', 133, struct fsverity_enable_arg) */
 
 /* What the decision needs to know about the file behind the event. */
+/* The one rule that names a digest and tests nothing else, kept in the digests map. */
+struct ipe_inline_rule {
+	__u32 index;		/* IPE_NO_RULE: the digest's rules are in the rules map */
+	__u8 op;
+	__u8 action;
+};
+
 struct ipe_attrs {
 	__u32 roothash_id;	/* id of the file's dm-verity root hash in the slot, or 0 */
 	__u32 digest_id;	/* id of the file's fs-verity digest in the slot, or 0 */
+	struct ipe_inline_rule roothash_rule;	/* of the root hash, when it has one */
+	struct ipe_inline_rule digest_rule;	/* of the fs-verity digest, when it has one */
 	__u8 bools;		/* IPE_BOOL_* the file has */
 	__u8 unknown;		/* IPE_BOOL_* the kernel keeps but the program has no record of for this file */
 	__u8 walked;		/* its dm-verity state was read from the live table, not the hook */
@@ -111,17 +118,26 @@ static __always_inline int ipe_sb_is_rootfs(void *sb)
 	       name[4] == 'f' && name[5] == 's' && name[6] == 0;
 }
 
-/* The id of the digest in key->slot's digests table; 0 if it has none (or the slot is empty). */
-static __always_inline __u32 ipe_digest_id(struct ipe_digest_key *key)
+/*
+ * The id of the digest in key->slot's digests table; 0 if it has none (or the slot is empty).
+ * `rule` gets the one rule that names it, if the table holds that rule.
+ */
+static __always_inline __u32 ipe_digest_id(struct ipe_digest_key *key, struct ipe_inline_rule *rule)
 {
 	__u32 slot = key->slot;
 	void *table = ipe_map_lookup(ipe_digests, &slot);
-	__u32 *id;
+	struct ipe_digest_value *v;
 
+	rule->index = IPE_NO_RULE;
 	if (!table)
 		return 0;
-	id = bpf_map_lookup_elem(table, key);
-	return id ? *id : 0;
+	v = bpf_map_lookup_elem(table, key);
+	if (!v)
+		return 0;
+	rule->index = v->index;
+	rule->op = v->op;
+	rule->action = v->action;
+	return v->id;
 }
 
 /*
@@ -277,7 +293,7 @@ static __always_inline void ipe_dmverity_attrs(void *inode, int slot, struct ipe
 		return;
 	key.slot = slot;
 	key.kind = IPE_DIGEST_DMVERITY;
-	a->roothash_id = ipe_digest_id(&key);
+	a->roothash_id = ipe_digest_id(&key, &a->roothash_rule);
 }
 
 /* The fs-verity digest from the inode's verity info (6.1, 6.12); 0 if it has none. */
@@ -371,7 +387,7 @@ static __always_inline void ipe_fsverity_attrs(void *inode, struct inode *btf_in
 	}
 	key.slot = slot;
 	key.kind = IPE_DIGEST_FSVERITY;
-	a->digest_id = ipe_digest_id(&key);
+	a->digest_id = ipe_digest_id(&key, &a->digest_rule);
 }
 
 /* Per-file context (IPE): inode = d_real_inode(), sb = the mount's superblock. */
@@ -416,6 +432,16 @@ static __always_inline void ipe_rule_try(struct ipe_rule_key *k, __u8 shape, str
 	}
 }
 
+/* A single-property rule kept with its digest: it matches every file with the digest. */
+static __always_inline void ipe_inline_try(struct ipe_inline_rule *r, __u8 op, struct ipe_decision *d)
+{
+	if (r->op == op && r->index < d->index) {
+		d->index = r->index;
+		d->action = r->action;
+		d->source = IPE_SOURCE_RULE;
+	}
+}
+
 /* First matching rule (lowest index over the shapes), else op default, else global default. */
 static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot, __u8 op,
 				       struct ipe_attrs *a, __u8 bools, struct ipe_decision *d)
@@ -432,9 +458,13 @@ static __always_inline void ipe_decide(struct ipe_policy_defaults *def, int slot
 		k.bools = bools;
 		if (shapes & (1 << 0))
 			ipe_rule_try(&k, 0, a, d);
-		if ((shapes & (1 << IPE_SHAPE_ROOTHASH)) && a->roothash_id)
+		if (a->roothash_id && a->roothash_rule.index != IPE_NO_RULE)
+			ipe_inline_try(&a->roothash_rule, op, d);
+		else if ((shapes & (1 << IPE_SHAPE_ROOTHASH)) && a->roothash_id)
 			ipe_rule_try(&k, IPE_SHAPE_ROOTHASH, a, d);
-		if ((shapes & (1 << IPE_SHAPE_FSVERITY)) && a->digest_id)
+		if (a->digest_id && a->digest_rule.index != IPE_NO_RULE)
+			ipe_inline_try(&a->digest_rule, op, d);
+		else if ((shapes & (1 << IPE_SHAPE_FSVERITY)) && a->digest_id)
 			ipe_rule_try(&k, IPE_SHAPE_FSVERITY, a, d);
 		if ((shapes & (1 << (IPE_SHAPE_ROOTHASH | IPE_SHAPE_FSVERITY))) && a->roothash_id &&
 		    a->digest_id)

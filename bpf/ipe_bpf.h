@@ -34,7 +34,13 @@
 #define IPE_BOOL_DMV_SIGNATURE 2
 #define IPE_BOOL_FSV_SIGNATURE 4
 
-/* digests map: a digest that the policy in `slot` names -> its id (> 0). */
+#define IPE_NO_RULE 0xffffffff	/* a rule index: none */
+
+/*
+ * digests map: a digest that the policy in `slot` names -> its id (> 0), and, when exactly one
+ * rule names it and that rule tests nothing else (`op=X fsverity_digest=D action=A`, the
+ * common case), that rule: its index, op and action.  Such a rule has no rules map entry.
+ */
 struct ipe_digest_key {
 	__u8 slot;
 	__u8 kind;		/* IPE_DIGEST_* */
@@ -42,6 +48,14 @@ struct ipe_digest_key {
 	__u8 len;
 	char alg[IPE_ALG_MAX];
 	__u8 value[IPE_DIGEST_MAX];
+};
+
+struct ipe_digest_value {
+	__u32 id;
+	__u32 index;		/* the one rule's index, or IPE_NO_RULE */
+	__u8 op;		/* IPE_OP_* of the one rule */
+	__u8 action;		/* IPE_ACTION_* of the one rule */
+	__u8 pad[2];
 };
 
 /*

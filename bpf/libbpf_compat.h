@@ -71,7 +71,7 @@ struct ipe_digests_table {
 	__uint(map_flags, BPF_F_RDONLY_PROG);
 	__uint(max_entries, 1);
 	__uint(key_size, sizeof(struct ipe_digest_key));
-	__uint(value_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct ipe_digest_value));
 };
 
 struct {

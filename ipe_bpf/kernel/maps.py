@@ -291,7 +291,7 @@ class PinnedPolicyMaps:
     def _table_sizes(self, name: str) -> tuple[int, int]:
         """Key and value size of the tables of `name` (ipe_digests or ipe_rules)."""
         if name == "ipe_digests":
-            return self.header.struct("ipe_digest_key").size, 4
+            return self.header.struct("ipe_digest_key").size, self.header.struct("ipe_digest_value").size
         return self.header.struct("ipe_rule_key").size, self.header.struct("ipe_rule_value").size
 
     def table_ids(self) -> list[int]:

@@ -79,9 +79,14 @@ class Abi:
             raise HeaderError("; ".join(problems))
 
     @property
-    def digest_id_size(self) -> int:
-        """Bytes of a digest id (the digests map's value, the rule key's id fields)."""
-        return self.header.struct("ipe_rule_key").field("digest_id").size
+    def digest_value_size(self) -> int:
+        """Bytes of the digests map's value (struct ipe_digest_value)."""
+        return self.header.struct("ipe_digest_value").size
+
+    @property
+    def no_rule(self) -> int:
+        """IPE_NO_RULE: a digest value's rule index when the rules map holds its rules."""
+        return self.header.constant("IPE_NO_RULE")
 
     @property
     def all_bools(self) -> int:
@@ -111,6 +116,5 @@ class Codecs:
         self.rule_value_layout = h.struct("ipe_rule_value")
         self.defaults_layout = h.struct("ipe_policy_defaults")
         self.defaults = self.defaults_layout.packer("op_default", "global_default", "shapes", "bool_mask", "generation", "epoch")
-        # A digest id has the type of the rule key's id fields.
-        self.digest_id = struct.Struct("=" + h.struct("ipe_rule_key").field("roothash_id").format)
+        self.digest_value_layout = h.struct("ipe_digest_value")
         self.array_key = struct.Struct("=I")  # BPF array maps are indexed by a __u32

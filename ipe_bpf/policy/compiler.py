@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from array import array
 from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import NamedTuple
@@ -50,7 +49,6 @@ from .model import (
     Rule,
     RuleList,
 )
-from .structs import TYPES
 
 __all__ = [
     "CompileError",
@@ -171,6 +169,9 @@ class CompiledPolicy:
 
     digest_ids: Mapping[tuple[int, bytes, bytes], int] = field(repr=False)
     rule_entries: Mapping[tuple[int, int, int, int, int], tuple[int, int]] = field(repr=False)
+    # digest id -> (index, op, action) of the one rule that names it and tests nothing else:
+    # kept in the digests map, with no rule entries (struct ipe_digest_value)
+    inline_rules: Mapping[int, tuple[int, int, int]] = field(repr=False)
     defaults: Defaults
     policy: Policy = field(repr=False, compare=False)
     abi: Abi = field(repr=False, compare=False)
@@ -237,31 +238,53 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
     shapes_seen = 0
     alg_max, digest_max, all_bools = abi.alg_max, abi.digest_max, abi.all_bools
     fsverity_key, fsverity_kind, dmverity_kind = DigestKey.FSVERITY_DIGEST, abi.digest_fsverity, abi.digest_dmverity
+    digest_row_bools = _accepted_bools(all_bools, relevant, 0, 0) if relevant else (0,)
+    # A digest row whose digest no rule named before is kept aside (id -> (index, op, action,
+    # entry)); the next rule that names the digest first claims the row's entries, in index order.
+    single: dict[int, tuple[int, int, int, tuple[int, int, int, int, int]]] = {}
+
+    def claim_single(digest_id: int) -> None:
+        index, _, action, entry = single.pop(digest_id)
+        for file_bools in digest_row_bools:
+            claim((entry[0], entry[1], file_bools, entry[3], entry[4]), (index, action))
+
     for index, item in enumerate(items):
         if type(item) is DigestRow:
             op, key, alg, value, action, _ = item
             if len(alg) > alg_max or len(value) > digest_max:
                 continue  # no kernel digest key can hold it: never matches
+            known = len(digests)
             if key is fsverity_key:
-                digest_id = digests.setdefault((fsverity_kind, alg, value), len(digests) + 1)
+                digest_id = digests.setdefault((fsverity_kind, alg, value), known + 1)
                 shape, entry = shape_bits[1], (op, shape_bits[1], 0, 0, digest_id)
             else:
-                digest_id = digests.setdefault((dmverity_kind, alg, value), len(digests) + 1)
+                digest_id = digests.setdefault((dmverity_kind, alg, value), known + 1)
                 shape, entry = shape_bits[2], (op, shape_bits[2], 0, digest_id, 0)
             shapes_seen |= 1 << shape
-            if not relevant:
-                claim(entry, (index, action))
+            if digest_id > known:  # named first here
+                single[digest_id] = (index, op, action, entry)
                 continue
-            for file_bools in _accepted_bools(all_bools, relevant, 0, 0):
+            if digest_id in single:
+                claim_single(digest_id)
+            for file_bools in digest_row_bools:
                 claim((entry[0], entry[1], file_bools, entry[3], entry[4]), (index, action))
             continue
         normal = normals[index]
         if normal is None:
             continue
         op, action, mask, bools, roothash, fsverity = normal
+        known = len(digests)
         roothash_id = 0 if roothash is None else digests.setdefault(roothash, len(digests) + 1)
         digest_id = 0 if fsverity is None else digests.setdefault(fsverity, len(digests) + 1)
         shape = shape_bits[(roothash is not None) * 2 + (fsverity is not None)]
+        if not mask and (roothash_id or digest_id) > known and not (roothash_id and digest_id):
+            # a rule of one digest and no boolean, the digest named first: as a digest row
+            shapes_seen |= 1 << shape
+            single[roothash_id or digest_id] = (index, op, action, (op, shape, 0, roothash_id, digest_id))
+            continue
+        for named in (roothash_id, digest_id):
+            if named in single:
+                claim_single(named)
         shapes_seen |= 1 << shape
         for file_bools in _accepted_bools(all_bools, relevant, mask, bools):
             claim((op, shape, file_bools, roothash_id, digest_id), (index, action))
@@ -270,6 +293,7 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
     return CompiledPolicy(
         digest_ids=MappingProxyType(digests),
         rule_entries=MappingProxyType(rules),
+        inline_rules=MappingProxyType({i: (index, op, action) for i, (index, op, action, _) in single.items()}),
         defaults=_defaults(policy, abi, shapes_seen, relevant),
         policy=policy,
         abi=abi,
@@ -313,8 +337,11 @@ class Tables:
         kinds, algs, values = columns(digest_ids, 3)
         digest_keys = h.struct("ipe_digest_key").pack_columns(len(digest_ids), {
             "kind": kinds, "alg_len": list(map(len, algs)), "len": list(map(len, values)), "alg": algs, "value": values})
-        id_field = h.struct("ipe_rule_key").field("digest_id")
-        digest_values = array(TYPES[id_field.ctype].code, digest_ids.values()).tobytes()
+        inline, none = compiled.inline_rules, (abi.no_rule, 0, 0)
+        ids = list(digest_ids.values())
+        indexes_, ops_, actions_ = columns([inline.get(i, none) for i in ids], 3)
+        digest_values = h.struct("ipe_digest_value").pack_columns(len(ids), {
+            "id": ids, "index": indexes_, "op": ops_, "action": actions_})
         entries = compiled.rule_entries
         ops, shapes, bools, roothash_ids, digest_ids_ = columns(entries, 5)
         indexes, actions = columns(entries.values(), 2)
@@ -327,7 +354,7 @@ class Tables:
 
     @property
     def digest_count(self) -> int:
-        return len(self.digest_values) // self.abi.digest_id_size
+        return len(self.digest_values) // self.abi.digest_value_size
 
     @property
     def rule_count(self) -> int:
@@ -382,7 +409,7 @@ def encode(compiled: CompiledPolicy, slot: int, *, generation: int = 0, epoch: i
     digest_keys, rule_keys = tables.slotted(slot)
     h = compiled.abi.header
     digests = list(zip(_split(digest_keys, h.struct("ipe_digest_key").size),
-                       _split(tables.digest_values, compiled.abi.digest_id_size)))
+                       _split(tables.digest_values, compiled.abi.digest_value_size)))
     rules = list(zip(_split(rule_keys, h.struct("ipe_rule_key").size),
                      _split(tables.rule_values, h.struct("ipe_rule_value").size)))
     return EncodedMaps(digests, rules, [tables.defaults_entry(slot, generation=generation, epoch=epoch)])

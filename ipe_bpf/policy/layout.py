@@ -56,26 +56,18 @@ class _Token:
     line: int
 
 
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*|/\*", re.DOTALL)
+
+
 def _strip_comments(text: str) -> str:
     """Blank out comments, keeping newlines so line numbers stay right."""
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            if end < 0:
-                raise HeaderError("unterminated comment", text.count("\n", 0, i) + 1)
-            out.append(re.sub(r"[^\n]", " ", text[i : end + 2]))
-            i = end + 2
-        elif text.startswith("//", i):
-            end = text.find("\n", i)
-            end = len(text) if end < 0 else end
-            out.append(" " * (end - i))
-            i = end
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+
+    def blank(m: re.Match[str]) -> str:
+        if m.group() == "/*":
+            raise HeaderError("unterminated comment", text.count("\n", 0, m.start()) + 1)
+        return re.sub(r"[^\n]", " ", m.group())
+
+    return _COMMENT.sub(blank, text)
 
 
 def _int_value(text: str, constants: Mapping[str, int], line: int) -> int:

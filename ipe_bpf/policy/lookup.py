@@ -41,10 +41,14 @@ from .model import Action, BoolKey, Digest, FileAttributes, Op
 #       strlen(alg) > IPE_ALG_MAX or len(value) > IPE_DIGEST_MAX       -> 0 (no rule has it)
 #       key = {slot, kind, alg_len = strlen(alg), len = len(value),
 #              alg = alg bytes (no NUL, zero-padded), value = bytes (zero-padded)}
-#       digests_map[key] if present else 0                             (__u32)
+#       v = digests_map[key]: v.id, and v's rule (index, op, action); absent -> 0, no rule
 #
 #  3. best = none
 #     for shape in 0, 1, 2, 3:                       (a bounded loop: unroll it)
+#         if shape is one digest's (ROOTHASH: the root hash's, FSVERITY: the digest's) and
+#            that digest's value holds a rule (v.index != IPE_NO_RULE):  (its only rule)
+#             if v.op == op and (best is none or v.index < best.index): best = v's rule
+#             continue                                (the rules map has no entry for it)
 #         if !(defaults.shapes & (1 << shape))                          continue
 #         if (shape & IPE_SHAPE_ROOTHASH) and roothash_id == 0          continue
 #         if (shape & IPE_SHAPE_FSVERITY) and digest_id == 0            continue
@@ -59,7 +63,8 @@ from .model import Action, BoolKey, Digest, FileAttributes, Op
 #     if defaults.global_default != IPE_DEFAULT_NONE      -> decide(global_default, GLOBAL)
 #     else (the compiler never produces this)             -> decide(ALLOW, NONE)
 #
-# At most: 1 defaults lookup, 2 digest lookups, 4 rule lookups per event.
+# At most: 1 defaults lookup, 2 digest lookups, 4 rule lookups per event (2 when both digests
+# hold their one rule).
 # ======================================================================================
 
 
@@ -71,12 +76,27 @@ class MapDecision(NamedTuple):
     index: int | None
 
 
-def _file_digest_id(maps: KernelMaps, codecs: Codecs, slot: int, kind: int, digest: Digest | None) -> int:
+class _Named(NamedTuple):
+    """A file's digest as the digests map knows it: its id (0: not named) and its one rule."""
+
+    id: int
+    rule: tuple[int, int, int] | None  # (index, op, action) kept with the digest
+
+
+_UNNAMED = _Named(0, None)
+
+
+def _file_digest(maps: KernelMaps, codecs: Codecs, slot: int, kind: int, digest: Digest | None) -> _Named:
     if digest is None or not maps.abi.representable(digest):
-        return 0
+        return _UNNAMED
     key = codecs.digest_key(slot, kind, len(digest.alg), len(digest.value), digest.alg, digest.value)
     raw = maps.digests.get(key)
-    return 0 if raw is None else codecs.digest_id.unpack(raw)[0]
+    if raw is None:
+        return _UNNAMED
+    v = codecs.digest_value_layout.unpack(raw)
+    index, op, action = v["index"], v["op"], v["action"]
+    assert isinstance(index, int) and isinstance(op, int) and isinstance(action, int)
+    return _Named(int(v["id"]), None if index == maps.abi.no_rule else (index, op, action))  # type: ignore[arg-type]
 
 
 def _file_bools(abi: Abi, attrs: FileAttributes) -> int:
@@ -89,19 +109,24 @@ def _file_bools(abi: Abi, attrs: FileAttributes) -> int:
 
 
 def _best_rule(
-    maps: KernelMaps, codecs: Codecs, slot: int, op: int, shapes: int, ids: tuple[int, int, int]
+    maps: KernelMaps, codecs: Codecs, slot: int, op: int, shapes: int, bools: int, roothash: _Named, digest: _Named
 ) -> tuple[int, int] | None:
     abi = maps.abi
-    bools, roothash_id, digest_id = ids
     best: tuple[int, int] | None = None
     for shape in range(4):
+        one = roothash if shape == abi.shape_roothash else digest if shape == abi.shape_fsverity else None
+        if one is not None and one.id and one.rule is not None:
+            index, rule_op, action = one.rule
+            if rule_op == op and (best is None or index < best[0]):
+                best = (index, action)
+            continue
         if not shapes & (1 << shape):
             continue
         wants_roothash, wants_digest = shape & abi.shape_roothash, shape & abi.shape_fsverity
-        if (wants_roothash and roothash_id == 0) or (wants_digest and digest_id == 0):
+        if (wants_roothash and roothash.id == 0) or (wants_digest and digest.id == 0):
             continue
         key = codecs.rule_key(
-            slot, op, shape, bools, roothash_id if wants_roothash else 0, digest_id if wants_digest else 0
+            slot, op, shape, bools, roothash.id if wants_roothash else 0, digest.id if wants_digest else 0
         )
         raw = maps.rules.get(key)
         if raw is None:
@@ -131,16 +156,13 @@ def lookup_maps(maps: KernelMaps, slot: int, op: int, attrs: FileAttributes) -> 
             return MapDecision(global_default, Source.GLOBAL_DEFAULT, None)
         return MapDecision(int(Action.ALLOW), Source.NONE, None)
     # Step 2
-    if not attrs.has_file:
-        ids = (0, 0, 0)
-    else:
-        ids = (
-            _file_bools(abi, attrs) & bool_mask,
-            _file_digest_id(maps, codecs, slot, abi.digest_dmverity, attrs.dmverity_roothash),
-            _file_digest_id(maps, codecs, slot, abi.digest_fsverity, attrs.fsverity_digest),
-        )
+    bools, roothash, digest = 0, _UNNAMED, _UNNAMED
+    if attrs.has_file:
+        bools = _file_bools(abi, attrs) & bool_mask
+        roothash = _file_digest(maps, codecs, slot, abi.digest_dmverity, attrs.dmverity_roothash)
+        digest = _file_digest(maps, codecs, slot, abi.digest_fsverity, attrs.fsverity_digest)
     # Step 3
-    best = _best_rule(maps, codecs, slot, op, shapes, ids)
+    best = _best_rule(maps, codecs, slot, op, shapes, bools, roothash, digest)
     # Step 4
     if best is not None:
         return MapDecision(best[1], Source.RULE, best[0])

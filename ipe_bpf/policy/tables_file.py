@@ -58,7 +58,7 @@ def abi_fingerprint(abi: Abi) -> str:
 
 def _entry_sizes(tables: Tables) -> tuple[int, int, int, int]:
     h = tables.abi.header
-    return (h.struct("ipe_digest_key").size, tables.abi.digest_id_size, h.struct("ipe_rule_key").size,
+    return (h.struct("ipe_digest_key").size, tables.abi.digest_value_size, h.struct("ipe_rule_key").size,
             h.struct("ipe_rule_value").size)
 
 
@@ -134,7 +134,7 @@ def read(data: bytes, content_digest: str, abi: Abi) -> Tables | None:
         return None
     counts = (digests, digests, rules, rules)
     h = abi.header
-    sizes = (h.struct("ipe_digest_key").size, abi.digest_id_size, h.struct("ipe_rule_key").size,
+    sizes = (h.struct("ipe_digest_key").size, abi.digest_value_size, h.struct("ipe_rule_key").size,
              h.struct("ipe_rule_value").size)
     if (len(version) != 3 or min(counts) < 0 or [len(spec) for spec in specs] != list(sizes)
             or any(v is not None and not 0 <= v <= 255 for spec in specs for v in spec)):

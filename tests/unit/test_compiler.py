@@ -333,7 +333,26 @@ def test_rule_texts_and_indexes_follow_the_file() -> None:
     # as kernel IPE's audit prints it (checked against the real kernel in tests/vm): quoted
     # algorithm, uppercase hex
     assert compiled.rule_texts[2] == f'op=EXECUTE fsverity_digest="sha256":{bytes(range(32)).hex().upper()} action=ALLOW'
-    assert {v.index for v in compiled.rules.values()} == {0, 2}
+    # rule 2 names one digest and nothing else: kept with the digest, not in the rules map
+    assert {v.index for v in compiled.rules.values()} == {0}
+    assert dict(compiled.inline_rules) == {1: (2, Op.EXECUTE, Action.ALLOW)}
+
+
+def test_a_digest_named_by_one_rule_keeps_that_rule_and_one_named_twice_keeps_none() -> None:
+    """The first rule naming a digest moves to the rules map (at its own index) as soon as
+    another rule names the digest too, before that rule claims anything: first match wins."""
+    rules = (
+        Rule(Op.EXECUTE, (fsv(SHA),), Action.DENY),                                  # 0: SHA's first
+        Rule(Op.EXECUTE, (fsv(SHA), flag(BoolKey.BOOT_VERIFIED)), Action.ALLOW),     # 1: SHA again
+        Rule(Op.EXECUTE, (dmv(OTHER),), Action.ALLOW),                               # 2: OTHER's only
+        Rule(Op.FIRMWARE, (fsv(OTHER),), Action.DENY),                               # 3: fs-verity OTHER, only
+    )
+    compiled = compile_policy(policy_of(*rules))
+    assert {i: rule[0] for i, rule in compiled.inline_rules.items()} == {2: 2, 3: 3}
+    sha_id = compiled.digest_ids[(compiled.abi.digest_fsverity, SHA.alg, SHA.value)]
+    shadowed = [k for k, v in compiled.rules.items() if k.digest_id == sha_id]
+    # rule 0 went to the rules map for every boolean value, before rule 1 could claim one
+    assert shadowed and all(compiled.rules[k].index == 0 for k in shadowed)
 
 
 def test_compile_is_deterministic() -> None:
@@ -354,7 +373,8 @@ def test_encoded_entries_have_header_sizes_and_slot() -> None:
         rule_value, defaults = HEADER.struct("ipe_rule_value"), HEADER.struct("ipe_policy_defaults")
         for key, value in encoded.digests:
             fields = digest_key.unpack(key)
-            assert len(key) == digest_key.size and len(value) == 4 and fields["slot"] == slot
+            assert len(key) == digest_key.size and len(value) == HEADER.struct("ipe_digest_value").size
+            assert fields["slot"] == slot
             alg, raw = fields["alg"], fields["value"]
             assert isinstance(alg, bytes) and isinstance(raw, bytes)
             assert Digest(alg[: fields["alg_len"]], raw[: fields["len"]]) in (SHA, OTHER)

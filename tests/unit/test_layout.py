@@ -416,11 +416,15 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
                           ("put", "rules", "1", "True"), ("delete", "digests", "0"), ("delete", "rules", "0")]
         # each install made a table per map, sized to the policy; the old slot was emptied
         rule_size = (header.struct("ipe_rule_key").size, header.struct("ipe_rule_value").size)
-        assert made == [("ipe_digests0", header.struct("ipe_digest_key").size, 4, 1), ("ipe_rules0", *rule_size, 1),
-                        ("ipe_digests1", header.struct("ipe_digest_key").size, 4, 1), ("ipe_rules1", *rule_size, 1)]
+        assert made == [("ipe_digests0", header.struct("ipe_digest_key").size, 12, 1), ("ipe_rules0", *rule_size, 1),
+                        ("ipe_digests1", header.struct("ipe_digest_key").size, 12, 1), ("ipe_rules1", *rule_size, 1)]
         (rules_fd,) = [_struct.unpack("=I", v)[0] for k, v in tables[fds["ipe_rules"]].items() if k == _struct.pack("=I", 1)]
-        assert list(tables[fds["ipe_rules"]]) == [_struct.pack("=I", 1)] and len(tables[rules_fd]) == 1
-        assert all(key[0] == 1 for key in tables[rules_fd])
+        (digests_fd,) = [_struct.unpack("=I", v)[0] for k, v in tables[fds["ipe_digests"]].items() if k == _struct.pack("=I", 1)]
+        assert list(tables[fds["ipe_rules"]]) == [_struct.pack("=I", 1)] and len(tables[rules_fd]) == 0
+        # the policy's one rule names one digest and nothing else: it is kept with the digest
+        ((key, value),) = tables[digests_fd].items()
+        assert key[0] == 1 and header.struct("ipe_digest_value").unpack(value) == {
+            "id": 1, "index": 0, "op": 0, "action": 1, "pad": bytes(2)}
         got = maps.counters()
         assert got.allow["KMODULE"] == 2 * 2 and got.deny["EXECUTE"] == cpus and (got.audited, got.dropped, got.undecidable) == (6, 2, 4)
         state = header.struct("ipe_bdev_state").pack(has_roothash=1, sig_valid=1, alg_len=6, digest_len=32,
