@@ -227,14 +227,16 @@ def _unsealed_bpf(k: Kernel, seen: dict[str, object]) -> None:
                 "value", "hex", *(f"{b:02x}" for b in value))
     seen["bpftool map update"] = (r.returncode, k.exec_status(k.bad))
     _reinstall(k)
-    fd = bpfsys.obj_get(str(pins.map_path("ipe_rules")))
+    # the policy's tables, both: a rule that names one digest is kept in the digests map
+    fds = [bpfsys.obj_get(str(pins.map_path(name))) for name in ("ipe_rules", "ipe_digests")]
     try:
-        keys = bpfsys.keys(fd, bpfsys.map_info(fd).key_size)
-        deleted = sum(errno_of(lambda key=key: bpfsys.delete(fd, key)) for key in keys)
+        deleted = sum(errno_of(lambda fd=fd, key=key: bpfsys.delete(fd, key))
+                      for fd in fds for key in bpfsys.keys(fd, bpfsys.map_info(fd).key_size))
         forget_cached_decision(k.bad)  # the attacker's second step: the decision cached for the file
         seen["map delete"] = (deleted, k.exec_status(k.bad))
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     _reinstall(k)
     prog = attack.map_elem_iterator_program()
     config = bpfsys.obj_get(str(pins.map_path("ipe_config")), read_only=True)
