@@ -48,7 +48,6 @@ const volatile struct {
 #define S_VERITY (1 << 16)	/* include/linux/fs.h: inode->i_flags, stable since 5.4 */
 #define FS_IOC_ENABLE_VERITY 0x40806685	/* _IOW('f', 133, struct fsverity_enable_arg) */
 
-/* What the decision needs to know about the file behind the event. */
 /* The one rule that names a digest and tests nothing else, kept in the digests map. */
 struct ipe_inline_rule {
 	__u32 index;		/* IPE_NO_RULE: the digest's rules are in the rules map */
@@ -56,6 +55,7 @@ struct ipe_inline_rule {
 	__u8 action;
 };
 
+/* What the decision needs to know about the file behind the event. */
 struct ipe_attrs {
 	__u32 roothash_id;	/* id of the file's dm-verity root hash in the slot, or 0 */
 	__u32 digest_id;	/* id of the file's fs-verity digest in the slot, or 0 */
