@@ -18,8 +18,8 @@ sized to the policy), fills them and puts them into the inactive slot of the ipe
 and ipe_rules arrays of maps, writes that slot's defaults carrying `generation`, flips the
 config's `active` byte to that slot in one map write, waits for an RCU grace period (the
 kernel's wait after an update of an array of maps, so no BPF program still uses the old
-slot), and only then empties the old slot (the kernel frees its tables).  A half-written policy is never
-visible, and the tables hold what the policy needs: no capacity to choose or to outgrow.
+slot), and only then empties the old slot (the kernel frees its tables).  A half-written
+policy is never visible, and the tables hold what the policy needs: no capacity to choose or to outgrow.
 `generation` is an opaque number the caller chooses per deployed policy (the lifecycle's
 store id); audit events carry it so rule texts can be found later.
 

@@ -3,8 +3,8 @@
 The figure is the kernel's own: the `memlock:` line of /proc/self/fdinfo/<map fd>, which
 kernels since 6.4 compute from what the map really uses; older kernels (6.1) estimate it from
 max_entries and the element size.  The policy tables are preallocated hash maps of exactly the
-policy's entries, so both count what they hold.  bpf_map_info gives the key and value sizes and max_entries shown
-beside it.  ipe_digests and ipe_rules are arrays of maps: their figures add up the tables in
+policy's entries, so both count what they hold.  bpf_map_info gives the key and value sizes
+and max_entries shown beside it.  ipe_digests and ipe_rules are arrays of maps: their figures add up the tables in
 their slots (hash maps sized to each installed policy), whose key and value sizes they show.
 """
 

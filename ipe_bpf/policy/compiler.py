@@ -243,10 +243,14 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
     # entry)); the next rule that names the digest first claims the row's entries, in index order.
     single: dict[int, tuple[int, int, int, tuple[int, int, int, int, int]]] = {}
 
-    def claim_single(digest_id: int) -> None:
-        index, _, action, entry = single.pop(digest_id)
+    def claim_row(entry: tuple[int, int, int, int, int], index: int, action: int) -> None:
+        """The entries of a rule of one digest and no boolean: one per value of the file's bools."""
         for file_bools in digest_row_bools:
             claim((entry[0], entry[1], file_bools, entry[3], entry[4]), (index, action))
+
+    def claim_single(digest_id: int) -> None:
+        index, _, action, entry = single.pop(digest_id)
+        claim_row(entry, index, action)
 
     for index, item in enumerate(items):
         if type(item) is DigestRow:
@@ -266,8 +270,7 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
                 continue
             if digest_id in single:
                 claim_single(digest_id)
-            for file_bools in digest_row_bools:
-                claim((entry[0], entry[1], file_bools, entry[3], entry[4]), (index, action))
+            claim_row(entry, index, action)
             continue
         normal = normals[index]
         if normal is None:
@@ -277,15 +280,14 @@ def compile_policy(policy: Policy, *, header: Header | None = None) -> CompiledP
         roothash_id = 0 if roothash is None else digests.setdefault(roothash, len(digests) + 1)
         digest_id = 0 if fsverity is None else digests.setdefault(fsverity, len(digests) + 1)
         shape = shape_bits[(roothash is not None) * 2 + (fsverity is not None)]
+        shapes_seen |= 1 << shape
         if not mask and (roothash_id or digest_id) > known and not (roothash_id and digest_id):
             # a rule of one digest and no boolean, the digest named first: as a digest row
-            shapes_seen |= 1 << shape
             single[roothash_id or digest_id] = (index, op, action, (op, shape, 0, roothash_id, digest_id))
             continue
         for named in (roothash_id, digest_id):
             if named in single:
                 claim_single(named)
-        shapes_seen |= 1 << shape
         for file_bools in _accepted_bools(all_bools, relevant, mask, bools):
             claim((op, shape, file_bools, roothash_id, digest_id), (index, action))
     if len(digests) > _U32_MAX:

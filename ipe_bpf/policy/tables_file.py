@@ -7,8 +7,8 @@ sha256) and the ABI it was packed for (a digest of the header's structs and cons
 `read` returns None for any file that does not match both, whose arrays do not match their
 CRC-32, or that is malformed, so the caller compiles the text instead.
 
-Layout: a magic line, one JSON line, then the four packed arrays (digest keys, digest ids, rule
-keys, rule values) by byte column: byte j of every entry, then byte j + 1, and so on.  A column
+Layout: a magic line, one JSON line, then the four packed arrays (digest keys, digest values,
+rule keys, rule values) by byte column: byte j of every entry, then byte j + 1, and so on.  A column
 that holds one value throughout (a key's slot, kind, algorithm name, a sha256 digest's unused
 half, an id's high byte) is that value in the JSON line, not bytes: a 100k-rule policy's 10.8 MB
 of arrays are 4.2 MB here, which the target reads, hashes to check the signature, and writes
@@ -34,7 +34,7 @@ from .compiler import Defaults, Tables
 __all__ = ["Compiled", "abi_fingerprint", "compile_text", "compiled_identity", "load_compiled", "read", "write"]
 
 _MAGIC = b"ipe-bpf tables 1\n"
-_FORMAT = 2  # the arrays by byte column; part of the ABI fingerprint: 1 (packed) reads as another ABI
+_FORMAT = 2  # the arrays by byte column; in the ABI fingerprint, so files of the packed layout read as another ABI
 _STRUCTS = ("ipe_digest_key", "ipe_rule_key", "ipe_rule_value", "ipe_policy_defaults")
 
 
@@ -50,15 +50,14 @@ def _crc32(parts: tuple[bytes | memoryview, ...]) -> int:
 def abi_fingerprint(abi: Abi) -> str:
     """A digest of everything the packed bytes depend on: the structs' layouts and the constants."""
     h = abi.header
-    described = repr((sorted(h.constants.items()), [h.struct(name) for name in _STRUCTS]))
-    if _FORMAT != 1:
-        described += f" format {_FORMAT}"
+    described = repr((sorted(h.constants.items()), [h.struct(name) for name in _STRUCTS])) + f" format {_FORMAT}"
     return hashlib.sha256(described.encode()).hexdigest()
 
 
-def _entry_sizes(tables: Tables) -> tuple[int, int, int, int]:
-    h = tables.abi.header
-    return (h.struct("ipe_digest_key").size, tables.abi.digest_value_size, h.struct("ipe_rule_key").size,
+def _entry_sizes(abi: Abi) -> tuple[int, int, int, int]:
+    """Bytes of an entry of each array: digest keys, digest values, rule keys, rule values."""
+    h = abi.header
+    return (h.struct("ipe_digest_key").size, abi.digest_value_size, h.struct("ipe_rule_key").size,
             h.struct("ipe_rule_value").size)
 
 
@@ -97,7 +96,7 @@ def write(tables: Tables, content_digest: str, *, properties: frozenset[str] | N
     d = tables.defaults
     arrays = (tables.digest_keys, tables.digest_values, tables.rule_keys, tables.rule_values)
     specs, payload = [], []
-    for packed, size in zip(arrays, _entry_sizes(tables)):
+    for packed, size in zip(arrays, _entry_sizes(tables.abi)):
         spec, varying = _by_column(packed, size)
         specs.append(spec)
         payload += varying
@@ -133,10 +132,7 @@ def read(data: bytes, content_digest: str, abi: Abi) -> Tables | None:
     except (ValueError, KeyError, TypeError):
         return None
     counts = (digests, digests, rules, rules)
-    h = abi.header
-    sizes = (h.struct("ipe_digest_key").size, abi.digest_value_size, h.struct("ipe_rule_key").size,
-             h.struct("ipe_rule_value").size)
-    if (len(version) != 3 or min(counts) < 0 or [len(spec) for spec in specs] != list(sizes)
+    if (len(version) != 3 or min(counts) < 0 or [len(spec) for spec in specs] != list(_entry_sizes(abi))
             or any(v is not None and not 0 <= v <= 255 for spec in specs for v in spec)):
         return None
     payload = memoryview(data)[end + 1 :]
