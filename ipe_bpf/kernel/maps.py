@@ -40,11 +40,11 @@ from ..errors import KernelError
 from ..policy.layout import Header, default_header
 from ..policy.model import Op
 from . import bpfsys
-from .memory import MapMemory, pinned_memory
 from .pins import PIN_ROOT, control_lock, map_path
 
 if TYPE_CHECKING:
     from ..policy.compiler import CompiledPolicy, Tables
+    from .memory import MapMemory
 
 
 # The per-slot tables: hash maps matching the templates in bpf/libbpf_compat.h.
@@ -381,7 +381,9 @@ class PinnedPolicyMaps:
 
     # ------------------------------------------------------------ dm-verity devices
 
-    def memory(self) -> "tuple[MapMemory, ...]":
+    def memory(self) -> tuple[MapMemory, ...]:
+        from .memory import pinned_memory
+
         return pinned_memory(self.root)
 
     def devices(self) -> list[DeviceState]:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from ..errors import KernelError
 from . import bpfsys, syscalls
-from .loader import LoadedState
 from .maps import PinnedPolicyMaps, SealEntry, kernel_dev
 from .pins import LOADED_STATE, MAP_NAMES, PIN_ROOT, SEAL_HOOKS, control_lock, link_paths, links_dir, maps_dir
 
@@ -120,6 +119,8 @@ def _check_sealable(root: Path, state_file: Path) -> None:
     links = {p.name for p in link_paths(root)}
     if not links:
         raise KernelError("ENOENT", "ipe-bpf is not loaded (run `ipe-bpf load`)")
+    from .loader import LoadedState  # here: the loader's modules are no part of a deploy's start
+
     loaded = LoadedState.read(state_file)
     if loaded is not None and loaded.loader != "core":
         raise KernelError("EOPNOTSUPP", f"loaded with the {loaded.loader} loader, which has no seal hooks: "

@@ -144,10 +144,10 @@ def _precompiled(blob: bytes, content: bytes, signer: str | None, warnings: tupl
     another ABI (an older or newer ipe-bpf compiled it), the text is compiled here instead."""
     from ..policy import tables_file
 
-    data, _, _ = _opened(compiled.blob, trust, allow_unsigned, now, (
+    data, compiled_signer, _ = _opened(compiled.blob, trust, allow_unsigned, now, (
         "the compiled policy is not signed (sign it: `ipe-bpf policy compile --key --cert`; "
         "unsigned needs --unsigned, for test machines only)"))
-    found = tables_file.load_compiled(data, digests[1], default_abi())
+    found = tables_file.load_compiled(data, digests[1], default_abi(), signed=compiled_signer is not None)
     if found.tables is None:
         note = (f"{compiled.source or 'the compiled policy'} was packed for another ipe-bpf (its ABI "
                 f"differs): compiled the policy text here instead")

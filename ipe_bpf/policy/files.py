@@ -35,9 +35,13 @@ def read_input(path: Path, limit: int | None = None) -> bytes:
             raise InputError("EFBIG", f"{info.st_size} bytes, more than the {_mib(limit)} ipe-bpf reads", path=where)
         chunks: list[bytes] = []
         size = 0
-        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
+        # a regular file in one read of its size and a byte more, so that join() has one chunk
+        # to return as it is (no copy: 0.03 s for a 100k-rule policy in the VM); pipes by MiB
+        step = info.st_size + 1 if stat.S_ISREG(info.st_mode) else 1 << 20
+        while chunk := os.read(fd, min(step, limit + 1 - size)):
             chunks.append(chunk)
             size += len(chunk)
+            step = 1 << 20
             if size > limit:
                 raise InputError("EFBIG", f"more than the {_mib(limit)} ipe-bpf reads", path=where)
         return b"".join(chunks)

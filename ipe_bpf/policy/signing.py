@@ -40,7 +40,6 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from cryptography.hazmat.primitives.serialization import pkcs7 as crypto_pkcs7
 
 from ..errors import SignatureError
 from . import cms
@@ -153,6 +152,9 @@ def sign_with(content: bytes, key: SigningKey, cert: x509.Certificate, *, digest
     check_digest(digest)
     if _public_der(cert.public_key()) != _public_der(key.public_key()):
         raise SignatureError("EINVAL", "the private key does not belong to the certificate")
+    # imported here: 35 ms of a signed deploy's start in the VM, which verifies but never signs
+    from cryptography.hazmat.primitives.serialization import pkcs7 as crypto_pkcs7
+
     options = [crypto_pkcs7.PKCS7Options.Binary, crypto_pkcs7.PKCS7Options.NoAttributes]
     if detached:
         options += [crypto_pkcs7.PKCS7Options.DetachedSignature, crypto_pkcs7.PKCS7Options.NoCerts]
