@@ -179,7 +179,7 @@ def install_beside(compiled, generation: int) -> None:
 
     with PinnedPolicyMaps() as maps:
         cfg = maps._config()
-        maps._fill_slot(1 if cfg.active == 1 else 0, compiled.tables, generation, cfg)
+        os.close(maps._fill_slot(1 if cfg.active == 1 else 0, compiled.tables, generation, cfg))
         maps._write_config(replace(cfg, flips=cfg.flips + 1))
 
 

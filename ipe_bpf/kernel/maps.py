@@ -15,11 +15,14 @@
 
 `install(compiled, generation)`: makes the policy's digests and rules tables (hash maps
 sized to the policy), fills them and puts them into the inactive slot of the ipe_digests
-and ipe_rules arrays of maps, writes that slot's defaults carrying `generation`, flips the
-config's `active` byte to that slot in one map write, waits for an RCU grace period (the
-kernel's wait after an update of an array of maps, so no BPF program still uses the old
-slot), and only then empties the old slot (the kernel frees its tables).  A half-written
-policy is never visible, and the tables hold what the policy needs: no capacity to choose or to outgrow.
+and ipe_rules arrays of maps (a policy whose rules all live with their digests has no rules
+table), writes that slot's defaults carrying `generation`, flips the config's `active` byte to
+that slot in one map write, waits for an RCU grace period (the kernel's wait after an update
+of an array of maps, so no BPF program still uses the old slot), and only then empties the old
+slot (the kernel frees its tables).  A half-written policy is never visible, and the tables
+hold what the policy needs: no capacity to choose or to outgrow.  Each put or delete in an array
+of maps costs a grace period (12 ms in the VM; 6.1 also waits after deleting nothing and after
+lookups), so a switch between digest allowlists makes three (6.1: five) and no lookups.
 `generation` is an opaque number the caller chooses per deployed policy (the lifecycle's
 store id); audit events carry it so rule texts can be found later.
 
@@ -299,37 +302,45 @@ class PinnedPolicyMaps:
         slots = self.header.constant("IPE_SLOTS")
         return [i for name in TABLES for i in bpfsys.inner_map_ids(self._map(name).fd, slots)]
 
-    def _put_table(self, name: str, slot: int, keys: bytes, values: bytes) -> None:
-        """A new table of `name` holding the packed `keys` -> `values`, into `slot`."""
+    def _put_table(self, name: str, slot: int, keys: bytes, values: bytes) -> int:
+        """A new table of `name` holding the packed `keys` -> `values`, into `slot` (replacing
+        what was there); its fd, for the caller to close."""
         key_size, value_size = self._table_sizes(name)
         count = len(keys) // key_size
         fd = bpfsys.map_create(_BPF_MAP_TYPE_HASH, key_size, value_size, max(1, count), _TABLE_FLAGS, f"{name}{slot}")
         try:
             bpfsys.update_packed(fd, keys, values, key_size, value_size)
             bpfsys.update(self._map(name, write=True).fd, struct.pack("=I", slot), struct.pack("=I", fd))
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
-    def _wait_for_programs(self, slot: int) -> None:
+    def _wait_for_programs(self, slot: int, table_fd: int | None = None) -> None:
         """Return once no BPF program can still be running with what it read before the config's
         last write.  The programs run under RCU, and the kernel waits for a grace period
         (synchronize_rcu) after every update of an array of maps (maybe_wait_bpf_programs): putting
-        `slot`'s rules table into its place again is that wait, on every kernel line and CPU count
-        (membarrier's global barrier is no wait on a single CPU, and refused with nohz_full)."""
-        outer = self._map("ipe_rules", write=True).fd
+        `slot`'s digests table (`table_fd`; every installed policy has one) into its place again
+        is that wait, on every kernel line and CPU count (membarrier's global barrier is no wait
+        on a single CPU, and refused with nohz_full)."""
+        outer = self._map("ipe_digests", write=True).fd
         key = struct.pack("=I", slot)
+        if table_fd is not None:
+            bpfsys.update(outer, key, struct.pack("=I", table_fd))
+            return
         raw = bpfsys.lookup(outer, key, 4)  # the inner map's id
         if raw is None:
-            raise KernelError("ENOENT", f"slot {slot} has no rules table to wait on")
+            raise KernelError("ENOENT", f"slot {slot} has no digests table to wait on")
         fd = bpfsys.map_fd_by_id(struct.unpack("=I", raw)[0])
         try:
             bpfsys.update(outer, key, struct.pack("=I", fd))
         finally:
             os.close(fd)
 
-    def _delete_slot(self, slot: int) -> None:
-        """Empty `slot`: its tables go (the kernel frees them once no program holds them)."""
-        for name in TABLES:
+    def _delete_slot(self, slot: int, names: tuple[str, ...] = TABLES) -> None:
+        """Empty `slot` of the tables `names`: they go (the kernel frees them once no program
+        holds them)."""
+        for name in names:
             bpfsys.delete(self._map(name, write=True).fd, struct.pack("=I", slot))
 
     def install(self, policy: CompiledPolicy | Tables, generation: int) -> None:
@@ -340,22 +351,35 @@ class PinnedPolicyMaps:
             cfg = self._config()
             active = cfg.active
             new_slot = 1 if active == 1 else 0
-            self._fill_slot(new_slot, tables, generation, cfg)
-            self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))
-            if active:
-                self._wait_for_programs(new_slot)
-                self._delete_slot(active - 1)
+            digests = self._fill_slot(new_slot, tables, generation, cfg)
+            try:
+                self._write_config(replace(cfg, active=new_slot + 1, flips=cfg.flips + 1))
+                if active:
+                    self._wait_for_programs(new_slot, digests)
+                    self._delete_slot(active - 1)
+            finally:
+                os.close(digests)
 
-    def _fill_slot(self, slot: int, tables: Tables, generation: int, cfg: Config) -> None:
+    def _fill_slot(self, slot: int, tables: Tables, generation: int, cfg: Config) -> int:
         """Write `tables` into `slot`, which no program reads, tagged with the epoch the config's
-        next write (flips + 1) brings."""
-        self._delete_slot(slot)  # leftovers of an interrupted install
+        next write (flips + 1) brings; the fd of the slot's digests table, for the caller to close.
+        Puts replace what an interrupted install left behind; with no rules table to put, the
+        slot's rules entry is deleted instead.  No lookups: 6.1 waits for a grace period after
+        every lookup in an array of maps too."""
         digest_keys, rule_keys = tables.slotted(slot)
-        self._put_table("ipe_digests", slot, digest_keys, tables.digest_values)
-        self._put_table("ipe_rules", slot, rule_keys, tables.rule_values)
-        # the epoch tags the program's cached decisions: unique per install, never reused
-        k, v = tables.defaults_entry(slot, generation=generation, epoch=cfg.flips + 1)
-        bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
+        if not tables.rule_count:  # the slot stays empty, which the program reads as no rules
+            self._delete_slot(slot, ("ipe_rules",))
+        digests = self._put_table("ipe_digests", slot, digest_keys, tables.digest_values)
+        try:
+            if tables.rule_count:
+                os.close(self._put_table("ipe_rules", slot, rule_keys, tables.rule_values))
+            # the epoch tags the program's cached decisions: unique per install, never reused
+            k, v = tables.defaults_entry(slot, generation=generation, epoch=cfg.flips + 1)
+            bpfsys.update(self._map("ipe_defaults", write=True).fd, k, v)
+        except BaseException:
+            os.close(digests)
+            raise
+        return digests
 
     # ------------------------------------------------------------ counters
 

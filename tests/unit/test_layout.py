@@ -365,7 +365,12 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setattr(bpfsys, "obj_get", obj_get)
     monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(1, fd, *next(sizes[n] for n, f in fds.items() if f == fd), 0, 0, ""))
-    monkeypatch.setattr(bpfsys, "lookup", lambda fd, key, size: tables[fd].get(key))
+    def lookup(fd: int, key: bytes, size: int) -> bytes | None:
+        if fd in (fds["ipe_rules"], fds["ipe_digests"]):
+            events.append(("lookup", outer[fd], str(key[0])))
+        return tables[fd].get(key)
+
+    monkeypatch.setattr(bpfsys, "lookup", lookup)
     outer = {fds["ipe_rules"]: "rules", fds["ipe_digests"]: "digests", fds["ipe_config"]: "config"}
     events: list[tuple[str, ...]] = []
 
@@ -400,6 +405,9 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(maps_mod, "control_lock", lambda: pins.control_lock(tmp_path / "lock"))
     compiled = compile_policy(parse_policy(b"policy_name=p policy_version=1.0.0\nDEFAULT action=ALLOW\n"
                                            b"op=EXECUTE fsverity_digest=sha256:ab action=DENY\n"))
+    with_rules = compile_policy(parse_policy(b"policy_name=q policy_version=1.0.0\nDEFAULT action=ALLOW\n"
+                                             b"op=EXECUTE boot_verified=TRUE action=DENY\n"))
+    assert compiled.tables.rule_count == 0 and with_rules.tables.rule_count > 0
     with maps_mod.PinnedPolicyMaps(tmp_path) as maps:
         assert maps.state().generation is None and maps.state().active_slot is None
         maps.install(compiled, 7)
@@ -409,18 +417,28 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
         events.clear()
         maps.install(compiled, 8)
         assert (maps.state().active_slot, maps.state().generation) == (1, 8)
-        # the old slot is emptied only after the flip and a grace period: slot 1's rules table put
-        # in its place a second time, which the kernel follows with synchronize_rcu()
-        assert events == [("delete", "digests", "1"), ("delete", "rules", "1"), ("put", "digests", "1", "False"),
-                          ("put", "rules", "1", "False"), ("put", "config", "0", "False"),
-                          ("put", "rules", "1", "True"), ("delete", "digests", "0"), ("delete", "rules", "0")]
-        # each install made a table per map, sized to the policy; the old slot was emptied
+        # the old slot is emptied only after the flip and a grace period: slot 1's digests table
+        # put in its place a second time, which the kernel follows with synchronize_rcu(); the
+        # policy has no rule entries, so no rules table (the slot's entry deleted instead, for
+        # leftovers of an interrupted install); no lookups in the arrays of maps (each a grace
+        # period on 6.1)
+        switch_to_slot_1 = [("delete", "rules", "1"), ("put", "digests", "1", "False"), ("put", "config", "0", "False"),
+                            ("put", "digests", "1", "True"), ("delete", "digests", "0"), ("delete", "rules", "0")]
+        assert events == switch_to_slot_1
+        events.clear()
+        maps.install(with_rules, 9)
+        maps.install(compiled, 10)
+        assert events == [("put", "digests", "0", "False"), ("put", "rules", "0", "False"),
+                          ("put", "config", "0", "False"), ("put", "digests", "0", "True"),
+                          ("delete", "digests", "1"), ("delete", "rules", "1"), *switch_to_slot_1]
+        # each install made a table per map with entries, sized to the policy; the old slot was emptied
         rule_size = (header.struct("ipe_rule_key").size, header.struct("ipe_rule_value").size)
-        assert made == [("ipe_digests0", header.struct("ipe_digest_key").size, 12, 1), ("ipe_rules0", *rule_size, 1),
-                        ("ipe_digests1", header.struct("ipe_digest_key").size, 12, 1), ("ipe_rules1", *rule_size, 1)]
-        (rules_fd,) = [_struct.unpack("=I", v)[0] for k, v in tables[fds["ipe_rules"]].items() if k == _struct.pack("=I", 1)]
+        digest_table = (header.struct("ipe_digest_key").size, 12)
+        assert made == [("ipe_digests0", *digest_table, 1), ("ipe_digests1", *digest_table, 1),
+                        ("ipe_digests0", *digest_table, 1), ("ipe_rules0", *rule_size, with_rules.tables.rule_count),
+                        ("ipe_digests1", *digest_table, 1)]
         (digests_fd,) = [_struct.unpack("=I", v)[0] for k, v in tables[fds["ipe_digests"]].items() if k == _struct.pack("=I", 1)]
-        assert list(tables[fds["ipe_rules"]]) == [_struct.pack("=I", 1)] and len(tables[rules_fd]) == 0
+        assert list(tables[fds["ipe_rules"]]) == [] and list(tables[fds["ipe_digests"]]) == [_struct.pack("=I", 1)]
         # the policy's one rule names one digest and nothing else: it is kept with the digest
         ((key, value),) = tables[digests_fd].items()
         assert key[0] == 1 and header.struct("ipe_digest_value").unpack(value) == {

@@ -167,7 +167,8 @@ def _status_memory() -> dict:
 def test_cli_status_reports_map_memory_that_grows_and_shrinks_with_the_policy(ipe: Kernel) -> None:
     import random
 
-    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY"))
+    ipe.activate(policy(f"op=EXECUTE fsverity_digest={ipe.bad_digest} action=DENY",
+                        "op=KEXEC_IMAGE boot_verified=TRUE action=ALLOW"))
     small = _status_memory()
     rules = small["maps"]["ipe_rules"]
     # the tables are made per policy, sized to it: one digest, a handful of rule entries
@@ -184,6 +185,7 @@ def test_cli_status_reports_map_memory_that_grows_and_shrinks_with_the_policy(ip
     assert "map memory: " in text and "ipe_rules " in text and "ipe_digests " in text
     digests = [m["maps"]["ipe_digests"] for m in (small, big, after)]
     assert digests[1]["max_entries"] == 20_000, big
+    assert big["maps"]["ipe_rules"]["max_entries"] == 0, big  # each rule lives with its digest: no rules table
     assert digests[1]["memlock"] - digests[0]["memlock"] >= 20_000 * 84, (small, big)  # at least the keys
     assert digests[2]["memlock"] < digests[1]["memlock"] // 100, (big, after)
     assert big["total"] < 64 << 20, big  # plausible: what 20k digests need, no fixed capacity

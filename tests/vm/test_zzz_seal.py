@@ -144,9 +144,10 @@ def bpftool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bpftool", *args], capture_output=True, text=True)
 
 
-def first_rule_key() -> tuple[int, bytes]:
-    """A writable fd to ipe_rules (owned by the caller) and one of its keys."""
-    fd = bpfsys.obj_get(str(pins.map_path("ipe_rules")))
+def first_table_key() -> tuple[int, bytes]:
+    """A writable fd to ipe_digests (owned by the caller; every installed policy has a digests
+    table, not always a rules table) and one of its keys."""
+    fd = bpfsys.obj_get(str(pins.map_path("ipe_digests")))
     info = bpfsys.map_info(fd)
     return fd, bpfsys.keys(fd, info.key_size)[0]
 
@@ -192,7 +193,7 @@ def mount2(source: str, target: str, fstype: str, flags: int = 0) -> int:
 class Campaign:
     k: Kernel
     unsealed: dict[str, object] = field(default_factory=dict)
-    early_rules_fd: int = -1  # opened read-write before the seal
+    early_table_fd: int = -1  # opened read-write before the seal
     seal_stdout: str = ""
 
 
@@ -325,7 +326,7 @@ def campaign() -> Iterator[Campaign]:
     write("allow4.pol", allow_policy("1.0.3"))
     write("other.pol", "policy_name=other policy_version=1.0.0\nDEFAULT action=ALLOW\n")
     ok("load")
-    c.early_rules_fd, _key = first_rule_key()
+    c.early_table_fd, _key = first_table_key()
     assert "sealed until reboot" in ok("seal", "--yes")
     c.seal_stdout = ok("seal", "--yes")  # again: it says since when
     refusals()
@@ -405,12 +406,12 @@ def test_route2_bpf_on_maps_links_and_programs_is_refused(campaign: Campaign) ->
     r = bpftool("map", "update", "pinned", str(pins.map_path("ipe_config")), "key", "hex", "00", "00", "00", "00",
                 "value", "hex", *(f"{b:02x}" for b in value))
     assert r.returncode != 0 and "Operation not permitted" in r.stderr
-    fd, key = first_rule_key()
+    fd, key = first_table_key()
     try:
         assert errno_of(lambda: bpfsys.delete(fd, key)) == errno.EPERM
     finally:
         os.close(fd)
-    assert errno_of(lambda: bpfsys.delete(campaign.early_rules_fd, key)) == errno.EPERM  # opened before the seal
+    assert errno_of(lambda: bpfsys.delete(campaign.early_table_fd, key)) == errno.EPERM  # opened before the seal
     r = bpftool("map", "freeze", "pinned", str(pins.map_path("ipe_events")))
     assert r.returncode != 0 and "Operation not permitted" in r.stderr
     RingBuffer().close()  # the audit reader still maps its consumer page
@@ -430,7 +431,7 @@ def test_route2_bpf_on_maps_links_and_programs_is_refused(campaign: Campaign) ->
     assert errno_of(lambda: attack.fentry_on(our_prog_id())) == errno.EPERM
     assert k.exec_status(k.bad) == EACCES and k.exec_status(hooked_prog(k)) == EACCES
     got = {(r.attempt, r.detail, r.target) for r in refusals()}
-    for want in (("map_write", "BPF_MAP_UPDATE_ELEM", b"ipe_config"), ("map_write", "BPF_MAP_DELETE_ELEM", b"ipe_rules"),
+    for want in (("map_write", "BPF_MAP_UPDATE_ELEM", b"ipe_config"), ("map_write", "BPF_MAP_DELETE_ELEM", b"ipe_digests"),
                  ("map_write", "BPF_MAP_FREEZE", b"ipe_events"), ("prog_load", "map_elem_iterator", b"ipe_attack"),
                  ("prog_load", "uses_ipe_bpf_map", b"ipe_attack"), ("link_write", "BPF_LINK_DETACH", b"ipe_bprm_check_"),
                  ("link_write", "BPF_LINK_UPDATE", b"ipe_bprm_check_"), ("prog_load", "targets_ipe_bpf", b"ipe_attack")):
@@ -502,7 +503,7 @@ def test_ordinary_bpf_and_ipe_bpf_status_and_audit_work_while_sealed(campaign: C
     status = json.loads(ok("status", "--json"))
     assert status["sealed"] and status["sealed_at"] > 0 and status["enforcing"]
     assert status["counters"]["seal_refused"] > 0
-    assert errno_of(lambda: bpfsys.delete(campaign.early_rules_fd, b"\0" * 4)) == errno.EPERM  # one more, audited
+    assert errno_of(lambda: bpfsys.delete(campaign.early_table_fd, b"\0" * 4)) == errno.EPERM  # one more, audited
     lines = ok("audit", "tail").splitlines()
     assert any(line.startswith("type=1121 ") and "op=seal_refused attempt=map_write" in line for line in lines), lines
     assert any(line.startswith("type=1420 ") for line in lines), lines
