@@ -200,7 +200,6 @@ def test_policies_above_the_limit_are_refused(tmp_path: Path, monkeypatch: pytes
     assert result.stderr.strip() == f"{path}: EFBIG: {len(GOOD) + 1000} bytes, more than the 1000 bytes ipe-bpf reads"
 
 
-
 def test_a_regular_file_is_read_in_one_piece(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One read() of its size and a byte more, then the one that finds its end: no 11 MB policy
     is copied together from chunks; every byte comes back."""
@@ -214,6 +213,7 @@ def test_a_regular_file_is_read_in_one_piece(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(files.os, "read", lambda fd, n: sizes.append(n) or real(fd, n))
     assert files.read_input(path) == data
     assert sizes == [len(data) + 1, 1 << 20]
+
 
 def test_a_pipe_is_read_up_to_the_limit(tmp_path: Path) -> None:
     from ipe_bpf.errors import InputError

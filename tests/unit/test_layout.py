@@ -365,14 +365,15 @@ def test_pinned_maps_through_typed_views(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setattr(bpfsys, "obj_get", obj_get)
     monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(1, fd, *next(sizes[n] for n, f in fds.items() if f == fd), 0, 0, ""))
+    outer = {fds["ipe_rules"]: "rules", fds["ipe_digests"]: "digests", fds["ipe_config"]: "config"}
+    events: list[tuple[str, ...]] = []
+
     def lookup(fd: int, key: bytes, size: int) -> bytes | None:
         if fd in (fds["ipe_rules"], fds["ipe_digests"]):
             events.append(("lookup", outer[fd], str(key[0])))
         return tables[fd].get(key)
 
     monkeypatch.setattr(bpfsys, "lookup", lookup)
-    outer = {fds["ipe_rules"]: "rules", fds["ipe_digests"]: "digests", fds["ipe_config"]: "config"}
-    events: list[tuple[str, ...]] = []
 
     def update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
         if fd in outer:

@@ -88,7 +88,6 @@ def test_read_refuses_tables_of_other_text() -> None:
     assert tables_file.read(data, "0" * 64, default_abi()) is None
 
 
-
 def test_the_crc_checks_unsigned_tables_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """A damaged payload is refused unless `signed` (a verified signature covers the bytes, and
     the CRC-32 of 4 MB is not computed a second time)."""
@@ -99,6 +98,7 @@ def test_the_crc_checks_unsigned_tables_only(monkeypatch: pytest.MonkeyPatch) ->
     assert tables_file.read(damaged, CONTENT, default_abi(), signed=True) is not None
     monkeypatch.setattr(tables_file.zlib, "crc32", lambda *a: pytest.fail("CRC computed for signed tables"))
     assert tables_file.read(data, CONTENT, default_abi(), signed=True) == tables
+
 
 def test_apply_active_at_boot_uses_the_kept_tables(life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
     life.deploy(TEXT, (), allow_unsigned=True)
