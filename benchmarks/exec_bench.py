@@ -13,8 +13,10 @@ Reported: per-operation ns (median over blocks) and the ratio attached / detache
 fs-verity target (digest lookups + rule lookups) and a plain one (no digest).  Then one more
 attached block with `kernel.bpf_stats_enabled` on gives the programs' own run time per
 operation ("programs N ns") and the ratio that alone would make: a figure without the
-block-to-block noise of the medians.  `--side-by-side 10,1000000` installs two sizes at once (the
-two policy slots) and measures exec with each in the same rounds: the policy size's own effect.
+block-to-block noise of the medians; `--hooks` breaks it down per hook (runs per operation, ns
+per run; under --icount a run that returns at once still counts ~75 ns, the statistics' own clock
+reads).  `--side-by-side 10,1000000` installs two sizes at once (the two policy slots) and
+measures exec with each in the same rounds: the policy size's own effect.
 
 Measured 2026-11-28 (`vm run --icount`, guest time, --rounds 4 --execs 100 --mmaps 1000;
 medians per operation; the policy has no audit for these files, so no ring-buffer cost):
@@ -95,9 +97,11 @@ class Attachment:
             r = loader.load()
             print(f"# loaded by {r.loader} in {r.seconds:.1f} s", file=sys.stderr)
         self.prog_fds = []
+        self.hooks: dict[int, str] = {}  # program fd -> the hook it is attached to
         for path in pins.link_paths():
             fd = bpfsys.obj_get(str(path))
             self.prog_fds.append(bpfsys.prog_fd_by_id(bpfsys.link_info(fd).prog_id))
+            self.hooks[self.prog_fds[-1]] = path.name
             os.close(fd)
         self._pinned = True
         self.links: list[int] = []
@@ -148,28 +152,29 @@ def block(helper: Path, kind: str, target: Path, n: int) -> float:
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
-def run_time(prog_fds: list[int]) -> int:
-    """ns the programs ran, summed (their fdinfo; counted while kernel.bpf_stats_enabled is 1)."""
-    total = 0
+def run_stats(prog_fds: list[int]) -> dict[int, tuple[int, int]]:
+    """Per program: (runs, ns run) from its fdinfo, counted while kernel.bpf_stats_enabled is 1."""
+    stats = {}
     for fd in prog_fds:
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            key, _, value = line.partition(":")
-            total += int(value) if key == "run_time_ns" else 0
-    return total
+        info = dict(line.partition(":")[::2] for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines())
+        stats[fd] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+    return stats
 
 
-def program_ns(att: Attachment, helper: Path, kind: str, target: Path, n: int) -> float:
-    """The programs' own run time per operation, from one more attached block with the kernel's
-    run-time statistics on: what the ratio would be without noise (it leaves out the LSM
-    trampolines' entry and exit, and counts the helper's own start, 1/n of an exec)."""
+def per_hook(att: Attachment, helper: Path, kind: str, target: Path, n: int) -> dict[str, tuple[float, float]]:
+    """One more attached block with the kernel's run-time statistics on: per hook, its programs'
+    runs per operation and ns per run (the LSM trampolines' entry and exit left out; the helper's
+    own start is 1/n of an exec)."""
     att.on()
     STATS.write_text("1\n")
     try:
-        before = run_time(att.prog_fds)
+        before = run_stats(att.prog_fds)
         block(helper, kind, target, n)
-        return (run_time(att.prog_fds) - before) / n
+        after = run_stats(att.prog_fds)
     finally:
         STATS.write_text("0\n")
+    runs = {fd: (after[fd][0] - before[fd][0], after[fd][1] - before[fd][1]) for fd in att.prog_fds}
+    return {att.hooks[fd]: (count / n, ns / count) for fd, (count, ns) in runs.items() if count}
 
 
 def install_beside(compiled, generation: int) -> None:
@@ -223,11 +228,13 @@ def side_by_side(sizes: list[int], args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rules", default="10,100000")
+    ap.add_argument("--rules", default="10,100000", help="policy sizes; 0: no policy active (the programs "
+                                                          "return at their first lookup: what the hooks alone cost)")
     ap.add_argument("--rounds", type=int, default=6, help="ABBA rounds (4 blocks each)")
     ap.add_argument("--execs", type=int, default=200)
     ap.add_argument("--mmaps", type=int, default=2000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--hooks", action="store_true", help="also each hook's runs per operation and ns per run")
     ap.add_argument("--side-by-side", metavar="A,B", help="exec only: two policy sizes installed at once, "
                                                           "measured in the same rounds")
     args = ap.parse_args()
@@ -241,10 +248,10 @@ def main() -> None:
     results = []
     for n in (int(x) for x in args.rules.split(",")):
         t0 = time.monotonic()
-        compiled = compile_policy(parse_policy(policy_text(n, digest, rng).encode()))
+        compiled = compile_policy(parse_policy(policy_text(n, digest, rng).encode())) if n else None
         t1 = time.monotonic()
         with PinnedPolicyMaps() as maps:
-            maps.install(compiled, generation=n)
+            maps.install(compiled, generation=n) if compiled else maps.deactivate()
         t2 = time.monotonic()
         for kind, count in (("exec", args.execs), ("mmap", args.mmaps)):
             for label, target in (("fsverity", verity), ("plain", plain)):
@@ -254,17 +261,21 @@ def main() -> None:
                         att.on() if state == "on" else att.off()
                         samples[state].append(block(helper, kind, target, count))
                 off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
-                bpf_ns = program_ns(att, helper, kind, target, count)
+                hooks = per_hook(att, helper, kind, target, count)
+                bpf_ns = sum(runs * ns for runs, ns in hooks.values())  # without the noise of the medians
                 row = {"rules": n, "op": kind, "target": label, "off_ns": round(off), "on_ns": round(on),
                        "ratio": round(on / off, 4), "bpf_ns": round(bpf_ns), "bpf_ratio": round(1 + bpf_ns / off, 4),
                        "spread_off": round((max(samples["off"]) - min(samples["off"])) / off, 4),
                        "spread_on": round((max(samples["on"]) - min(samples["on"])) / on, 4),
-                       "compile_s": round(t1 - t0, 2), "install_s": round(t2 - t1, 2)}
+                       "compile_s": round(t1 - t0, 2), "install_s": round(t2 - t1, 2),
+                       "hooks": {hook: [round(runs, 2), round(ns)] for hook, (runs, ns) in hooks.items()}}
                 results.append(row)
                 if not args.json:
                     print(f"rules={n:>6} {kind:4} {label:8} detached {off:>10.0f} ns  attached {on:>10.0f} ns  "
                           f"ratio {on / off:.3f}  programs {bpf_ns:>6.0f} ns: {1 + bpf_ns / off:.4f}  "
                           f"(install {t2 - t1:.1f} s)", flush=True)
+                    for hook, (runs, ns) in hooks.items() if args.hooks else ():
+                        print(f"    {hook:>20}: {runs:5.2f} runs per {kind}, {ns:6.0f} ns per run", flush=True)
     att.on()  # leave enforcement attached (held by this process until it exits)
     if args.json:
         print(json.dumps(results, indent=1))

@@ -2,8 +2,8 @@
 
 No compiler and no kernel headers on the target: libbpf relocates the object against the
 running kernel's BTF, the loader sizes the maps, leaves out the hooks this kernel does not
-have (bpf_program__set_autoload), tells the program what it probed (.rodata, frozen), loads
-and attaches.  Pinning is the caller's (loader.py), the same for both loaders.
+have or would not use (bpf_program__set_autoload), tells the program what it probed (.rodata,
+frozen), loads and attaches.  Pinning is the caller's (loader.py), the same for both loaders.
 """
 
 from __future__ import annotations
@@ -99,6 +99,14 @@ def _set_rodata(obj: int, features: KernelFeatures) -> None:
     raise KernelError("EINVAL", f"{OBJECT} has no .rodata map (not built by scripts/build-bpf?)")
 
 
+def _leave_out_unused(obj: int, features: KernelFeatures) -> None:
+    """Load only the programs of the hooks worth attaching here (KernelFeatures.useful_hooks)."""
+    lib = libbpf.lib()
+    for hook, prog in _programs(obj).items():
+        if hook not in features.useful_hooks:
+            libbpf.check(lib.bpf_program__set_autoload(prog, False), f"leave out {hook}")
+
+
 LOAD_LOG = Path("/run/ipe-bpf/load.log")
 
 
@@ -127,9 +135,7 @@ def load_program(features: KernelFeatures, ringbuf_pages: int) -> CoreProgram:
             _set_max_entries(obj, "ipe_devices", DEVICE_ENTRIES)
             _set_max_entries(obj, "ipe_events", ringbuf_pages * RINGBUF_PAGE)
             _set_rodata(obj, features)
-            for hook, prog in _programs(obj).items():
-                if hook not in features.hooks:
-                    libbpf.check(lib.bpf_program__set_autoload(prog, False), f"leave out {hook}")
+            _leave_out_unused(obj, features)
             ret = lib.bpf_object__load(obj)
             if ret < 0:
                 raise _refused(-ret)

@@ -26,6 +26,9 @@ from .pins import HOOKS, LOADED_STATE
 BTF_KIND_STRUCT, BTF_KIND_ENUM, BTF_KIND_FUNC, BTF_KIND_ENUM64 = 4, 6, 12, 19
 
 DECISION_HOOKS = HOOKS[:5]  # without these there is no enforcement at all
+# Hooks that only serve another one: file_open and file_ioctl note which fs-verity files'
+# signature checks happen while loaded, which matters only where inode_setintegrity reports them.
+SERVES = {"file_open": "inode_setintegrity", "file_ioctl": "inode_setintegrity"}
 MODULES = ("overlay", "dm_mod", "dm_verity")  # their BTF must be there before a CO-RE load
 
 
@@ -96,6 +99,12 @@ class KernelFeatures:
     @property
     def missing_hooks(self) -> tuple[str, ...]:
         return tuple(h for h in HOOKS if h not in self.hooks)
+
+    @property
+    def useful_hooks(self) -> tuple[str, ...]:
+        """The hooks to attach: those this kernel has, less those serving one it lacks (on 6.1,
+        file_open would cost every open() a trampoline for nothing)."""
+        return tuple(h for h in self.hooks if SERVES.get(h, h) in self.hooks)
 
     def properties(self) -> dict[str, PropertySupport]:
         """Per policy property: can this kernel evaluate it, and how."""

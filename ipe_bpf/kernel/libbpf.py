@@ -34,6 +34,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__name": (ctypes.c_char_p, [_c]),
     "bpf_program__section_name": (ctypes.c_char_p, [_c]),
     "bpf_program__set_autoload": (ctypes.c_int, [_c, ctypes.c_bool]),
+    "bpf_program__autoload": (ctypes.c_bool, [_c]),
     "bpf_program__attach": (_c, [_c]),
     "bpf_program__fd": (ctypes.c_int, [_c]),
     "bpf_link__pin": (ctypes.c_int, [_c, ctypes.c_char_p]),

@@ -56,6 +56,25 @@ def test_core_object_opens_with_this_machines_libbpf() -> None:
         lib.bpf_object__close(obj)
 
 
+def test_hooks_serving_a_missing_one_are_left_out() -> None:
+    """On 6.1 (no inode_setintegrity) file_open and file_ioctl would note verity set-ups nothing
+    reads: their programs are not loaded, so no open() pays a trampoline for them."""
+    lib = libbpf.lib()
+    path = str(core_loader.bpf_file(core_loader.OBJECT)).encode()
+    kernel_6_1 = _features(hooks=tuple(h for h in HOOKS if "integrity" not in h))
+    kernel_6_12 = _features()
+    for found, left_out in ((kernel_6_1, {"file_open", "file_ioctl", "inode_setintegrity", "bdev_setintegrity"}),
+                            (kernel_6_12, set())):
+        with libbpf.collecting_log():
+            obj = libbpf.check_ptr(lib.bpf_object__open_file(path, None), "open")
+        try:
+            core_loader._leave_out_unused(obj, found)
+            loaded = {hook for hook, prog in core_loader._programs(obj).items() if lib.bpf_program__autoload(prog)}
+        finally:
+            lib.bpf_object__close(obj)
+        assert loaded == set(HOOKS) - left_out
+
+
 def _features(**changes: object) -> KernelFeatures:
     base: dict[str, object] = dict(hooks=HOOKS, fsverity="inode", overlay="6.5+", dm_table=True,
                                    dm_table_signature=True, mount_walk=True, compressed_module_ids=False)
