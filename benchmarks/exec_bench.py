@@ -96,13 +96,12 @@ class Attachment:
         if not pins.is_loaded():
             r = loader.load()
             print(f"# loaded by {r.loader} in {r.seconds:.1f} s", file=sys.stderr)
-        self.prog_fds = []
         self.hooks: dict[int, str] = {}  # program fd -> the hook it is attached to
         for path in pins.link_paths():
             fd = bpfsys.obj_get(str(path))
-            self.prog_fds.append(bpfsys.prog_fd_by_id(bpfsys.link_info(fd).prog_id))
-            self.hooks[self.prog_fds[-1]] = path.name
+            self.hooks[bpfsys.prog_fd_by_id(bpfsys.link_info(fd).prog_id)] = path.name
             os.close(fd)
+        self.prog_fds = list(self.hooks)
         self._pinned = True
         self.links: list[int] = []
 

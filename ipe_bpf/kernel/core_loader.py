@@ -102,8 +102,9 @@ def _set_rodata(obj: int, features: KernelFeatures) -> None:
 def _leave_out_unused(obj: int, features: KernelFeatures) -> None:
     """Load only the programs of the hooks worth attaching here (KernelFeatures.useful_hooks)."""
     lib = libbpf.lib()
+    useful = set(features.useful_hooks)
     for hook, prog in _programs(obj).items():
-        if hook not in features.useful_hooks:
+        if hook not in useful:
             libbpf.check(lib.bpf_program__set_autoload(prog, False), f"leave out {hook}")
 
 
